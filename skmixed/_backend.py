@@ -1,0 +1,136 @@
+"""The one place where numpy/scipy and cupy/cupyx meet.
+
+Every numerical routine in skmixed takes its array namespace from its input through
+:func:`get_namespace` and uses the helpers below for the few operations whose
+spelling differs between numpy/scipy and cupy/cupyx (special functions, triangular
+solves, segment sums, host transfer). No other module imports cupy.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import numpy as np
+import scipy.linalg
+import scipy.special
+
+
+@functools.lru_cache(maxsize=1)
+def _cupy():
+    try:
+        import cupy  # noqa: PLC0415
+
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # no cupy, no driver or no device
+        return None
+    return cupy
+
+
+def cupy_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    return _cupy() is not None
+
+
+def is_cupy_array(a) -> bool:
+    cp = _cupy()
+    return cp is not None and isinstance(a, cp.ndarray)
+
+
+def get_namespace(*arrays) -> ModuleType:
+    """``cupy`` if any argument is a CuPy array, else ``numpy``."""
+    for a in arrays:
+        if is_cupy_array(a):
+            return _cupy()
+    return np
+
+
+def to_host(a):
+    """A numpy copy of ``a`` (no-op for numpy arrays and Python scalars)."""
+    if is_cupy_array(a):
+        return a.get()
+    return np.asarray(a)
+
+
+def to_device(a, xp: ModuleType):
+    """``a`` as an array of namespace ``xp``."""
+    if xp is np:
+        return to_host(a)
+    return xp.asarray(a)
+
+
+def _special(xp: ModuleType):
+    if xp is np:
+        return scipy.special
+    import cupyx.scipy.special  # noqa: PLC0415
+
+    return cupyx.scipy.special
+
+
+def gammaln(x):
+    xp = get_namespace(x)
+    return _special(xp).gammaln(x)
+
+
+def xlogy(x, y):
+    """``x * log(y)`` with the convention ``0 * log(0) = 0``."""
+    xp = get_namespace(x, y)
+    return _special(xp).xlogy(x, y)
+
+
+def logsumexp(a, axis=None):
+    xp = get_namespace(a)
+    if xp is np:
+        return scipy.special.logsumexp(a, axis=axis)
+    m = xp.max(a, axis=axis, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0.0)
+    out = xp.log(xp.sum(xp.exp(a - m), axis=axis, keepdims=True)) + m
+    return xp.squeeze(out, axis=axis) if axis is not None else out.reshape(())
+
+
+def safe_exp(eta):
+    """``exp`` with the argument capped so that it never overflows float64."""
+    xp = get_namespace(eta)
+    return xp.exp(xp.minimum(eta, 700.0))
+
+
+def segment_sum(values, codes, n_segments: int):
+    """Sum ``values`` (1-D, or 2-D along axis 0) within segments given by ``codes``."""
+    xp = get_namespace(values, codes)
+    if values.ndim == 1:
+        return xp.bincount(codes, weights=values, minlength=n_segments)
+    out = xp.zeros((n_segments,) + values.shape[1:], dtype=values.dtype)
+    if xp is np:
+        np.add.at(out, codes, values)
+    else:
+        import cupyx  # noqa: PLC0415
+
+        cupyx.scatter_add(out, codes, values)
+    return out
+
+
+def cholesky(a):
+    """Lower Cholesky factor; raises ``numpy.linalg.LinAlgError`` if not positive definite."""
+    xp = get_namespace(a)
+    if xp is np:
+        return scipy.linalg.cholesky(a, lower=True, check_finite=False)
+    out = xp.linalg.cholesky(a)
+    if not bool(xp.all(xp.isfinite(out))):
+        raise np.linalg.LinAlgError("matrix is not positive definite")
+    return out
+
+
+def solve_triangular(a, b, *, lower: bool = True, trans: bool = False):
+    xp = get_namespace(a, b)
+    if xp is np:
+        return scipy.linalg.solve_triangular(
+            a, b, lower=lower, trans=1 if trans else 0, check_finite=False
+        )
+    import cupyx.scipy.linalg  # noqa: PLC0415
+
+    return cupyx.scipy.linalg.solve_triangular(a, b, lower=lower, trans=1 if trans else 0)
+
+
+def cho_solve(chol_lower, b):
+    """Solve ``(L L') x = b`` given the lower factor ``L``."""
+    return solve_triangular(chol_lower, solve_triangular(chol_lower, b), trans=True)

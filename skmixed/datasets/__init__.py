@@ -1,0 +1,13 @@
+"""Simulators with known truth and small bundled data sets."""
+
+from ._grouseticks import load_grouseticks
+from ._simulate import make_poisson_glmm
+from ._zeb2 import load_zeb2_like, load_zeb2_truth, make_zeb2_like
+
+__all__ = [
+    "load_grouseticks",
+    "load_zeb2_like",
+    "load_zeb2_truth",
+    "make_poisson_glmm",
+    "make_zeb2_like",
+]

@@ -1,0 +1,5 @@
+"""Generalised linear mixed models."""
+
+from ._glmm import GLMMSummary, PoissonGLMM
+
+__all__ = ["GLMMSummary", "PoissonGLMM"]

@@ -1,0 +1,535 @@
+"""PoissonGLMM: lme4's ``glmer(family = poisson)`` as a scikit-learn regressor."""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.linalg
+import scipy.stats
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.metrics import d2_tweedie_score
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+from threadpoolctl import threadpool_limits
+
+from .._families import Poisson
+from ..glm._newton import fit_glm
+from ._design import RandomEffectsDesign, RandomTerm
+from ._laplace import LaplaceProblem, warn_not_converged
+
+_SINGULAR_TOL = 1e-4  # lme4's isSingular() tolerance on the diagonal of theta
+
+
+def _row_keys(M):
+    """Index of each row of ``M`` among its distinct rows, and their number.
+
+    Rows are hashed by a random projection, then verified exactly; a collision (never
+    seen in practice) falls back to an exact sort.
+    """
+    n = M.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), 0
+    proj = M @ np.random.default_rng(0).standard_normal(M.shape[1])
+    _, first, keys = np.unique(proj, return_index=True, return_inverse=True)
+    if not np.array_equal(M, M[first][keys]):
+        _, keys = np.unique(M, axis=0, return_inverse=True)
+        keys = keys.reshape(-1)
+        return keys.astype(np.int64), int(keys.max()) + 1
+    return keys.astype(np.int64), int(first.size)
+
+
+@dataclass
+class GLMMSummary:
+    """What ``summary(glmer_fit)`` prints, as DataFrames."""
+
+    fixed: pd.DataFrame
+    random: pd.DataFrame
+    fit: pd.Series
+
+    def __repr__(self) -> str:
+        with pd.option_context("display.width", 120, "display.max_columns", 20):
+            return (
+                f"{self.fit.to_string()}\n\nRandom effects:\n{self.random.to_string(index=False)}"
+                f"\n\nFixed effects:\n{self.fixed.to_string()}"
+            )
+
+
+def _as_2d_groups(groups, n):
+    """Groups as a list of (name, values) columns."""
+    if isinstance(groups, pd.Series):
+        return [(str(groups.name) if groups.name is not None else "group", groups.to_numpy())]
+    if isinstance(groups, pd.DataFrame):
+        return [(str(c), groups[c].to_numpy()) for c in groups.columns]
+    arr = np.asarray(groups, dtype=object)
+    if arr.ndim == 1:
+        return [("group", arr)]
+    if arr.ndim == 2:
+        return [(f"group{j}" if arr.shape[1] > 1 else "group", arr[:, j]) for j in range(arr.shape[1])]
+    raise ValueError(f"groups must be 1-D or 2-D, got an array with {arr.ndim} dimensions.")
+
+
+def _check_vector(values, n, name):
+    v = np.asarray(values, dtype=float).reshape(-1) if values is not None else None
+    if v is None:
+        return None
+    if v.shape[0] != n:
+        raise ValueError(f"{name} has {v.shape[0]} entries but X has {n} rows.")
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"{name} must be finite; found {v[~np.isfinite(v)][0]!r}.")
+    return v
+
+
+class PoissonGLMM(RegressorMixin, BaseEstimator):
+    """Poisson generalised linear mixed model fitted by maximum marginal likelihood.
+
+    ``y_i ~ Poisson(exp(x_i' beta + z_i' b + offset_i))`` with ``b ~ N(0, Sigma(theta))``,
+    the model of lme4's ``glmer(family = poisson)``. The marginal likelihood is
+    approximated by Laplace's method (``nagq=1``, lme4's default) or by adaptive
+    Gauss-Hermite quadrature (``nagq > 1``, single scalar random-effect term only),
+    and maximised jointly over ``(theta, beta)`` exactly as ``glmer`` does, so the
+    estimates agree with lme4's. The fit is deterministic.
+
+    Parameters
+    ----------
+    fit_intercept : bool, default=True
+        Add an intercept column to ``X``.
+    random_slopes : None, list or dict, default=None
+        Columns of ``X`` (indices or, for DataFrames, names) whose coefficients vary by
+        group, in addition to the random intercept. A list applies to every grouping
+        factor; a dict maps grouping-factor position (or name) to its list.
+    random_correlated : bool, default=True
+        Correlated intercept and slopes, lme4's ``(1 + x | g)``; ``False`` gives
+        ``(1 + x || g)``.
+    nagq : int, default=1
+        Quadrature points: 1 is the Laplace approximation, more is adaptive
+        Gauss-Hermite quadrature (lme4's ``nAGQ``).
+    vcov : {"hessian", "conditional"}, default="hessian"
+        ``"hessian"``: covariance of the fixed effects from the Hessian of the deviance
+        over ``(theta, beta)`` (lme4's default ``vcov``); ``"conditional"``: from the
+        fixed-effects block at the estimated ``theta`` (lme4 ``use.hessian = FALSE``).
+    collapse : bool, default=True
+        Fit on the sufficient statistics of rows sharing their design (exact for the
+        Poisson likelihood; large speed-up for categorical designs).
+    max_iter : int, default=500
+        Iterations of the outer optimiser.
+
+    Attributes
+    ----------
+    coef_ : ndarray of shape (n_features,)
+        Fixed effects (NaN for columns dropped as aliased).
+    intercept_ : float
+        Intercept (0.0 when ``fit_intercept=False``).
+    coef_cov_ : ndarray of shape (n_fixed, n_fixed)
+        Covariance of the fixed effects ``[intercept_, *coef_]`` (intercept only if fitted).
+    coef_se_ : ndarray of shape (n_features,)
+        Standard errors of ``coef_``; ``intercept_se_`` that of the intercept.
+    fixed_names_ : list of str
+        Names of the fixed effects in the order of ``coef_cov_``.
+    theta_ : ndarray
+        Relative covariance factor parameters (lme4's ``getME(fit, "theta")``).
+    variance_components_ : DataFrame
+        lme4's ``as.data.frame(VarCorr(fit))``: grp, var1, var2, vcov, sdcor.
+    random_effects_ : DataFrame
+        Conditional modes and conditional standard deviations of the random effects
+        (lme4's ``as.data.frame(ranef(fit, condVar = TRUE))``): grp, level, term,
+        condval, condsd.
+    loglik_, aic_, bic_ : float
+        Log-likelihood (Laplace or AGQ approximation, including every constant) and
+        information criteria.
+    n_iter_ : int
+    converged_ : bool
+    singular_ : bool
+        A variance component on its boundary (lme4's ``isSingular``).
+
+    Notes
+    -----
+    Under ``nagq > 1`` lme4 reports a log-likelihood that omits the saturated Poisson
+    log-likelihood ``sum(dpois(y, y, log = TRUE))``; ``loglik_`` keeps it, so that it is
+    on the scale of the Laplace one: ``loglik_ = logLik(lme4) + loglik_saturated_``.
+
+    Examples
+    --------
+    >>> from skmixed import PoissonGLMM
+    >>> from skmixed.datasets import make_poisson_glmm
+    >>> data, truth = make_poisson_glmm(20, 30, random_state=0)
+    >>> model = PoissonGLMM().fit(data[["x1", "x2"]], data["y"], groups=data["g"],
+    ...                           offset=data["offset"])
+    >>> model.coef_.round(2)
+    array([ 0.3 , -0.22])
+    """
+
+    def __init__(
+        self,
+        *,
+        fit_intercept=True,
+        random_slopes=None,
+        random_correlated=True,
+        nagq=1,
+        vcov="hessian",
+        collapse=True,
+        max_iter=500,
+    ):
+        self.fit_intercept = fit_intercept
+        self.random_slopes = random_slopes
+        self.random_correlated = random_correlated
+        self.nagq = nagq
+        self.vcov = vcov
+        self.collapse = collapse
+        self.max_iter = max_iter
+
+    # ------------------------------------------------------------------ params
+    def _validate_params(self):
+        if not isinstance(self.nagq, numbers.Integral) or isinstance(self.nagq, bool) or self.nagq < 1:
+            raise ValueError(f"nagq must be a positive integer, got {self.nagq!r}.")
+        if self.vcov not in ("hessian", "conditional"):
+            raise ValueError(f"vcov must be 'hessian' or 'conditional', got {self.vcov!r}.")
+        if not isinstance(self.max_iter, numbers.Integral) or self.max_iter < 1:
+            raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}.")
+        if self.random_slopes is not None and not isinstance(self.random_slopes, (list, tuple, dict)):
+            raise ValueError(f"random_slopes must be None, a list or a dict, got {self.random_slopes!r}.")
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.positive_only = True
+        return tags
+
+    # -------------------------------------------------------------- fit helpers
+    def _slope_columns(self, factor_pos, factor_name):
+        spec = self.random_slopes
+        if spec is None:
+            return []
+        if isinstance(spec, dict):
+            spec = spec.get(factor_pos, spec.get(factor_name, []))
+        cols = []
+        names = getattr(self, "feature_names_in_", None)
+        for c in spec:
+            if isinstance(c, str):
+                if names is None or c not in names:
+                    raise ValueError(f"random_slopes names column {c!r}, which is not a column of X.")
+                cols.append(int(np.flatnonzero(names == c)[0]))
+            elif isinstance(c, numbers.Integral) and 0 <= c < self.n_features_in_:
+                cols.append(int(c))
+            else:
+                raise ValueError(f"random_slopes entry {c!r} is not a column of X.")
+        return cols
+
+    def _feature_names(self):
+        names = getattr(self, "feature_names_in_", None)
+        if names is None:
+            return [f"x{j}" for j in range(self.n_features_in_)]
+        return [str(c) for c in names]
+
+    def _build_terms(self, X, groups):
+        n = X.shape[0]
+        terms, self.group_levels_ = [], {}
+        self.group_names_ = []
+        feat = self._feature_names()
+        for pos, (name, values) in enumerate(_as_2d_groups(groups, n)):
+            if values.shape[0] != n:
+                raise ValueError(f"groups has {values.shape[0]} rows but X has {n}.")
+            if pd.isna(pd.Series(values)).any():
+                raise ValueError(f"groups column {name!r} contains missing values.")
+            codes, levels = pd.factorize(pd.Series(values), sort=True)
+            if len(levels) < 2:
+                raise ValueError(
+                    f"groups column {name!r} has a single level ({levels[0]!r}); a variance "
+                    "cannot be estimated from one group."
+                )
+            levels = [str(v) for v in levels]
+            self.group_names_.append(name)
+            self.group_levels_[name] = levels
+            slope_cols = self._slope_columns(pos, name)
+            Zs = [np.ones(n)] + [X[:, c] for c in slope_cols]
+            znames = ["(Intercept)"] + [feat[c] for c in slope_cols]
+            if self.random_correlated or not slope_cols:
+                terms.append(RandomTerm(name, codes.astype(np.int64), levels, np.column_stack(Zs), znames))
+            else:
+                for zc, zn in zip(Zs, znames):
+                    terms.append(RandomTerm(name, codes.astype(np.int64), levels, zc[:, None], [zn]))
+        self._term_slopes = [
+            [feat.index(nm) for nm in t.names if nm != "(Intercept)"] for t in terms
+        ]
+        self._term_has_intercept = [t.names[0] == "(Intercept)" for t in terms]
+        return terms
+
+    # --------------------------------------------------------------------- fit
+    def fit(self, X, y, *, groups=None, offset=None, sample_weight=None):
+        """Fit the model.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Fixed-effects design (without intercept when ``fit_intercept``).
+        y : array-like of shape (n_samples,)
+            Non-negative counts.
+        groups : array-like of shape (n_samples,) or (n_samples, n_factors)
+            Grouping factor(s), one column per factor (crossed or nested; for nesting
+            pass the inner factor as the interaction, e.g. ``"loc:brood"`` labels).
+            ``None`` fits a Poisson GLM without random effects, with a warning.
+        offset : array-like of shape (n_samples,), default=None
+            Known term added to the linear predictor (e.g. log library size).
+        sample_weight : array-like of shape (n_samples,), default=None
+            Prior weights multiplying each observation's log-likelihood.
+
+        Returns
+        -------
+        self : PoissonGLMM
+        """
+        self._validate_params()
+        X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True)
+        n = X.shape[0]
+        terms = None
+        if groups is not None:
+            terms = self._build_terms(X, groups)
+        return self._fit(X, y, terms, offset, sample_weight, self._feature_names())
+
+    def _fit(self, X, y, terms, offset, sample_weight, feature_names):
+        n = X.shape[0]
+        integer = Poisson.check_response(y, "y")
+        if not integer:
+            warnings.warn(
+                "y contains non-integer values: the Poisson log-likelihood is extended to them "
+                "through lgamma(y + 1) (a quasi-likelihood fit); check that y holds raw counts.",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.integer_response_ = integer
+        offset = _check_vector(offset, n, "offset")
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
+            if np.any(sample_weight < 0):
+                raise ValueError("sample_weight must be non-negative.")
+        fixed = np.hstack([np.ones((n, 1)), X]) if self.fit_intercept else X
+        names = (["(Intercept)"] if self.fit_intercept else []) + list(feature_names)
+        if fixed.shape[1] == 0:
+            raise ValueError("the model has no fixed effects: X has no columns and fit_intercept=False.")
+        off = np.zeros(n) if offset is None else offset
+        w = np.ones(n) if sample_weight is None else sample_weight
+        keep = w > 0
+        if not np.all(keep):
+            fixed, y, off, w = fixed[keep], y[keep], off[keep], w[keep]
+            terms = None if terms is None else [t.subset(keep) for t in terms]
+        nobs = int(np.sum(keep))
+        saturated = float(np.sum(Poisson.saturated_loglik(y, w)))
+        if terms is None:
+            warnings.warn(
+                "groups is None: fitting a Poisson GLM without random effects.", UserWarning, stacklevel=3
+            )
+
+        # exact reduction to the distinct rows of (X, Z, group codes)
+        const = 0.0
+        key_cols = [fixed] + ([] if terms is None else [np.column_stack([t.Z, t.codes]) for t in terms])
+        keys, n_keys = _row_keys(np.hstack(key_cols)) if self.collapse else (None, n)
+        if self.collapse and n_keys < 0.7 * n:
+            first = np.zeros(n_keys, dtype=np.int64)
+            first[keys[::-1]] = np.arange(n)[::-1]
+            y, off_c, const = Poisson.collapse(y, off, w, keys, n_keys)
+            fixed, off, w = fixed[first], off_c, np.ones(n_keys)
+            terms = None if terms is None else [t.subset(first) for t in terms]
+
+        # aliased fixed-effect columns are dropped, as lme4 does
+        _, R, piv = scipy.linalg.qr(fixed, mode="economic", pivoting=True)
+        diag = np.abs(np.diag(R))
+        rank = int(np.sum(diag > diag[0] * max(fixed.shape) * np.finfo(float).eps * 1e2)) if diag.size else 0
+        used = np.sort(piv[:rank])
+        if rank < fixed.shape[1]:
+            dropped = [names[j] for j in sorted(set(range(fixed.shape[1])) - set(used))]
+            warnings.warn(
+                f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} column(s): "
+                f"{dropped}",
+                UserWarning,
+                stacklevel=3,
+            )
+        Xu = fixed[:, used]
+
+        glm = fit_glm(Xu, y, Poisson, offset=off, weights=w)
+        beta0 = glm.coef[0]
+        p_full = fixed.shape[1]
+        with threadpool_limits(limits=1, user_api="blas"):
+            if terms is None:
+                result = self._fit_glm_only(glm, Xu, y, off, w)
+            else:
+                result = self._fit_glmm(terms, Xu, y, off, w, beta0)
+        beta_u, cov_u, theta, f, n_iter, converged, message = result
+
+        beta = np.full(p_full, np.nan)
+        beta[used] = beta_u
+        cov = np.full((p_full, p_full), np.nan)
+        cov[np.ix_(used, used)] = cov_u
+        self.fixed_names_ = names
+        self.fixed_effects_ = pd.Series(beta, index=names, name="estimate")
+        self.coef_cov_ = cov
+        se = np.sqrt(np.diag(cov))
+        if self.fit_intercept:
+            self.intercept_, self.coef_ = float(beta[0]), beta[1:]
+            self.intercept_se_, self.coef_se_ = float(se[0]), se[1:]
+        else:
+            self.intercept_, self.coef_, self.intercept_se_, self.coef_se_ = 0.0, beta, 0.0, se
+        self.theta_ = theta
+        self.n_iter_ = n_iter
+        self.converged_ = bool(converged)
+        self.nobs_ = nobs
+        self.loglik_ = float(-0.5 * f + const)
+        self.loglik_saturated_ = saturated
+        k = rank + theta.size
+        self.n_params_ = k
+        self.aic_ = -2 * self.loglik_ + 2 * k
+        self.bic_ = -2 * self.loglik_ + np.log(nobs) * k
+        if not converged:
+            warn_not_converged(message)
+        return self
+
+    def _fit_glm_only(self, glm, Xu, y, off, w):
+        self.variance_components_ = pd.DataFrame(columns=["grp", "var1", "var2", "vcov", "sdcor"])
+        self.random_effects_ = pd.DataFrame(columns=["grp", "level", "term", "condval", "condsd"])
+        self.singular_ = False
+        self._b = []
+        self._terms_meta = []
+        cov = np.linalg.inv(glm.hessian[0])
+        f = -2.0 * float(glm.loglik[0])
+        msg = "" if glm.converged[0] else "Newton iterations for the GLM did not converge"
+        return glm.coef[0], cov, np.zeros(0), f, glm.n_iter, bool(glm.converged[0]), msg
+
+    def _fit_glmm(self, terms, Xu, y, off, w, beta0):
+        design = RandomEffectsDesign(terms)
+        nagq = int(self.nagq)
+        if nagq > 1 and (len(terms) != 1 or terms[0].k != 1):
+            raise ValueError(
+                "nagq > 1 is only available for a single scalar random-effects term "
+                f"(got {len(terms)} term(s) with {[t.k for t in terms]} columns), as in lme4."
+            )
+        prob = LaplaceProblem(Xu, y, design, Poisson, offset=off, weights=w)
+        params0 = np.concatenate([design.theta0, beta0])
+        params, f, n_iter, converged, message = prob.optimise(params0, 1, max_iter=self.max_iter)
+        if nagq > 1:
+            params, f, it2, converged, message = prob.optimise(params, nagq, max_iter=self.max_iter)
+            n_iter += it2
+        theta, beta = prob.split(params)
+        st = prob.state(params)
+        if self.vcov == "hessian":
+            H = prob.hessian(params, nagq)
+            cov = None
+            try:
+                full = 2.0 * np.linalg.inv(H)
+                cov = full[design.n_theta :, design.n_theta :]
+                if not np.all(np.diag(cov) > 0):
+                    cov = None
+            except np.linalg.LinAlgError:
+                cov = None
+            if cov is None:
+                warnings.warn(
+                    "the Hessian of the deviance is not positive definite; the covariance of the "
+                    "fixed effects falls back to vcov='conditional' (as lme4 does).",
+                    UserWarning,
+                    stacklevel=4,
+                )
+                cov = prob.conditional_cov(st)
+        else:
+            cov = prob.conditional_cov(st)
+        cov = 0.5 * (cov + cov.T)
+
+        # random effects: conditional modes and variances, b = Lambda u
+        Linv = scipy.linalg.lapack.dtrtri(st.chol, lower=1)[0]
+        Minv = Linv.T @ Linv
+        Ts = design.T_blocks(theta)
+        b_list = design.b_from_u(theta, st.u)
+        re_rows, vc_rows = [], []
+        counts = {}
+        self._b, self._terms_meta = b_list, []
+        for j, (t, T, b) in enumerate(zip(terms, Ts, b_list)):
+            counts[t.group] = counts.get(t.group, -1) + 1
+            grp = t.group if counts[t.group] == 0 else f"{t.group}.{counts[t.group]}"
+            self._terms_meta.append((t.group, t.levels, t.names))
+            s = design.col_start[j]
+            for lvl_i, lvl in enumerate(t.levels):
+                blk = slice(s + lvl_i * t.k, s + (lvl_i + 1) * t.k)
+                cv = T @ Minv[blk, blk] @ T.T
+                for c, nm in enumerate(t.names):
+                    re_rows.append((grp, lvl, nm, b[lvl_i, c], np.sqrt(max(cv[c, c], 0.0))))
+            Sigma = T @ T.T
+            sd = np.sqrt(np.diag(Sigma))
+            for c, nm in enumerate(t.names):
+                vc_rows.append((grp, nm, np.nan, Sigma[c, c], sd[c]))
+            for c in range(t.k):
+                for r in range(c + 1, t.k):
+                    corr = Sigma[r, c] / (sd[r] * sd[c]) if sd[r] > 0 and sd[c] > 0 else np.nan
+                    vc_rows.append((grp, t.names[c], t.names[r], Sigma[r, c], corr))
+        self.random_effects_ = pd.DataFrame(re_rows, columns=["grp", "level", "term", "condval", "condsd"])
+        self.variance_components_ = pd.DataFrame(vc_rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
+        diag_theta = np.array([theta[m] for m, (_, r, c) in enumerate(design.theta_index) if r == c])
+        self.singular_ = bool(np.any(np.abs(diag_theta) < _SINGULAR_TOL))
+        if self.singular_:
+            warnings.warn("boundary (singular) fit: a variance component is estimated as zero.", UserWarning, stacklevel=4)
+        if prob.n_pirls_fail:
+            message = (message + "; " if message else "") + "PIRLS did not converge at some evaluations"
+        return beta, cov, theta, f, n_iter, converged, message
+
+    # ----------------------------------------------------------------- predict
+    def _random_part(self, X, groups):
+        """Sum over terms of Z b for known levels; 0 for unseen or missing ones."""
+        n = X.shape[0]
+        out = np.zeros(n)
+        if groups is None or not self._b:
+            return out
+        cols = {name: vals for name, vals in _as_2d_groups(groups, n)}
+        if len(cols) != len(self.group_names_):
+            raise ValueError(f"groups has {len(cols)} column(s); the model was fitted with {len(self.group_names_)}.")
+        by_pos = dict(zip(self.group_names_, [v for _, v in _as_2d_groups(groups, n)]))
+        for (grp, levels, names), b, slopes, has_int in zip(
+            self._terms_meta, self._b, self._term_slopes, self._term_has_intercept
+        ):
+            values = pd.Series(by_pos[grp]).astype(str)
+            codes = pd.Index(levels).get_indexer(values)
+            known = codes >= 0
+            Z = np.column_stack(([np.ones(n)] if has_int else []) + [X[:, c] for c in slopes])
+            out[known] += np.sum(Z[known] * b[codes[known]], axis=1)
+        return out
+
+    def _linear_predictor(self, X, groups, offset, fixed_only=False):
+        eta = X @ np.nan_to_num(self.coef_) + self.intercept_
+        if offset is not None:
+            eta = eta + _check_vector(offset, X.shape[0], "offset")
+        if not fixed_only:
+            eta = eta + self._random_part(X, groups)
+        return eta
+
+    def predict(self, X, *, groups=None, offset=None):
+        """Expected counts ``exp(eta)``.
+
+        Conditional on the random effects of levels seen in training; population-level
+        (random effect 0) for unseen or missing levels and when ``groups`` is None
+        (lme4's ``predict(..., allow.new.levels = TRUE)``).
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float64, reset=False)
+        return Poisson.mean(self._linear_predictor(X, groups, offset))
+
+    def score(self, X, y, *, groups=None, offset=None, sample_weight=None):
+        """Poisson D^2: fraction of Poisson deviance explained."""
+        y_pred = self.predict(X, groups=groups, offset=offset)
+        return d2_tweedie_score(y, y_pred, sample_weight=sample_weight, power=1)
+
+    # ----------------------------------------------------------------- summary
+    def summary(self, alpha: float = 0.05) -> GLMMSummary:
+        """Fixed-effects table (estimate, SE, z, p, CI), random-effects table and fit statistics."""
+        check_is_fitted(self)
+        est = self.fixed_effects_.to_numpy()
+        se = np.sqrt(np.diag(self.coef_cov_))
+        z = est / se
+        zc = scipy.stats.norm.ppf(1 - alpha / 2)
+        lo, hi = f"ci_{100 * alpha / 2:g}%", f"ci_{100 * (1 - alpha / 2):g}%"
+        fixed = pd.DataFrame(
+            {"estimate": est, "std_error": se, "z": z, "p_value": 2 * scipy.stats.norm.sf(np.abs(z)),
+             lo: est - zc * se, hi: est + zc * se},
+            index=pd.Index(self.fixed_names_, name="term"),
+        )
+        fit = pd.Series(
+            {"method": "Laplace" if self.nagq == 1 else f"adaptive Gauss-Hermite, nAGQ = {self.nagq}",
+             "logLik": self.loglik_, "AIC": self.aic_, "BIC": self.bic_, "nobs": self.nobs_,
+             "converged": self.converged_, "singular": self.singular_},
+            name="fit",
+        )
+        return GLMMSummary(fixed=fixed, random=self.variance_components_.copy(), fit=fit)
