@@ -45,6 +45,18 @@ class Poisson:
         return ll if weights is None else weights * ll
 
     @staticmethod
+    def loglik_kernel(y, eta, weights=None):
+        """The part of ``loglik`` that depends on ``eta``: ``w * (y * eta - exp(eta))``."""
+        ll = y * eta - safe_exp(eta)
+        return ll if weights is None else weights * ll
+
+    @staticmethod
+    def log_normaliser(y, weights=None):
+        """``loglik - loglik_kernel``: ``-w * lgamma(y + 1)``."""
+        ll = -gammaln(y + 1.0)
+        return ll if weights is None else weights * ll
+
+    @staticmethod
     def saturated_loglik(y, weights=None):
         """Log-likelihood at ``mu = y``; ``-2 * (loglik - saturated)`` is the deviance."""
         ll = xlogy(y, y) - y - gammaln(y + 1.0)

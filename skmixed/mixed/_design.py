@@ -80,7 +80,11 @@ class RandomEffectsDesign:
             out[:, s:e] = self.Zall[:, s:e] @ T
         return out
 
-    def A_matrix(self, data) -> sp.csr_matrix:
+    def A_matrix(self, data, dense: bool = False):
+        if dense:
+            A = np.zeros((self.n, self.q))
+            A[np.arange(self.n)[:, None], self.indices] = data
+            return A
         indptr = np.arange(0, self.n * self.K + 1, self.K)
         return sp.csr_matrix((data.ravel(), self.indices.ravel(), indptr), shape=(self.n, self.q))
 

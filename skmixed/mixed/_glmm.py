@@ -33,12 +33,14 @@ def _row_keys(M):
     if n == 0:
         return np.zeros(0, dtype=np.int64), 0
     proj = M @ np.random.default_rng(0).standard_normal(M.shape[1])
-    _, first, keys = np.unique(proj, return_index=True, return_inverse=True)
-    if not np.array_equal(M, M[first][keys]):
+    keys, uniques = pd.factorize(proj)
+    first = np.zeros(uniques.size, dtype=np.int64)
+    first[keys[::-1]] = np.arange(n)[::-1]
+    if not np.array_equal(M, M[first[keys]]):
         _, keys = np.unique(M, axis=0, return_inverse=True)
         keys = keys.reshape(-1)
         return keys.astype(np.int64), int(keys.max()) + 1
-    return keys.astype(np.int64), int(first.size)
+    return keys.astype(np.int64), int(uniques.size)
 
 
 @dataclass
@@ -249,6 +251,7 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
             else:
                 for zc, zn in zip(Zs, znames):
                     terms.append(RandomTerm(name, codes.astype(np.int64), levels, zc[:, None], [zn]))
+        self.formula_ = None
         self._term_slopes = [
             [feat.index(nm) for nm in t.names if nm != "(Intercept)"] for t in terms
         ]
@@ -282,6 +285,7 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True)
         n = X.shape[0]
         terms = None
+        self.formula_ = None
         if groups is not None:
             terms = self._build_terms(X, groups)
         return self._fit(X, y, terms, offset, sample_weight, self._feature_names())
@@ -302,7 +306,7 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
             sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
             if np.any(sample_weight < 0):
                 raise ValueError("sample_weight must be non-negative.")
-        fixed = np.hstack([np.ones((n, 1)), X]) if self.fit_intercept else X
+        fixed = np.hstack([np.ones((n, 1)), X]) if self.fit_intercept else np.asarray(X, dtype=float)
         names = (["(Intercept)"] if self.fit_intercept else []) + list(feature_names)
         if fixed.shape[1] == 0:
             raise ValueError("the model has no fixed effects: X has no columns and fit_intercept=False.")
@@ -468,32 +472,39 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         return beta, cov, theta, f, n_iter, converged, message
 
     # ----------------------------------------------------------------- predict
-    def _random_part(self, X, groups):
-        """Sum over terms of Z b for known levels; 0 for unseen or missing ones."""
+    def _new_terms(self, X, groups):
+        """Random terms of new data, coded against the training levels (-1 if unseen)."""
         n = X.shape[0]
-        out = np.zeros(n)
-        if groups is None or not self._b:
-            return out
-        cols = {name: vals for name, vals in _as_2d_groups(groups, n)}
+        cols = dict(_as_2d_groups(groups, n))
         if len(cols) != len(self.group_names_):
-            raise ValueError(f"groups has {len(cols)} column(s); the model was fitted with {len(self.group_names_)}.")
-        by_pos = dict(zip(self.group_names_, [v for _, v in _as_2d_groups(groups, n)]))
-        for (grp, levels, names), b, slopes, has_int in zip(
-            self._terms_meta, self._b, self._term_slopes, self._term_has_intercept
+            raise ValueError(
+                f"groups has {len(cols)} column(s); the model was fitted with {len(self.group_names_)}."
+            )
+        by_name = dict(zip(self.group_names_, cols.values()))
+        terms = []
+        for (grp, levels, names), slopes, has_int in zip(
+            self._terms_meta, self._term_slopes, self._term_has_intercept
         ):
-            values = pd.Series(by_pos[grp]).astype(str)
-            codes = pd.Index(levels).get_indexer(values)
-            known = codes >= 0
+            values = by_name[grp]
+            if values.shape[0] != n:
+                raise ValueError(f"groups has {values.shape[0]} rows but X has {n}.")
+            codes = pd.Index(levels).get_indexer(pd.Series(values).astype(str))
             Z = np.column_stack(([np.ones(n)] if has_int else []) + [X[:, c] for c in slopes])
-            out[known] += np.sum(Z[known] * b[codes[known]], axis=1)
+            terms.append(RandomTerm(grp, codes, levels, Z, names))
+        return terms
+
+    def _random_part(self, terms, n):
+        """``sum_j Z_j b_j[level]`` over terms; levels coded -1 (unseen, missing) add 0."""
+        out = np.zeros(n)
+        for t, b in zip(terms, self._b):
+            known = t.codes >= 0
+            out[known] += np.sum(t.Z[known] * b[t.codes[known]], axis=1)
         return out
 
-    def _linear_predictor(self, X, groups, offset, fixed_only=False):
+    def _fixed_part(self, X, offset):
         eta = X @ np.nan_to_num(self.coef_) + self.intercept_
         if offset is not None:
             eta = eta + _check_vector(offset, X.shape[0], "offset")
-        if not fixed_only:
-            eta = eta + self._random_part(X, groups)
         return eta
 
     def predict(self, X, *, groups=None, offset=None):
@@ -504,8 +515,72 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         (lme4's ``predict(..., allow.new.levels = TRUE)``).
         """
         check_is_fitted(self)
+        if getattr(self, "formula_", None) is not None:
+            raise ValueError("this model was fitted from a formula: use predict_frame(data).")
         X = validate_data(self, X, dtype=np.float64, reset=False)
-        return Poisson.mean(self._linear_predictor(X, groups, offset))
+        eta = self._fixed_part(X, offset)
+        if groups is not None and self._b:
+            eta += self._random_part(self._new_terms(X, groups), X.shape[0])
+        return Poisson.mean(eta)
+
+    def predict_frame(self, data: pd.DataFrame, *, re_form: bool = True):
+        """Expected counts for a data frame, for a model fitted with :meth:`from_formula`.
+
+        Levels unseen in training get random effect 0 (lme4's ``allow.new.levels``);
+        ``re_form=False`` gives population-level predictions (lme4's ``re.form = NA``).
+        """
+        check_is_fitted(self)
+        if getattr(self, "formula_", None) is None:
+            raise ValueError("predict_frame needs a model fitted with PoissonGLMM.from_formula.")
+        new = self._parsed.transform(data)
+        eta = new.X @ np.nan_to_num(self.coef_)
+        if new.offset is not None:
+            eta = eta + new.offset
+        if re_form and self._b:
+            eta += self._random_part(new.terms, new.X.shape[0])
+        return Poisson.mean(eta)
+
+    @classmethod
+    def from_formula(cls, formula: str, data: pd.DataFrame, *, sample_weight=None, **params):
+        """Fit a model given by an lme4 formula, e.g.
+        ``"ZEB2 ~ 0 + cell_group + offset(log(total_count)) + (1 | patient_assignment)"``.
+
+        Supports ``(1 | g)``, ``(1 + x | g)``, ``(1 + x || g)``, nesting ``(1 | a/b)``,
+        several (crossed) terms and ``offset()``; the fixed part goes through
+        formulaic. Coefficients are named as lme4 names them.
+
+        Parameters
+        ----------
+        formula : str
+        data : DataFrame
+        sample_weight : array-like, optional
+            Prior weights (lme4's ``weights``).
+        **params
+            Other estimator parameters (``nagq``, ``vcov``, ...).
+
+        Returns
+        -------
+        model : PoissonGLMM
+            Fitted; ``formula_`` holds the formula. Use :meth:`predict_frame` to predict.
+        """
+        from ..formula import parse_formula  # noqa: PLC0415
+
+        parsed = parse_formula(formula, data)
+        if parsed.y is None:
+            raise ValueError(f"formula {formula!r} has no response.")
+        if not parsed.terms:
+            raise ValueError(f"formula {formula!r} has no random-effects term such as (1 | group).")
+        est = cls(**{"fit_intercept": False, **params})
+        est._validate_params()
+        est.formula_ = formula
+        est._parsed = parsed
+        est.n_features_in_ = parsed.X.shape[1]
+        est.group_names_ = list(dict.fromkeys(t.group for t in parsed.terms))
+        est.group_levels_ = {t.group: list(t.levels) for t in parsed.terms}
+        for t in parsed.terms:
+            if len(t.levels) < 2:
+                raise ValueError(f"grouping factor {t.group!r} has a single level; a variance cannot be estimated.")
+        return est._fit(parsed.X, parsed.y, parsed.terms, parsed.offset, sample_weight, parsed.fixed_names)
 
     def score(self, X, y, *, groups=None, offset=None, sample_weight=None):
         """Poisson D^2: fraction of Poisson deviance explained."""
