@@ -74,6 +74,9 @@ def fit_glm(X, Y, family, *, offset=None, weights=None, coef0=None, max_iter=100
         decrement = 0.5 * xp.sum(step * grad, axis=1)
         converged = decrement < tol
         if bool(xp.all(converged)):
+            # in the region of quadratic convergence: one last full step reaches round-off
+            coef = coef + step
+            ll = loglik(coef)
             break
         # backtracking line search, per response
         t = xp.ones(G)

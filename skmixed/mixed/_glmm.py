@@ -24,23 +24,24 @@ _SINGULAR_TOL = 1e-4  # lme4's isSingular() tolerance on the diagonal of theta
 
 
 def _row_keys(M):
-    """Index of each row of ``M`` among its distinct rows, and their number.
+    """Index of each row of ``M`` among its distinct rows, and the first row of each.
 
     Rows are hashed by a random projection, then verified exactly; a collision (never
     seen in practice) falls back to an exact sort.
     """
     n = M.shape[0]
-    if n == 0:
-        return np.zeros(0, dtype=np.int64), 0
-    proj = M @ np.random.default_rng(0).standard_normal(M.shape[1])
-    keys, uniques = pd.factorize(proj)
-    first = np.zeros(uniques.size, dtype=np.int64)
-    first[keys[::-1]] = np.arange(n)[::-1]
-    if not np.array_equal(M, M[first[keys]]):
-        _, keys = np.unique(M, axis=0, return_inverse=True)
-        keys = keys.reshape(-1)
-        return keys.astype(np.int64), int(keys.max()) + 1
-    return keys.astype(np.int64), int(uniques.size)
+    keys, uniques = pd.factorize(M @ np.random.default_rng(0).standard_normal(M.shape[1]))
+    if n and not np.array_equal(M, M[_first_rows(keys, uniques.size)[keys]]):
+        keys = np.unique(M, axis=0, return_inverse=True)[1].reshape(-1)
+    keys = keys.astype(np.int64)
+    n_keys = int(keys.max()) + 1 if n else 0
+    return keys, _first_rows(keys, n_keys)
+
+
+def _first_rows(keys, n_keys):
+    first = np.zeros(n_keys, dtype=np.int64)
+    first[keys[::-1]] = np.arange(keys.size)[::-1]
+    return first
 
 
 @dataclass
@@ -316,7 +317,7 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         if not np.all(keep):
             fixed, y, off, w = fixed[keep], y[keep], off[keep], w[keep]
             terms = None if terms is None else [t.subset(keep) for t in terms]
-        nobs = int(np.sum(keep))
+        nobs = n = int(np.sum(keep))
         saturated = float(np.sum(Poisson.saturated_loglik(y, w)))
         if terms is None:
             warnings.warn(
@@ -326,10 +327,9 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         # exact reduction to the distinct rows of (X, Z, group codes)
         const = 0.0
         key_cols = [fixed] + ([] if terms is None else [np.column_stack([t.Z, t.codes]) for t in terms])
-        keys, n_keys = _row_keys(np.hstack(key_cols)) if self.collapse else (None, n)
+        keys, first = _row_keys(np.hstack(key_cols)) if self.collapse else (None, np.arange(n))
+        n_keys = first.size
         if self.collapse and n_keys < 0.7 * n:
-            first = np.zeros(n_keys, dtype=np.int64)
-            first[keys[::-1]] = np.arange(n)[::-1]
             y, off_c, const = Poisson.collapse(y, off, w, keys, n_keys)
             fixed, off, w = fixed[first], off_c, np.ones(n_keys)
             terms = None if terms is None else [t.subset(first) for t in terms]

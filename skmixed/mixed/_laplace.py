@@ -332,7 +332,7 @@ class LaplaceProblem:
             step = np.zeros_like(params)
             step[free] = -scipy.linalg.cho_solve((c, True), g[free])
             decrement = -float(g @ step)
-            if decrement < 1e-12 * max(1.0, abs(f)) or decrement < 1e-14:
+            if decrement < 1e-15 * max(1.0, abs(f)):
                 converged = True
                 break
             t, accepted = 1.0, False
