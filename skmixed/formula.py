@@ -291,11 +291,11 @@ def _leaf_levels(s: pd.Series) -> list[str]:
     """Observed levels of a column, ordered as R's ``factor()`` orders them."""
     obs = s.dropna()
     if isinstance(s.dtype, pd.CategoricalDtype):
-        present = set(obs.astype(object))
+        present = set(pd.unique(obs.astype(object).to_numpy()))
         return [_label(c) for c in s.cat.categories if c in present]
     if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
         return [_label(v) for v in np.unique(obs.to_numpy())]
-    return sorted({_label(v) for v in obs})
+    return sorted({_label(v) for v in pd.unique(obs.to_numpy())})
 
 
 def _group_keys(data: pd.DataFrame, leaves: list[str], levels: list[list[str]]) -> np.ndarray:

@@ -23,19 +23,22 @@ from ._laplace import LaplaceProblem, warn_not_converged
 _SINGULAR_TOL = 1e-4  # lme4's isSingular() tolerance on the diagonal of theta
 
 
-def _row_keys(M):
-    """Index of each row of ``M`` among its distinct rows, and the first row of each.
+def _row_keys(blocks):
+    """Index of each row of ``hstack(blocks)`` among its distinct rows, and the first
+    row of each.
 
     Rows are hashed by a random projection, then verified exactly; a collision (never
     seen in practice) falls back to an exact sort.
     """
-    n = M.shape[0]
-    keys, uniques = pd.factorize(M @ np.random.default_rng(0).standard_normal(M.shape[1]))
-    if n and not np.array_equal(M, M[_first_rows(keys, uniques.size)[keys]]):
-        keys = np.unique(M, axis=0, return_inverse=True)[1].reshape(-1)
-    keys = keys.astype(np.int64)
-    n_keys = int(keys.max()) + 1 if n else 0
-    return keys, _first_rows(keys, n_keys)
+    rng = np.random.default_rng(0)
+    n = blocks[0].shape[0]
+    proj = sum(b @ rng.standard_normal(b.shape[1]) for b in blocks)
+    keys, uniques = pd.factorize(proj)
+    first = _first_rows(keys, uniques.size)
+    if n and not all(np.array_equal(b, b[first[keys]]) for b in blocks):
+        keys = np.unique(np.hstack(blocks), axis=0, return_inverse=True)[1].reshape(-1)
+        first = _first_rows(keys, int(keys.max()) + 1)
+    return keys.astype(np.int64), first
 
 
 def _first_rows(keys, n_keys):
@@ -233,9 +236,9 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         for pos, (name, values) in enumerate(_as_2d_groups(groups, n)):
             if values.shape[0] != n:
                 raise ValueError(f"groups has {values.shape[0]} rows but X has {n}.")
-            if pd.isna(pd.Series(values)).any():
+            codes, levels = pd.factorize(values, sort=True)
+            if np.any(codes < 0):
                 raise ValueError(f"groups column {name!r} contains missing values.")
-            codes, levels = pd.factorize(pd.Series(values), sort=True)
             if len(levels) < 2:
                 raise ValueError(
                     f"groups column {name!r} has a single level ({levels[0]!r}); a variance "
@@ -326,8 +329,8 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
 
         # exact reduction to the distinct rows of (X, Z, group codes)
         const = 0.0
-        key_cols = [fixed] + ([] if terms is None else [np.column_stack([t.Z, t.codes]) for t in terms])
-        keys, first = _row_keys(np.hstack(key_cols)) if self.collapse else (None, np.arange(n))
+        key_cols = [fixed] + ([] if terms is None else [b for t in terms for b in (t.Z, t.codes[:, None])])
+        keys, first = _row_keys(key_cols) if self.collapse else (None, np.arange(n))
         n_keys = first.size
         if self.collapse and n_keys < 0.7 * n:
             y, off_c, const = Poisson.collapse(y, off, w, keys, n_keys)
