@@ -112,3 +112,12 @@ def test_laplace_equals_agq_with_one_node():
     assert prob.agq_deviance(params, 1) == pytest.approx(f_lap, rel=1e-12)
     # more nodes converge: 25 and 40 agree closely
     assert prob.agq_deviance(params, 25) == pytest.approx(prob.agq_deviance(params, 40), abs=1e-8)
+
+
+@pytest.mark.parametrize("nagq", [3, 25])
+def test_agq_gradient_matches_finite_differences(nagq):
+    prob = _problem(slopes=False, crossed=False)
+    params = np.array([0.5, 0.4, 0.2, -0.1])
+    f, g = prob.agq_deviance_and_gradient(params, nagq)
+    num = prob.fd_gradient(lambda x: prob.agq_deviance(x, nagq), params, rel=1e-5)
+    np.testing.assert_allclose(g, num, rtol=1e-7, atol=1e-6)

@@ -199,28 +199,75 @@ class LaplaceProblem:
     # -- adaptive Gauss-Hermite quadrature (single scalar term) ---------------------
     def agq_deviance(self, params, nagq: int) -> float:
         """lme4's AGQ deviance, on the scale of the Laplace one (``-2 loglik`` based)."""
+        return self.agq_deviance_and_gradient(params, nagq, gradient=False)[0]
+
+    def agq_deviance_and_gradient(self, params, nagq: int, gradient: bool = True):
+        """AGQ deviance for one scalar term, and its exact gradient.
+
+        Per level ``l`` with mode ``u_l``, ``M_l = 1 + sum a_i^2 v_i`` and nodes
+        ``u_lk = u_l + z_k / sqrt(M_l)``:
+        ``F_l = log M_l - 2 logsumexp_k(-D_lk / 2 + c_k)`` with
+        ``D_lk = -2 sum_i loglik_i(u_lk) + u_lk^2`` and ``c_k`` from the
+        Gauss-Hermite weights (lme4's ``GHrule``) and the N(0, 1) density.
+        The gradient differentiates through the mode and the node positions.
+        """
         design, fam = self.design, self.family
         st = self.state(params)
         codes = design.terms[0].codes
         L = design.n_levels[0]
         z, wq = np.polynomial.hermite_e.hermegauss(nagq)
-        ldnorm = -0.5 * z**2 - 0.5 * np.log(2.0 * np.pi)
         # GHrule weights (summing to 1), and the N(0, 1) density of u: 1 / sqrt(2 pi) twice
-        wq = wq / (2.0 * np.pi)
-        sd = 1.0 / np.diag(st.chol)  # M is diagonal for one scalar term
+        c = np.log(wq / (2.0 * np.pi)) + 0.5 * z**2 + 0.5 * np.log(2.0 * np.pi)
+        Mdiag = np.diag(st.chol) ** 2  # M is diagonal for one scalar term
+        sd = 1.0 / np.sqrt(Mdiag)
         a = st.Adata[:, 0]
         base = st.eta - a * st.u[codes]
-
-        def devc(u):
-            ll = fam.loglik(self.y, base + a * u[codes], self.w)
-            return -2.0 * np.bincount(codes, weights=ll, minlength=L) + u**2
-
-        devc0 = devc(st.u)
-        terms = np.empty((nagq, L))
-        for k in range(nagq):
-            terms[k] = -0.5 * (devc(st.u + z[k] * sd) - devc0) - ldnorm[k] + np.log(wq[k])
-        log_mult = scipy.special.logsumexp(terms, axis=0)
-        return float(np.sum(devc0) + 2.0 * np.sum(np.log(np.diag(st.chol))) - 2.0 * np.sum(log_mult))
+        U = st.u[None, :] + z[:, None] * sd[None, :]  # (K, L) nodes
+        eta_k = base[None, :] + a[None, :] * U[:, codes]  # (K, n)
+        ll = fam.loglik(self.y[None, :], eta_k, self.w[None, :])
+        D = np.stack([-2.0 * np.bincount(codes, weights=row, minlength=L) for row in ll]) + U**2
+        logits = -0.5 * D + c[:, None]
+        lse = scipy.special.logsumexp(logits, axis=0)
+        f = float(np.sum(np.log(Mdiag)) - 2.0 * np.sum(lse))
+        if not gradient:
+            return f, None
+        pi = np.exp(logits - lse[None, :])  # (K, L) posterior weights of the nodes
+        zcol = design.Zall[:, 0]
+        v = fam.information(st.mu, self.w)
+        dv = fam.information_deriv(st.mu, self.w)
+        r0 = fam.score(self.y, st.mu, self.w)
+        rk = fam.score(self.y[None, :], fam.mean(eta_k), self.w[None, :])  # (K, n)
+        seg = lambda x: np.bincount(codes, weights=x, minlength=L)  # noqa: E731
+        # node-weighted residual sums: sum_k pi_lk r_i(u_lk) and sum_k pi_lk z_k r_i(u_lk)
+        pr = np.sum(pi[:, codes] * rk, axis=0)
+        pzr = np.sum((pi * z[:, None])[:, codes] * rk, axis=0)
+        # dD_lk/du at the node, weighted: sum_k pi (-2 sum a r + 2 u), and with z_k
+        dDdu = -2.0 * seg(a * pr) + 2.0 * np.sum(pi * U, axis=0)
+        dDdu_z = -2.0 * seg(a * pzr) + 2.0 * np.sum(pi * z[:, None] * U, axis=0)
+        n_par = params.size
+        grad = np.empty(n_par)
+        # direct effects on eta at fixed u: theta -> z_i u, beta_j -> x_ij; on a: theta -> z_i
+        for m in range(n_par):
+            if m < self.n_theta:
+                deta_u = zcol * st.u[codes]  # at the mode
+                da = zcol
+                # direct dD/dtheta at each node: -2 sum_i r_i(u_lk) z_i u_lk
+                direct = -2.0 * seg(zcol * np.sum(pi[:, codes] * rk * U[:, codes], axis=0))
+            else:
+                xj = self.X[:, m - self.n_theta]
+                deta_u, da = xj, None
+                direct = -2.0 * seg(xj * pr)
+            rhs = -seg(a * v * deta_u)
+            if da is not None:
+                rhs += seg(da * r0)
+            du = rhs / Mdiag
+            deta_hat = deta_u + a * du[codes]
+            dM = seg(a * a * dv * deta_hat)
+            if da is not None:
+                dM += seg(2.0 * a * da * v)
+            dsd = -0.5 * dM / Mdiag**1.5
+            grad[m] = float(np.sum(dM / Mdiag) + np.sum(direct + dDdu * du + dDdu_z * dsd))
+        return f, grad
 
     # -- conditional (RX-based) covariance of beta --------------------------------
     def conditional_cov(self, st: ModeState):
@@ -237,15 +284,10 @@ class LaplaceProblem:
         return [(None if np.isinf(b) else b, None) for b in lo]
 
     def objective(self, nagq: int):
-        """(f, grad) callable for the optimiser: analytic for Laplace, central FD for AGQ."""
+        """(f, grad) callable for the optimiser, with the exact gradient."""
         if nagq <= 1:
             return self.deviance_and_gradient
-
-        def fun(params):
-            f = self.agq_deviance(params, nagq)
-            return f, self.fd_gradient(lambda x: self.agq_deviance(x, nagq), params)
-
-        return fun
+        return lambda params: self.agq_deviance_and_gradient(params, nagq)
 
     @staticmethod
     def fd_gradient(f, x, rel=1e-5):
@@ -259,34 +301,18 @@ class LaplaceProblem:
         return g
 
     def hessian(self, params, nagq: int, rel=1e-4):
-        """Hessian of the deviance over (theta, beta), by central differences of the
-        gradient (Laplace) or second differences of the deviance (AGQ), as lme4's
-        ``calc.derivs`` does."""
+        """Hessian of the deviance over (theta, beta) by central differences of the
+        exact gradient: the matrix lme4's ``calc.derivs`` approximates by finite
+        differences of the deviance."""
+        fun = self.objective(nagq)
         n = params.size
         H = np.empty((n, n))
-        if nagq <= 1:
-            for i in range(n):
-                h = rel * max(1.0, abs(params[i]))
-                xp_, xm = params.copy(), params.copy()
-                xp_[i] += h
-                xm[i] -= h
-                H[:, i] = (self.deviance_and_gradient(xp_)[1] - self.deviance_and_gradient(xm)[1]) / (2 * h)
-        else:
-            f = lambda x: self.agq_deviance(x, nagq)  # noqa: E731
-            f0 = f(params)
-            hs = np.array([rel * max(1.0, abs(v)) for v in params])
-            for i in range(n):
-                for j in range(i, n):
-                    if i == j:
-                        e = np.zeros(n)
-                        e[i] = hs[i]
-                        H[i, i] = (f(params + e) - 2 * f0 + f(params - e)) / hs[i] ** 2
-                    else:
-                        ei, ej = np.zeros(n), np.zeros(n)
-                        ei[i], ej[j] = hs[i], hs[j]
-                        H[i, j] = H[j, i] = (
-                            f(params + ei + ej) - f(params + ei - ej) - f(params - ei + ej) + f(params - ei - ej)
-                        ) / (4 * hs[i] * hs[j])
+        for i in range(n):
+            h = rel * max(1.0, abs(params[i]))
+            xp_, xm = params.copy(), params.copy()
+            xp_[i] += h
+            xm[i] -= h
+            H[:, i] = (fun(xp_)[1] - fun(xm)[1]) / (2 * h)
         return 0.5 * (H + H.T)
 
     def _approx_hessian(self, params, g, st, fun):
