@@ -156,3 +156,15 @@ def test_summary_tables(data):
     assert list(s.fixed.columns) == ["estimate", "std_error", "z", "p_value", "ci_2.5%", "ci_97.5%"]
     np.testing.assert_allclose(s.fixed["ci_97.5%"] - s.fixed.estimate, 1.959963984540054 * s.fixed.std_error)
     assert "Random effects" in repr(s)
+
+
+def test_unused_categories_are_dropped_and_missing_levels_predict_population(data):
+    """lme4 drops unused factor levels; missing levels at predict time get b = 0."""
+    cat = pd.Categorical(data.g, categories=sorted(data.g.unique()) + ["never_used"])
+    m = _fit(data, groups=pd.Series(cat, name="g"))
+    assert "never_used" not in set(m.random_effects_.level)
+    ref = _fit(data)
+    np.testing.assert_allclose(m.coef_, ref.coef_, atol=1e-10)
+    X = data[["x1", "x2"]]
+    missing = m.predict(X, groups=pd.Series([None] * len(X)), offset=data.offset)
+    np.testing.assert_allclose(missing, m.predict(X, offset=data.offset), rtol=1e-12)

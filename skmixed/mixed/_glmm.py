@@ -491,7 +491,9 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
             values = by_name[grp]
             if values.shape[0] != n:
                 raise ValueError(f"groups has {values.shape[0]} rows but X has {n}.")
-            codes = pd.Index(levels).get_indexer(pd.Series(values).astype(str))
+            labels = pd.Series(values)
+            codes = pd.Index(levels).get_indexer(labels.astype(str))
+            codes[labels.isna().to_numpy()] = -1  # missing level: population level
             Z = np.column_stack(([np.ones(n)] if has_int else []) + [X[:, c] for c in slopes])
             terms.append(RandomTerm(grp, codes, levels, Z, names))
         return terms
