@@ -168,3 +168,8 @@ def test_unused_categories_are_dropped_and_missing_levels_predict_population(dat
     X = data[["x1", "x2"]]
     missing = m.predict(X, groups=pd.Series([None] * len(X)), offset=data.offset)
     np.testing.assert_allclose(missing, m.predict(X, offset=data.offset), rtol=1e-12)
+
+
+def test_all_zero_counts_raise(data):
+    with pytest.raises(ValueError, match="y is zero everywhere"):
+        _fit(data.assign(y=0))

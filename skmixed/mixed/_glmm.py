@@ -287,7 +287,6 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         """
         self._validate_params()
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True)
-        n = X.shape[0]
         terms = None
         self.formula_ = None
         if groups is not None:
@@ -305,6 +304,11 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
                 stacklevel=3,
             )
         self.integer_response_ = integer
+        if not np.any(y > 0):
+            raise ValueError(
+                "y is zero everywhere: the Poisson maximum-likelihood estimate does not exist "
+                "(every rate would be 0)."
+            )
         offset = _check_vector(offset, n, "offset")
         if sample_weight is not None:
             sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
