@@ -442,24 +442,32 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
             cov = prob.conditional_cov(st)
         cov = 0.5 * (cov + cov.T)
 
-        # random effects: conditional modes and variances, b = Lambda u
-        Linv = scipy.linalg.lapack.dtrtri(st.chol, lower=1)[0]
-        Minv = Linv.T @ Linv
+        # random effects: conditional modes and variances, b = Lambda u,
+        # Var(b_l | y) = T M^-1[block l] T'
         Ts = design.T_blocks(theta)
         b_list = design.b_from_u(theta, st.u)
-        re_rows, vc_rows = [], []
+        re_parts, vc_rows = [], []
         counts = {}
         self._b, self._terms_meta = b_list, []
         for j, (t, T, b) in enumerate(zip(terms, Ts, b_list)):
             counts[t.group] = counts.get(t.group, -1) + 1
             grp = t.group if counts[t.group] == 0 else f"{t.group}.{counts[t.group]}"
             self._terms_meta.append((t.group, t.levels, t.names))
-            s = design.col_start[j]
-            for lvl_i, lvl in enumerate(t.levels):
-                blk = slice(s + lvl_i * t.k, s + (lvl_i + 1) * t.k)
-                cv = T @ Minv[blk, blk] @ T.T
-                for c, nm in enumerate(t.names):
-                    re_rows.append((grp, lvl, nm, b[lvl_i, c], np.sqrt(max(cv[c, c], 0.0))))
+            L = len(t.levels)
+            idx = design.col_start[j] + np.arange(L)[:, None] * t.k + np.arange(t.k)[None, :]
+            cv = np.einsum("ab,lbc,dc->lad", T, st.factor.inv_gather(idx), T)
+            condsd = np.sqrt(np.maximum(np.diagonal(cv, axis1=1, axis2=2), 0.0))
+            re_parts.append(
+                pd.DataFrame(
+                    {
+                        "grp": grp,
+                        "level": np.repeat(np.asarray(t.levels, dtype=object), t.k),
+                        "term": np.tile(np.asarray(t.names, dtype=object), L),
+                        "condval": b.reshape(-1),
+                        "condsd": condsd.reshape(-1),
+                    }
+                )
+            )
             Sigma = T @ T.T
             sd = np.sqrt(np.diag(Sigma))
             for c, nm in enumerate(t.names):
@@ -468,7 +476,7 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
                 for r in range(c + 1, t.k):
                     corr = Sigma[r, c] / (sd[r] * sd[c]) if sd[r] > 0 and sd[c] > 0 else np.nan
                     vc_rows.append((grp, t.names[c], t.names[r], Sigma[r, c], corr))
-        self.random_effects_ = pd.DataFrame(re_rows, columns=["grp", "level", "term", "condval", "condsd"])
+        self.random_effects_ = pd.concat(re_parts, ignore_index=True)
         self.variance_components_ = pd.DataFrame(vc_rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
         diag_theta = np.array([theta[m] for m, (_, r, c) in enumerate(design.theta_index) if r == c])
         self.singular_ = bool(np.any(np.abs(diag_theta) < _SINGULAR_TOL))

@@ -31,23 +31,11 @@ import numpy as np
 import scipy.linalg
 import scipy.linalg.lapack
 import scipy.optimize
-import scipy.sparse as sp
 import scipy.special
 from sklearn.exceptions import ConvergenceWarning
 
 from ._design import RandomEffectsDesign
-
-
-def _chol(M):
-    c, info = scipy.linalg.lapack.dpotrf(M, lower=1, clean=1)
-    if info != 0:
-        raise np.linalg.LinAlgError("M = I + A'VA is not positive definite")
-    return c
-
-
-def _cho_solve(c, b):
-    x, info = scipy.linalg.lapack.dpotrs(c, b, lower=1)
-    return x
+from ._factor import Assembler
 
 
 @dataclass
@@ -59,7 +47,7 @@ class ModeState:
     mu: np.ndarray
     Adata: np.ndarray
     A: object  # ndarray or scipy.sparse.csr_matrix
-    chol: np.ndarray  # lower Cholesky factor of M = I + A' V A
+    factor: object  # DenseFactor or BlockFactor of M = I + A' V A at the mode
     loglik: float  # sum of w * loglik (without the collapse constant)
     converged: bool
 
@@ -78,8 +66,7 @@ class LaplaceProblem:
         self.p = self.X.shape[1]
         self.n_theta = design.n_theta
         self._u_start = np.zeros(design.q)
-        idx = design.indices
-        self._pair_index = (idx[:, :, None] * design.q + idx[:, None, :]).ravel()
+        self._assemble = Assembler(design)
         # small problems (and collapsed ones) run faster with a dense A
         self._dense = n * design.q <= 2_000_000
         self.n_pirls_fail = 0
@@ -91,16 +78,6 @@ class LaplaceProblem:
 
     def _penalised(self, eta, u):
         return self._loglik(eta) - 0.5 * float(u @ u)
-
-    def _M(self, Adata, v):
-        """``I + A' V A`` accumulated from the K non-zeros of each row of ``A``."""
-        q = self.design.q
-        wA = Adata * np.sqrt(v)[:, None]
-        M = np.bincount(
-            self._pair_index, weights=(wA[:, :, None] * wA[:, None, :]).ravel(), minlength=q * q
-        ).reshape(q, q)
-        M[np.diag_indices(q)] += 1.0
-        return M
 
     def mode(self, theta, beta, u0=None, *, max_iter=50) -> ModeState:
         """Conditional mode of ``u`` by Newton steps with step halving."""
@@ -115,8 +92,8 @@ class LaplaceProblem:
         for _ in range(max_iter):
             mu = fam.mean(eta)
             grad = A.T @ fam.score(self.y, mu, self.w) - u
-            chol = _chol(self._M(Adata, fam.information(mu, self.w)))
-            step = _cho_solve(chol, grad)
+            factor = self._assemble(Adata, fam.information(mu, self.w))
+            step = factor.solve(grad)
             decrement = float(grad @ step)
             if decrement < 1e-10 * (1.0 + abs(obj)):
                 # Inside the region of quadratic convergence one full step reaches
@@ -127,20 +104,21 @@ class LaplaceProblem:
                 converged = True
                 break
             t = 1.0
-            for _ in range(40):
-                u_new = u + t * step
-                eta_new = fixed + A @ u_new
-                obj_new = self._penalised(eta_new, u_new)
-                if obj_new >= obj - 1e-13 * abs(obj):
-                    break
-                t *= 0.5
+            with np.errstate(over="ignore"):  # an overshooting trial step is simply rejected
+                for _ in range(40):
+                    u_new = u + t * step
+                    eta_new = fixed + A @ u_new
+                    obj_new = self._penalised(eta_new, u_new)
+                    if obj_new >= obj - 1e-13 * abs(obj):
+                        break
+                    t *= 0.5
             u, eta, obj = u_new, eta_new, obj_new
         mu = fam.mean(eta)
-        chol = _chol(self._M(Adata, fam.information(mu, self.w)))
+        factor = self._assemble(Adata, fam.information(mu, self.w))
         if not converged:
             self.n_pirls_fail += 1
         ll = self._loglik(eta)
-        return ModeState(u, eta, mu, Adata, A, chol, ll, converged)
+        return ModeState(u, eta, mu, Adata, A, factor, ll, converged)
 
     def split(self, params):
         return params[: self.n_theta], params[self.n_theta :]
@@ -154,15 +132,12 @@ class LaplaceProblem:
     # -- Laplace deviance and its gradient ------------------------------------
     @staticmethod
     def laplace_deviance(st: ModeState) -> float:
-        return -2.0 * st.loglik + float(st.u @ st.u) + 2.0 * float(np.sum(np.log(np.diag(st.chol))))
+        return -2.0 * st.loglik + float(st.u @ st.u) + st.factor.logdet()
 
     def _leverage_blocks(self, st: ModeState):
         """``B[i, s] = (A M^-1)[i, indices[i, s]]`` for the non-zeros of each row."""
-        Linv = scipy.linalg.lapack.dtrtri(st.chol, lower=1)[0]
-        Minv = Linv.T @ Linv
-        idx = self.design.indices
         # B[i, t] = sum_s A[i, s] Minv[idx[i, s], idx[i, t]]
-        return np.einsum("is,ist->it", st.Adata, Minv[idx[:, :, None], idx[:, None, :]])
+        return np.einsum("is,ist->it", st.Adata, st.factor.inv_gather(self.design.indices))
 
     def deviance_and_gradient(self, params):
         st = self.state(params)
@@ -192,7 +167,7 @@ class LaplaceProblem:
         rhs = st.A.T @ (v[:, None] * E)
         rhs[:, : self.n_theta] = dAtr - rhs[:, : self.n_theta]
         rhs[:, self.n_theta :] *= -1.0
-        du = _cho_solve(st.chol, rhs)
+        du = st.factor.solve(rhs)
         deta = E + st.A @ du
         return -2.0 * (r @ E) + trace + hv @ deta
 
@@ -218,7 +193,7 @@ class LaplaceProblem:
         z, wq = np.polynomial.hermite_e.hermegauss(nagq)
         # GHrule weights (summing to 1), and the N(0, 1) density of u: 1 / sqrt(2 pi) twice
         c = np.log(wq / (2.0 * np.pi)) + 0.5 * z**2 + 0.5 * np.log(2.0 * np.pi)
-        Mdiag = np.diag(st.chol) ** 2  # M is diagonal for one scalar term
+        Mdiag = st.factor.diag()  # M is diagonal for one scalar term
         sd = 1.0 / np.sqrt(Mdiag)
         a = st.Adata[:, 0]
         base = st.eta - a * st.u[codes]
@@ -275,7 +250,7 @@ class LaplaceProblem:
         v = self.family.information(st.mu, self.w)
         VX = v[:, None] * self.X
         AtVX = st.A.T @ VX
-        S = self.X.T @ VX - AtVX.T @ _cho_solve(st.chol, AtVX)
+        S = self.X.T @ VX - AtVX.T @ st.factor.solve(AtVX)
         return np.linalg.inv(S)
 
     # -- outer optimisation --------------------------------------------------------------
