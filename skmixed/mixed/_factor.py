@@ -89,23 +89,24 @@ class Assembler:
         idx = design.indices
         self.block = len(design.terms) == 1
         if self.block:
-            k, L = design.ks[0], design.n_levels[0]
-            local = idx - idx[:, :1]  # position inside the level's block
-            base = (idx[:, 0] // k) * k * k
-            self._pair = (base[:, None, None] + local[:, :, None] * k + local[:, None, :]).ravel()
-            self._shape = (L, k, k)
+            self.k, self.L = design.ks[0], design.n_levels[0]
+            self._codes = idx[:, 0] // self.k
         else:
-            q = design.q
-            self._pair = (idx[:, :, None] * q + idx[:, None, :]).ravel()
-            self._shape = (q, q)
+            self.q = design.q
+            self._pair = (idx[:, :, None] * self.q + idx[:, None, :]).ravel()
 
     def __call__(self, Adata, v):
         wA = Adata * np.sqrt(v)[:, None]
-        M = np.bincount(
-            self._pair, weights=(wA[:, :, None] * wA[:, None, :]).ravel(), minlength=int(np.prod(self._shape))
-        ).reshape(self._shape)
         if self.block:
-            M[:, np.arange(self._shape[1]), np.arange(self._shape[1])] += 1.0
+            k = self.k
+            M = np.empty((self.L, k, k))
+            for s in range(k):
+                for t in range(s, k):
+                    M[:, s, t] = M[:, t, s] = np.bincount(self._codes, wA[:, s] * wA[:, t], minlength=self.L)
+                M[:, s, s] += 1.0
             return BlockFactor(M)
-        M[np.diag_indices(self._shape[0])] += 1.0
+        M = np.bincount(
+            self._pair, weights=(wA[:, :, None] * wA[:, None, :]).ravel(), minlength=self.q * self.q
+        ).reshape(self.q, self.q)
+        M[np.diag_indices(self.q)] += 1.0
         return DenseFactor(M)
