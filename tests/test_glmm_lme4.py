@@ -76,9 +76,20 @@ def test_standard_errors_conditional(fits, case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_standard_errors_hessian(fits, case):
-    """lme4's default vcov: beta block of twice the inverse Hessian of the deviance."""
+    """lme4's default vcov: the beta block of twice the inverse Hessian of the deviance
+    over (theta, beta), computed by lme4's own deriv12 at lme4's optimum with its inner
+    PIRLS converged (``se_tight``, see make_reference.R)."""
     model, ref = fits(case), _ref(case, "fixef")
-    np.testing.assert_allclose(np.sqrt(np.diag(model.coef_cov_)), ref.se, rtol=1e-3)
+    np.testing.assert_allclose(np.sqrt(np.diag(model.coef_cov_)), ref.se_tight, rtol=1e-3)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_standard_errors_lme4_default_settings(fits, case):
+    """With its default tolPwrss = 1e-7 and step 1e-4, lme4's finite-difference Hessian
+    carries numerical error: up to 0.5% in the standard errors of these models
+    (doc/validation.rst). skmixed's exact-gradient Hessian lies within that error."""
+    model, ref = fits(case), _ref(case, "fixef")
+    np.testing.assert_allclose(np.sqrt(np.diag(model.coef_cov_)), ref.se, rtol=1e-2)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -460,7 +460,7 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
             re_parts.append(
                 pd.DataFrame(
                     {
-                        "grp": grp,
+                        "grp": t.group,  # ranef() names the factor; VarCorr numbers split terms
                         "level": np.repeat(np.asarray(t.levels, dtype=object), t.k),
                         "term": np.tile(np.asarray(t.names, dtype=object), L),
                         "condval": b.reshape(-1),

@@ -12,7 +12,7 @@
 ##   versions.csv                            R and lme4 (and Matrix) versions
 ##   <id>_fixef.csv     term, estimate, se (vcov() default = finite-difference
 ##                      Hessian), se_rx (vcov(use.hessian = FALSE), i.e. from RX),
-##                      se_tight (the default vcov recomputed with tolPwrss = 1e-13)
+##                      se_tight (the default vcov recomputed with tolPwrss = 1e-13, delta = 1e-3)
 ##   <id>_varcorr.csv   as.data.frame(VarCorr(fit)): grp, var1, var2, vcov, sdcor
 ##   <id>_ranef.csv     grp (grouping factor), level, term, condval, condsd
 ##   <id>_summary.csv   one row: loglik, deviance_objective, AIC, BIC, theta,
@@ -102,15 +102,17 @@ write_fit <- function(id, res) {
                                 invokeRestart("muffleWarning") })
     fe <- fixef(fit)
     ## se_tight: lme4's default vcov (beta block of 2 * solve(Hessian of the
-    ## deviance over (theta, beta)), by lme4's own deriv12 with delta = 1e-4) at
-    ## lme4's own optimum, but with PIRLS converged to round-off
-    ## (tolPwrss = 1e-13) inside every deviance evaluation.  With the default
-    ## tolPwrss = 1e-7 the error of the inner PIRLS enters the second
-    ## differences (divided by delta^2 = 1e-8) and moves the standard errors by
-    ## up to ~0.5% (see doc/validation.rst).
+    ## deviance over (theta, beta)) by lme4's own deriv12) at lme4's own
+    ## optimum, computed with less numerical error: PIRLS converged to
+    ## round-off (tolPwrss = 1e-13) inside every deviance evaluation, and a
+    ## finite-difference step of 1e-3 instead of 1e-4.  With the defaults
+    ## (tolPwrss = 1e-7, delta = 1e-4) the error of each deviance evaluation is
+    ## divided by delta^2 = 1e-8 in the second differences and moves the
+    ## standard errors by up to ~0.5% (see doc/validation.rst); the truncation
+    ## error of delta = 1e-3 is of order 1e-6.
     dd <- update(fit, devFunOnly = TRUE, control = glmerControl(tolPwrss = 1e-13))
     nth <- length(getME(fit, "theta"))
-    H_tight <- lme4:::deriv12(dd, c(getME(fit, "theta"), fe), delta = 1e-4)$Hessian
+    H_tight <- lme4:::deriv12(dd, c(getME(fit, "theta"), fe), delta = 1e-3)$Hessian
     V_tight <- 2 * solve(H_tight)[-seq_len(nth), -seq_len(nth), drop = FALSE]
     write_full(data.frame(term = names(fe), estimate = unname(fe),
                           se = sqrt(diag(V_hess))[names(fe)],
