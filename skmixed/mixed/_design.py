@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 
@@ -103,3 +104,27 @@ class RandomEffectsDesign:
 
     def covariances(self, theta) -> list[np.ndarray]:
         return [T @ T.T for T in self.T_blocks(theta)]
+
+
+def distinct_rows(blocks):
+    """Index of each row of ``hstack(blocks)`` among its distinct rows, and the first
+    row of each.
+
+    Rows are hashed by a random projection, then verified exactly; a collision (never
+    seen in practice) falls back to an exact sort.
+    """
+    rng = np.random.default_rng(0)
+    n = blocks[0].shape[0]
+    proj = sum(b @ rng.standard_normal(b.shape[1]) for b in blocks)
+    keys, uniques = pd.factorize(proj)
+    first = _first_rows(keys, uniques.size)
+    if n and not all(np.array_equal(b, b[first[keys]]) for b in blocks):
+        keys = np.unique(np.hstack(blocks), axis=0, return_inverse=True)[1].reshape(-1)
+        first = _first_rows(keys, int(keys.max()) + 1)
+    return keys.astype(np.int64), first
+
+
+def _first_rows(keys, n_keys):
+    first = np.zeros(n_keys, dtype=np.int64)
+    first[keys[::-1]] = np.arange(keys.size)[::-1]
+    return first

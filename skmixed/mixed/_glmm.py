@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import scipy.linalg
+import scipy.sparse as sp
 import scipy.stats
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.metrics import d2_tweedie_score
@@ -17,34 +18,18 @@ from threadpoolctl import threadpool_limits
 
 from .._families import Poisson
 from ..glm._newton import fit_glm
-from ._design import RandomEffectsDesign, RandomTerm
+from ._design import RandomEffectsDesign, RandomTerm, distinct_rows
 from ._laplace import LaplaceProblem, warn_not_converged
+from ._multigene import as_count_matrix, fit_many, wald_contrasts
 
 _SINGULAR_TOL = 1e-4  # lme4's isSingular() tolerance on the diagonal of theta
 
 
-def _row_keys(blocks):
-    """Index of each row of ``hstack(blocks)`` among its distinct rows, and the first
-    row of each.
-
-    Rows are hashed by a random projection, then verified exactly; a collision (never
-    seen in practice) falls back to an exact sort.
-    """
-    rng = np.random.default_rng(0)
-    n = blocks[0].shape[0]
-    proj = sum(b @ rng.standard_normal(b.shape[1]) for b in blocks)
-    keys, uniques = pd.factorize(proj)
-    first = _first_rows(keys, uniques.size)
-    if n and not all(np.array_equal(b, b[first[keys]]) for b in blocks):
-        keys = np.unique(np.hstack(blocks), axis=0, return_inverse=True)[1].reshape(-1)
-        first = _first_rows(keys, int(keys.max()) + 1)
-    return keys.astype(np.int64), first
-
-
-def _first_rows(keys, n_keys):
-    first = np.zeros(n_keys, dtype=np.int64)
-    first[keys[::-1]] = np.arange(keys.size)[::-1]
-    return first
+def _is_count_matrix(y) -> bool:
+    """Several responses: a sparse matrix, AnnData, or a 2-D array with > 1 column."""
+    if sp.issparse(y) or (hasattr(y, "X") and hasattr(y, "var_names")):
+        return True
+    return np.ndim(y) == 2 and np.shape(y)[1] > 1
 
 
 @dataclass
@@ -270,8 +255,12 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         ----------
         X : array-like of shape (n_samples, n_features)
             Fixed-effects design (without intercept when ``fit_intercept``).
-        y : array-like of shape (n_samples,)
-            Non-negative counts.
+        y : array-like of shape (n_samples,), or count matrix (n_samples, n_genes)
+            Non-negative counts. A 2-D array with several columns, a
+            ``scipy.sparse`` matrix, a DataFrame of genes or an AnnData object
+            (cells x genes) fits one model per gene, vectorised across genes (one
+            grouping factor, random intercept, Laplace): ``coef_`` then has one row
+            per gene and ``results_`` is the tidy table; see :meth:`contrast`.
         groups : array-like of shape (n_samples,) or (n_samples, n_factors)
             Grouping factor(s), one column per factor (crossed or nested; for nesting
             pass the inner factor as the interaction, e.g. ``"loc:brood"`` labels).
@@ -286,6 +275,9 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         self : PoissonGLMM
         """
         self._validate_params()
+        if _is_count_matrix(y):
+            return self._fit_many(X, y, groups, offset, sample_weight)
+        self.n_genes_ = None
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True)
         terms = None
         self.formula_ = None
@@ -334,7 +326,7 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         # exact reduction to the distinct rows of (X, Z, group codes)
         const = 0.0
         key_cols = [fixed] + ([] if terms is None else [b for t in terms for b in (t.Z, t.codes[:, None])])
-        keys, first = _row_keys(key_cols) if self.collapse else (None, np.arange(n))
+        keys, first = distinct_rows(key_cols) if self.collapse else (None, np.arange(n))
         n_keys = first.size
         if self.collapse and n_keys < 0.7 * n:
             y, off_c, const = Poisson.collapse(y, off, w, keys, n_keys)
@@ -486,6 +478,123 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
             message = (message + "; " if message else "") + "PIRLS did not converge at some evaluations"
         return beta, cov, theta, f, n_iter, converged, message
 
+    # ------------------------------------------------------------- many genes
+    def _fit_many(self, X, Y, groups, offset, sample_weight):
+        Y, names, integer = as_count_matrix(Y)
+        X = validate_data(self, X, dtype=np.float64)
+        n = X.shape[0]
+        if Y.shape[0] != n:
+            raise ValueError(f"y has {Y.shape[0]} rows but X has {n}.")
+        if groups is None:
+            raise ValueError("groups is required when y holds several genes.")
+        factors = _as_2d_groups(groups, n)
+        if len(factors) != 1 or self.random_slopes or self.nagq != 1:
+            raise NotImplementedError(
+                "fitting many genes at once supports one grouping factor with a random "
+                "intercept and nagq=1; fit other models gene by gene."
+            )
+        if not integer:
+            warnings.warn("y contains non-integer values (see the single-gene fit).", UserWarning, stacklevel=3)
+        name, values = factors[0]
+        if values.shape[0] != n:
+            raise ValueError(f"groups has {values.shape[0]} rows but X has {n}.")
+        codes, levels = pd.factorize(values, sort=True)
+        if np.any(codes < 0):
+            raise ValueError(f"groups column {name!r} contains missing values.")
+        if len(levels) < 2:
+            raise ValueError(f"groups column {name!r} has a single level; a variance cannot be estimated.")
+        offset = _check_vector(offset, n, "offset")
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
+            if np.any(sample_weight < 0):
+                raise ValueError("sample_weight must be non-negative.")
+        fixed = np.hstack([np.ones((n, 1)), X]) if self.fit_intercept else X
+        fixed_names = (["(Intercept)"] if self.fit_intercept else []) + self._feature_names()
+        if np.linalg.matrix_rank(fixed) < fixed.shape[1]:
+            raise ValueError("X (with the intercept) is rank deficient; drop aliased columns first.")
+        levels = [str(v) for v in levels]
+        with threadpool_limits(limits=1, user_api="blas"):
+            out = fit_many(
+                fixed, Y, codes.astype(np.int64), levels, offset, sample_weight,
+                names=names, fixed_names=fixed_names, group_name=name, vcov=self.vcov,
+            )
+        self.formula_ = None
+        self.n_genes_ = len(names)
+        self.gene_names_ = np.asarray(names, dtype=object)
+        self.group_names_, self.group_levels_ = [name], {name: levels}
+        self.fixed_names_ = fixed_names
+        beta, cov = out["beta"], out["cov"]
+        se = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+        if self.fit_intercept:
+            self.intercept_, self.coef_ = beta[:, 0], beta[:, 1:]
+            self.intercept_se_, self.coef_se_ = se[:, 0], se[:, 1:]
+        else:
+            self.intercept_, self.coef_ = np.zeros(len(names)), beta
+            self.intercept_se_, self.coef_se_ = np.zeros(len(names)), se
+        self.coef_cov_ = cov
+        self.theta_ = out["theta"][:, None]
+        self.loglik_ = out["loglik"]
+        self.loglik_saturated_ = out["saturated"]
+        self.converged_ = out["converged"]
+        self.flags_ = out["flag"]
+        self.n_iter_ = None
+        self.results_ = out["table"]
+        self.genes_ = out["genes"]
+        self.variance_components_ = out["genes"][["gene", "grp", "vcov", "sdcor"]].assign(var1="(Intercept)", var2=np.nan)[
+            ["gene", "grp", "var1", "var2", "vcov", "sdcor"]
+        ]
+        G, L = out["b"].shape
+        self.random_effects_ = pd.DataFrame(
+            {
+                "gene": np.repeat(self.gene_names_, L),
+                "grp": name,
+                "level": np.tile(np.asarray(levels, dtype=object), G),
+                "term": "(Intercept)",
+                "condval": out["b"].ravel(),
+                "condsd": out["condsd"].ravel(),
+            }
+        )
+        self._b_genes = out["b"]
+        n_bad = int(np.sum(out["flag"] == "not_converged"))
+        if n_bad:
+            warn_not_converged(f"{n_bad} of {G} genes (flag 'not_converged' in genes_)")
+        return self
+
+    def contrast(self, contrasts, *, names=None):
+        """Wald tests of linear combinations of the fixed effects, per gene.
+
+        Parameters
+        ----------
+        contrasts : array-like of shape (n_contrasts, n_fixed) or (n_fixed,)
+            Rows of weights on the fixed effects in the order of ``fixed_names_``,
+            or a dict ``{name: {term: weight}}``.
+        names : list of str, optional
+            Contrast names (taken from the dict keys when a dict is given).
+
+        Returns
+        -------
+        DataFrame
+            gene, contrast, estimate, std_error, z, p_value and q_value
+            (Benjamini-Hochberg over genes, within each contrast).
+        """
+        check_is_fitted(self)
+        if isinstance(contrasts, dict):
+            names = list(contrasts)
+            C = np.zeros((len(names), len(self.fixed_names_)))
+            for i, weights in enumerate(contrasts.values()):
+                for term, value in weights.items():
+                    if term not in self.fixed_names_:
+                        raise ValueError(f"contrast term {term!r} is not a fixed effect: {self.fixed_names_}.")
+                    C[i, self.fixed_names_.index(term)] = value
+        else:
+            C = contrasts
+        many = getattr(self, "n_genes_", None) is not None
+        if many:
+            beta = np.column_stack([self.intercept_, self.coef_]) if self.fit_intercept else self.coef_
+            return wald_contrasts(beta, self.coef_cov_, C, self.gene_names_, contrast_names=names)
+        beta = self.fixed_effects_.to_numpy()[None, :]
+        return wald_contrasts(beta, self.coef_cov_[None], C, ["y"], contrast_names=names)
+
     # ----------------------------------------------------------------- predict
     def _new_terms(self, X, groups):
         """Random terms of new data, coded against the training levels (-1 if unseen)."""
@@ -509,6 +618,15 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
             Z = np.column_stack(([np.ones(n)] if has_int else []) + [X[:, c] for c in slopes])
             terms.append(RandomTerm(grp, codes, levels, Z, names))
         return terms
+
+    def _new_terms_many(self, X, groups):
+        cols = _as_2d_groups(groups, X.shape[0])
+        if len(cols) != 1:
+            raise ValueError(f"groups has {len(cols)} columns; the model was fitted with one.")
+        labels = pd.Series(cols[0][1])
+        codes = pd.Index(self.group_levels_[self.group_names_[0]]).get_indexer(labels.astype(str))
+        codes[labels.isna().to_numpy()] = -1
+        return (codes,)
 
     def _random_part(self, terms, n):
         """``sum_j Z_j b_j[level]`` over terms; levels coded -1 (unseen, missing) add 0."""
@@ -535,6 +653,15 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         if getattr(self, "formula_", None) is not None:
             raise ValueError("this model was fitted from a formula: use predict_frame(data).")
         X = validate_data(self, X, dtype=np.float64, reset=False)
+        if getattr(self, "n_genes_", None) is not None:
+            eta = X @ self.coef_.T + self.intercept_[None, :]
+            if offset is not None:
+                eta = eta + _check_vector(offset, X.shape[0], "offset")[:, None]
+            if groups is not None:
+                (t,) = self._new_terms_many(X, groups)
+                known = t >= 0
+                eta[known] += self._b_genes[:, t[known]].T
+            return Poisson.mean(eta)
         eta = self._fixed_part(X, offset)
         if groups is not None and self._b:
             eta += self._random_part(self._new_terms(X, groups), X.shape[0])

@@ -1,0 +1,196 @@
+"""PoissonGLMM over a count matrix: one model per column (gene), vectorised.
+
+Genes share ``X``, the grouping factor and the offset. The rows are first reduced
+to the distinct rows of the design (exact for Poisson: sums of counts per distinct
+row, and ``log(sum(exp(offset)))``), then genes are fitted in chunks by
+:class:`~skmixed.mixed._batched.BatchedScalarLaplace`, so that memory does not grow
+with the number of genes and sparse matrices are only ever densified one chunk of
+reduced rows at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import scipy.special
+import scipy.stats
+
+from .._families import Poisson
+from ..glm._newton import fit_glm
+from ._batched import BatchedScalarLaplace
+from ._design import distinct_rows
+
+CHUNK_ENTRIES = 20_000_000  # genes x rows x coefficients held at once
+
+
+def as_count_matrix(Y):
+    """(n, G) counts as CSC sparse or a 2-D float array, with gene names."""
+    names = None
+    if hasattr(Y, "X") and hasattr(Y, "var_names"):  # AnnData: cells x genes
+        names = [str(v) for v in Y.var_names]
+        Y = Y.X
+    elif isinstance(Y, pd.DataFrame):
+        names = [str(c) for c in Y.columns]
+        Y = Y.to_numpy(dtype=float)
+    if sp.issparse(Y):
+        Y = sp.csc_matrix(Y, dtype=float)
+        values = Y.data
+    else:
+        Y = np.asarray(Y, dtype=float)
+        values = Y
+    if Y.ndim != 2:
+        raise ValueError(f"y must be 1-D or 2-D (cells x genes), got shape {Y.shape}.")
+    if not np.all(np.isfinite(values)):
+        raise ValueError("y must be finite; it contains NaN or infinite values.")
+    if np.any(values < 0):
+        raise ValueError("y must be non-negative counts; it contains negative values.")
+    integer = bool(np.all(values == np.round(values)))
+    if names is None:
+        names = [f"gene{j}" for j in range(Y.shape[1])]
+    return Y, names, integer
+
+
+def fit_many(fixed, Y, codes, levels, offset, weights, *, names, fixed_names, group_name, vcov):
+    """Fit one random-intercept Poisson GLMM per column of ``Y`` (n x G).
+
+    Returns a dict of per-gene arrays and tidy DataFrames.
+    """
+    n, G = Y.shape
+    L = len(levels)
+    off = np.zeros(n) if offset is None else offset
+    w = np.ones(n) if weights is None else weights
+    # distinct rows of (X, group): exact reduction shared by every gene
+    keys, first = distinct_rows([fixed, codes[:, None].astype(float)])
+    n_c = first.size
+    S = sp.csr_matrix((w, (keys, np.arange(n))), shape=(n_c, n))  # weighted row sums
+    shift = float(np.max(off))
+    off_c = np.log(S @ np.exp(off - shift)) + shift
+    Xc, codes_c = fixed[first], codes[first]
+    p = Xc.shape[1]
+
+    # the parameter-free part of each gene's log-likelihood, full minus reduced
+    Yw = Y.multiply(w[:, None]).tocsc() if sp.issparse(Y) else Y * w[:, None]
+    yo = np.asarray(off @ Yw).reshape(-1)
+    lg = _column_sums_lgamma(Y, w)
+    Yc_all = S @ Y  # (n_c, G), small: n_c distinct rows
+    Yc_all = Yc_all.toarray() if sp.issparse(Yc_all) else np.asarray(Yc_all)
+    const = yo - lg - (off_c @ Yc_all - np.sum(scipy.special.gammaln(Yc_all + 1.0), axis=0))
+    saturated = _column_sums_saturated(Y, w)
+
+    totals = Yc_all.sum(axis=0)
+    fit_mask = totals > 0
+    out = {
+        "beta": np.full((G, p), np.nan), "cov": np.full((G, p, p), np.nan), "theta": np.full(G, np.nan),
+        "loglik": np.full(G, np.nan), "converged": np.zeros(G, dtype=bool), "b": np.full((G, L), np.nan),
+        "condsd": np.full((G, L), np.nan),
+    }
+    idx = np.flatnonzero(fit_mask)
+    chunk = max(1, int(CHUNK_ENTRIES // max(1, n_c * (p + 1))))
+    for start in range(0, idx.size, chunk):
+        genes = idx[start : start + chunk]
+        Yc = Yc_all[:, genes].T  # (g, n_c)
+        glm = fit_glm(Xc, Yc.T, Poisson, offset=off_c)
+        engine = BatchedScalarLaplace(Xc, Yc, codes_c, L, np.ones(n_c), off_c, np.ones(n_c), Poisson)
+        res = engine.fit(np.ones(genes.size), glm.coef, hessian_cov=(vcov == "hessian"))
+        out["beta"][genes] = res.beta
+        out["cov"][genes] = res.cov
+        out["theta"][genes] = res.theta
+        out["loglik"][genes] = -0.5 * res.deviance + const[genes]
+        out["converged"][genes] = res.converged
+        out["b"][genes] = res.theta[:, None] * res.u
+        out["condsd"][genes] = np.abs(res.theta)[:, None] / np.sqrt(res.M)
+    out["saturated"] = saturated
+    # a non-negative (indicator-like) fixed-effect column without any count: its
+    # coefficient's MLE is -inf, and the number reported is only where the optimiser stopped
+    indicator = np.all(Xc >= 0, axis=0)
+    empty_group = np.any(((Xc[:, indicator].T @ Yc_all) == 0), axis=0) if indicator.any() else np.zeros(G, bool)
+    flag = np.where(~fit_mask, "all_zero", np.where(out["converged"], "", "not_converged"))
+    flag = np.where((flag == "") & empty_group, "zero_count_group", flag)
+    flag = np.where((flag == "") & (np.abs(out["theta"]) < 1e-4), "singular", flag)
+    out["flag"] = flag
+
+    se = np.sqrt(np.diagonal(out["cov"], axis1=1, axis2=2))
+    z = out["beta"] / se
+    out["table"] = pd.DataFrame(
+        {
+            "gene": np.repeat(names, p),
+            "term": np.tile(fixed_names, G),
+            "estimate": out["beta"].ravel(),
+            "std_error": se.ravel(),
+            "z": z.ravel(),
+            "p_value": (2 * scipy.stats.norm.sf(np.abs(z))).ravel(),
+        }
+    )
+    out["genes"] = pd.DataFrame(
+        {
+            "gene": names,
+            "grp": group_name,
+            "sdcor": np.abs(out["theta"]),
+            "vcov": out["theta"] ** 2,
+            "loglik": out["loglik"],
+            "converged": out["converged"],
+            "flag": flag,
+            "total_count": np.asarray(Y.sum(axis=0)).reshape(-1),
+        }
+    )
+    return out
+
+
+def _column_sums_lgamma(Y, w):
+    if sp.issparse(Y):
+        # lgamma(0 + 1) = 0: only the non-zeros contribute
+        data = scipy.special.gammaln(Y.data + 1.0) * w[Y.indices]
+        return np.add.reduceat(np.r_[data, 0.0], Y.indptr[:-1])[: Y.shape[1]] * (np.diff(Y.indptr) > 0)
+    return w @ scipy.special.gammaln(Y + 1.0)
+
+
+def _column_sums_saturated(Y, w):
+    if sp.issparse(Y):
+        y = Y.data
+        data = (scipy.special.xlogy(y, y) - y - scipy.special.gammaln(y + 1.0)) * w[Y.indices]
+        return np.add.reduceat(np.r_[data, 0.0], Y.indptr[:-1])[: Y.shape[1]] * (np.diff(Y.indptr) > 0)
+    return w @ Poisson.saturated_loglik(Y)
+
+
+def wald_contrasts(beta, cov, contrasts, names, *, contrast_names=None):
+    """Wald tests of ``C beta`` for every gene, with Benjamini-Hochberg q-values.
+
+    Parameters
+    ----------
+    beta : (G, p); cov : (G, p, p); contrasts : (m, p) or (p,)
+    names : gene names
+
+    Returns
+    -------
+    DataFrame with gene, contrast, estimate, std_error, z, p_value, q_value (BH within
+    each contrast, over the genes with a finite p-value).
+    """
+    C = np.atleast_2d(np.asarray(contrasts, dtype=float))
+    if C.shape[1] != beta.shape[1]:
+        raise ValueError(f"contrasts must have {beta.shape[1]} columns (one per fixed effect), got {C.shape[1]}.")
+    est = np.nan_to_num(beta, nan=0.0) @ C.T  # aliased columns enter with weight 0
+    var = np.einsum("mp,gpq,mq->gm", C, np.nan_to_num(cov), C)
+    bad = np.isnan(beta).all(axis=1)
+    est[bad], var[bad] = np.nan, np.nan
+    se = np.sqrt(var)
+    z = est / se
+    p = 2 * scipy.stats.norm.sf(np.abs(z))
+    q = np.full_like(p, np.nan)
+    for m in range(C.shape[0]):
+        ok = np.isfinite(p[:, m])
+        if ok.any():
+            q[ok, m] = scipy.stats.false_discovery_control(p[ok, m], method="bh")
+    labels = contrast_names or [f"contrast{m}" for m in range(C.shape[0])]
+    G = beta.shape[0]
+    return pd.DataFrame(
+        {
+            "gene": np.tile(np.asarray(names, dtype=object), C.shape[0]),
+            "contrast": np.repeat(labels, G),
+            "estimate": est.T.ravel(),
+            "std_error": se.T.ravel(),
+            "z": z.T.ravel(),
+            "p_value": p.T.ravel(),
+            "q_value": q.T.ravel(),
+        }
+    )

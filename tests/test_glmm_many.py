@@ -1,0 +1,140 @@
+"""PoissonGLMM over count matrices: one model per gene, vectorised across genes."""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import scipy.stats
+
+from skmixed import PoissonGLMM
+from skmixed.datasets import make_zeb2_like
+from skmixed.mixed import _multigene
+
+
+@pytest.fixture(scope="module")
+def genes():
+    d = make_zeb2_like(5000, random_state=4)
+    rng = np.random.default_rng(1)
+    G = 12
+    X = pd.get_dummies(d.cell_group, prefix="cell_group", prefix_sep="", dtype=float)
+    lt = np.log(d.total_count.to_numpy())
+    pat = pd.factorize(d.patient_assignment, sort=True)[0]
+    grp = d.cell_group.cat.codes.to_numpy()
+    Y = np.stack(
+        [
+            rng.poisson(np.exp(rng.normal(-8, 1) + rng.normal(0, 0.3, 20)[grp] + rng.normal(0, 0.25, 16)[pat] + lt))
+            for _ in range(G)
+        ],
+        axis=1,
+    )
+    Y[:, 5] = 0  # an all-zero gene
+    Y[:, 6] = 0
+    Y[:7, 6] = 1  # a nearly-zero gene
+    return d, X, Y, lt
+
+
+def _single(X, y, d, lt, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PoissonGLMM(fit_intercept=False, **kw).fit(X, y, groups=d.patient_assignment, offset=lt)
+
+
+def test_each_gene_equals_its_single_gene_fit(genes):
+    d, X, Y, lt = genes
+    many = PoissonGLMM(fit_intercept=False).fit(X, Y, groups=d.patient_assignment, offset=lt)
+    assert many.coef_.shape == (Y.shape[1], X.shape[1])
+    for g in [0, 3, 11]:
+        one = _single(X, Y[:, g], d, lt)
+        np.testing.assert_allclose(many.coef_[g], one.coef_, atol=1e-6)
+        np.testing.assert_allclose(many.coef_se_[g], one.coef_se_, rtol=1e-6)
+        assert many.theta_[g, 0] == pytest.approx(one.theta_[0], abs=1e-6)
+        assert many.loglik_[g] == pytest.approx(one.loglik_, abs=1e-6)
+        # and the full-data path (no reduction to sufficient statistics) agrees too
+        full = _single(X, Y[:, g], d, lt, collapse=False)
+        np.testing.assert_allclose(many.coef_[g], full.coef_, atol=1e-6)
+        b1 = one.random_effects_.set_index("level").condval
+        bm = many.random_effects_.query("gene == @many.gene_names_[@g]").set_index("level").condval
+        np.testing.assert_allclose(bm.loc[b1.index], b1, atol=1e-6)
+
+
+def test_all_zero_genes_are_flagged_not_fatal(genes):
+    d, X, Y, lt = genes
+    many = PoissonGLMM(fit_intercept=False).fit(X, Y, groups=d.patient_assignment, offset=lt)
+    assert many.flags_[5] == "all_zero" and np.all(np.isnan(many.coef_[5]))
+    assert not many.converged_[5]
+    # the nearly-zero gene has cell groups without a single count: MLE at -inf, flagged
+    assert many.flags_[6] == "zero_count_group"
+    ok = np.setdiff1d(np.arange(Y.shape[1]), [5, 6])
+    assert np.all(many.converged_[ok])
+    assert set(many.genes_.columns) >= {"gene", "sdcor", "loglik", "converged", "flag", "total_count"}
+
+
+@pytest.mark.parametrize("kind", ["sparse_csr", "sparse_csc", "dataframe"])
+def test_input_formats_agree(genes, kind):
+    d, X, Y, lt = genes
+    dense = PoissonGLMM(fit_intercept=False).fit(X, Y, groups=d.patient_assignment, offset=lt)
+    Yk = {
+        "sparse_csr": sp.csr_matrix(Y),
+        "sparse_csc": sp.csc_matrix(Y),
+        "dataframe": pd.DataFrame(Y, columns=[f"G{j}" for j in range(Y.shape[1])]),
+    }[kind]
+    other = PoissonGLMM(fit_intercept=False).fit(X, Yk, groups=d.patient_assignment, offset=lt)
+    np.testing.assert_allclose(other.coef_, dense.coef_, atol=1e-10, equal_nan=True)
+    np.testing.assert_allclose(other.loglik_, dense.loglik_, atol=1e-8, equal_nan=True)
+    if kind == "dataframe":
+        assert other.gene_names_[0] == "G0"
+
+
+def test_chunks_do_not_change_results(genes, monkeypatch):
+    d, X, Y, lt = genes
+    whole = PoissonGLMM(fit_intercept=False).fit(X, Y, groups=d.patient_assignment, offset=lt)
+    monkeypatch.setattr(_multigene, "CHUNK_ENTRIES", 1)  # one gene per chunk
+    chunked = PoissonGLMM(fit_intercept=False).fit(X, Y, groups=d.patient_assignment, offset=lt)
+    np.testing.assert_allclose(chunked.coef_, whole.coef_, atol=1e-10, equal_nan=True)
+
+
+def test_contrasts_and_benjamini_hochberg(genes):
+    d, X, Y, lt = genes
+    many = PoissonGLMM(fit_intercept=False).fit(X, Y, groups=d.patient_assignment, offset=lt)
+    a, b = "cell_groupT : R : diseased", "cell_groupT : R : healthy"
+    table = many.contrast({"T rectum, UC vs healthy": {a: 1.0, b: -1.0}})
+    i, j = many.fixed_names_.index(a), many.fixed_names_.index(b)
+    est = many.coef_[:, i] - many.coef_[:, j]
+    se = np.sqrt(many.coef_cov_[:, i, i] + many.coef_cov_[:, j, j] - 2 * many.coef_cov_[:, i, j])
+    np.testing.assert_allclose(table.estimate, est, equal_nan=True)
+    np.testing.assert_allclose(table.std_error, se, equal_nan=True)
+    p = 2 * scipy.stats.norm.sf(np.abs(est / se))
+    ok = np.isfinite(p)
+    np.testing.assert_allclose(table.q_value[ok], scipy.stats.false_discovery_control(p[ok]), rtol=1e-12)
+    assert table.q_value.isna().sum() == 1  # the all-zero gene
+    with pytest.raises(ValueError, match="not a fixed effect"):
+        many.contrast({"bad": {"nope": 1.0}})
+
+
+def test_continuous_covariate_without_reduction():
+    rng = np.random.default_rng(3)
+    n, G = 600, 4
+    g = np.repeat(np.arange(15), 40)
+    x = rng.standard_normal(n)
+    Y = np.stack([rng.poisson(np.exp(0.5 + 0.3 * x + rng.normal(0, 0.5, 15)[g])) for _ in range(G)], 1)
+    many = PoissonGLMM().fit(x[:, None], Y, groups=g)
+    for k in range(G):
+        one = PoissonGLMM().fit(x[:, None], Y[:, k], groups=g)
+        assert many.intercept_[k] == pytest.approx(one.intercept_, abs=1e-6)
+        np.testing.assert_allclose(many.coef_[k], one.coef_, atol=1e-6)
+    pred = many.predict(x[:5, None], groups=g[:5])
+    assert pred.shape == (5, G)
+
+
+def test_many_gene_bad_input(genes):
+    d, X, Y, lt = genes
+    with pytest.raises(ValueError, match="non-negative"):
+        PoissonGLMM().fit(X, -Y, groups=d.patient_assignment)
+    with pytest.raises(ValueError, match="groups is required"):
+        PoissonGLMM().fit(X, Y)
+    with pytest.raises(NotImplementedError, match="one grouping factor"):
+        PoissonGLMM(nagq=3).fit(X, Y, groups=d.patient_assignment)
+    with pytest.raises(ValueError, match="rows but X has"):
+        PoissonGLMM().fit(X, Y[:-1], groups=d.patient_assignment)
