@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import scipy.special
 import scipy.stats
 
 from skmixed import PoissonGLMM
@@ -138,3 +139,16 @@ def test_many_gene_bad_input(genes):
         PoissonGLMM(nagq=3).fit(X, Y, groups=d.patient_assignment)
     with pytest.raises(ValueError, match="rows but X has"):
         PoissonGLMM().fit(X, Y[:-1], groups=d.patient_assignment)
+
+
+def test_sparse_column_sums_equal_dense():
+    rng = np.random.default_rng(5)
+    Y = rng.poisson(0.4, (30, 9)).astype(float)
+    Y[:, [0, 4, 8]] = 0  # empty columns, including the first and the last
+    w = rng.uniform(0.5, 2, 30)
+    dense = _multigene._column_sums_lgamma_saturated(Y, w)
+    sparse = _multigene._column_sums_lgamma_saturated(sp.csc_matrix(Y), w)
+    for a, b in zip(dense, sparse):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    lg = (scipy.special.gammaln(Y + 1) * w[:, None]).sum(0)
+    np.testing.assert_allclose(dense[0], lg, rtol=1e-12)

@@ -14,6 +14,11 @@ import numpy as np
 from .._backend import get_namespace
 
 
+def _weighted_gram(X, weights):
+    """``X' diag(weights[:, g]) X`` for every column g: (G, p, p), as one batched matmul."""
+    return (X.T[None, :, :] * weights.T[:, None, :]) @ X
+
+
 @dataclass
 class GLMResult:
     coef: np.ndarray  # (G, p)
@@ -69,7 +74,7 @@ def fit_glm(X, Y, family, *, offset=None, weights=None, coef0=None, max_iter=100
         mu = family.mean(eta)
         grad = (family.score(Y2, mu, w[:, None]).T @ X)  # (G, p)
         info = family.information(mu, w[:, None])  # (n, G)
-        hess = xp.einsum("ni,ng,nj->gij", X, info, X)
+        hess = _weighted_gram(X, info)
         step = xp.linalg.solve(hess + 1e-12 * xp.eye(p)[None], grad[:, :, None])[:, :, 0]
         decrement = 0.5 * xp.sum(step * grad, axis=1)
         converged = decrement < tol
@@ -90,5 +95,5 @@ def fit_glm(X, Y, family, *, offset=None, weights=None, coef0=None, max_iter=100
         coef, ll = trial, ll_new
     eta = X @ coef.T + off[:, None]
     info = family.information(family.mean(eta), w[:, None])
-    hess = xp.einsum("ni,ng,nj->gij", X, info, X)
+    hess = _weighted_gram(X, info)
     return GLMResult(coef=coef, loglik=ll, n_iter=n_iter, converged=converged, hessian=hess)

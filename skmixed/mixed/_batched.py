@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 
 from .._backend import get_namespace
 
@@ -55,15 +56,37 @@ class BatchedScalarLaplace:
         self.G, self.n = Y.shape
         self.p = X.shape[1]
         self.log_norm = xp.sum(family.log_normaliser(Y, weights[None, :]), axis=1)
-        # segment sums over levels as a product with the (n, L) indicator matrix
+        # segment sums over levels as a product with the (n, L) indicator matrix, and
+        # the products with X that the gradient and the Schur complement need, as
+        # sparse (n, L p) and (n, p p) matrices: W[i, l p + j] = [l_i = l] X_ij and
+        # Q[i, j p + k] = X_ij X_ik, so that weighted sums are one matrix product
         self.S = xp.zeros((self.n, self.L))
         self.S[xp.arange(self.n), codes] = 1.0
+        p = self.p
+        rows = np.repeat(np.arange(self.n), p)
+        self.W = sp.csr_matrix(
+            (np.asarray(X).ravel(), (rows, (np.asarray(codes)[:, None] * p + np.arange(p)).ravel())),
+            shape=(self.n, self.L * p),
+        )
+        XX = (np.asarray(X)[:, :, None] * np.asarray(X)[:, None, :]).reshape(self.n, p * p)
+        self.Q = sp.csr_matrix(XX)
+
+    def subset(self, rows) -> "BatchedScalarLaplace":
+        """The same problem for the genes ``rows`` only (shares the design)."""
+        sub = object.__new__(BatchedScalarLaplace)
+        sub.__dict__.update(self.__dict__)
+        sub.Y, sub.log_norm, sub.G = self.Y[rows], self.log_norm[rows], int(rows.size)
+        return sub
 
     def seg(self, x):
         """Sum over the rows of each level: (G, n) -> (G, L), or (G, n, p) -> (G, L, p)."""
         if x.ndim == 2:
             return x @ self.S
-        return self.xp.einsum("gnp,nl->glp", x, self.S)
+        return self.xp.swapaxes(self.xp.swapaxes(x, 1, 2) @ self.S, 1, 2)
+
+    def seg_X(self, x):
+        """``sum_{i in l} x_gi X_ij`` for every gene, level and column: (G, n) -> (G, L, p)."""
+        return (self.W.T @ x.T).T.reshape(x.shape[0], self.L, self.p)
 
     def _loglik(self, eta):
         return self.xp.sum(self.fam.loglik_kernel(self.Y, eta, self.w[None, :]), axis=1) + self.log_norm
@@ -124,10 +147,10 @@ class BatchedScalarLaplace:
         deta_t = E_t + a * du_t[:, self.codes]
         g_t = -2.0 * xp.sum(r * E_t, axis=1) + 2.0 * xp.sum(v * a * self.z[None, :] * Mi, axis=1)
         g_t = g_t + xp.sum(hv * deta_t, axis=1)
-        # beta: direct effect X on eta
-        du_b = -self.seg((a * v)[:, :, None] * self.X[None, :, :]) / M[:, :, None]  # (G, L, p)
-        deta_b = self.X[None, :, :] + a[:, :, None] * du_b[:, self.codes, :]
-        g_b = -2.0 * (r @ self.X) + xp.einsum("gn,gnp->gp", hv, deta_b)
+        # beta: direct effect X on eta; deta = X + a du[level], so that
+        # sum_i hv_i deta_i = hv X + sum_l (sum_{i in l} hv_i a_i) du_l
+        du_b = -self.seg_X(a * v) / M[:, :, None]  # (G, L, p)
+        g_b = (hv - 2.0 * r) @ self.X + (self.seg(hv * a)[:, None, :] @ du_b)[:, 0, :]
         grad = xp.concatenate([g_t[:, None], g_b], axis=1)
         return dev, grad, (u, mu, M, a)
 
@@ -135,9 +158,9 @@ class BatchedScalarLaplace:
         """``X'VX - X'VA M^-1 A'VX`` per gene: (G, p, p), the conditional information."""
         xp = self.xp
         v = self.fam.information(mu, self.w[None, :])
-        XtVX = xp.einsum("ni,gn,nj->gij", self.X, v, self.X)
-        AVX = self.seg((a * v)[:, :, None] * self.X[None, :, :])  # (G, L, p)
-        return XtVX - xp.einsum("glp,gl,glq->gpq", AVX, 1.0 / M, AVX)
+        XtVX = (self.Q.T @ v.T).T.reshape(-1, self.p, self.p)
+        AVX = self.seg_X(a * v)  # (G, L, p)
+        return XtVX - xp.swapaxes(AVX / M[:, :, None], 1, 2) @ AVX
 
     def _grad_columns(self, params, u, h_rel, cols):
         """Central differences of the gradient along the parameters in ``cols``."""
@@ -154,55 +177,60 @@ class BatchedScalarLaplace:
         return H
 
     # -- outer optimisation, all genes at once ---------------------------------------
+    def _newton_step(self, params, g, u, mu, M, a, f):
+        """Projected Newton step per gene and its decrement (same rule as the
+        single-gene optimiser; |eigenvalues| where theta's curvature is negative)."""
+        xp = self.xp
+        P = params.shape[1]
+        H = xp.empty((self.G, P, P))
+        Ht = self._grad_columns(params, u, 1e-5, [0])[:, :, 0]
+        H[:, :, 0] = Ht
+        H[:, 0, 1:] = Ht[:, 1:]
+        H[:, 1:, 1:] = 2.0 * self.schur(mu, M, a)
+        # theta on its bound with an outward gradient stays there
+        fixed_t = (params[:, 0] <= 1e-12) & (g[:, 0] > 0)
+        H[fixed_t, 0, 1:] = 0.0
+        H[fixed_t, 1:, 0] = 0.0
+        H[fixed_t, 0, 0] = 1.0
+        gg = xp.where(fixed_t[:, None] & (xp.arange(P) == 0)[None, :], 0.0, g)
+        lam, V = xp.linalg.eigh(0.5 * (H + xp.swapaxes(H, 1, 2)))
+        lam = xp.maximum(xp.abs(lam), 1e-8 * xp.maximum(1.0, xp.max(xp.abs(lam), axis=1, keepdims=True)))
+        step = -(V @ ((xp.swapaxes(V, 1, 2) @ gg[:, :, None]) / lam[:, :, None]))[:, :, 0]
+        dec = -xp.sum(gg * step, axis=1)
+        return step, dec < 1e-15 * xp.maximum(1.0, xp.abs(f))
+
     def fit(self, theta0, beta0, *, max_iter=200, hessian_cov=True):
         xp = self.xp
         params = xp.concatenate([xp.maximum(theta0, 0.0)[:, None], beta0], axis=1)
         P = params.shape[1]
-        u = xp.zeros((self.G, self.L))
-        f, g, (u, mu, M, a) = self.evaluate(params[:, 0], params[:, 1:], u)
+        f, g, (u, mu, M, a) = self.evaluate(params[:, 0], params[:, 1:], xp.zeros((self.G, self.L)))
         done = xp.zeros(self.G, dtype=bool)
         it = 0
         for it in range(1, max_iter + 1):
-            H = xp.empty((self.G, P, P))
-            Ht = self._grad_columns(params, u, 1e-5, [0])[:, :, 0]
-            H[:, :, 0] = Ht
-            H[:, 0, 1:] = Ht[:, 1:]
-            H[:, 1:, 1:] = 2.0 * self.schur(mu, M, a)
-            # theta on its bound with an outward gradient stays there
-            fixed_t = (params[:, 0] <= 1e-12) & (g[:, 0] > 0)
-            H[fixed_t, 0, 1:] = 0.0
-            H[fixed_t, 1:, 0] = 0.0
-            H[fixed_t, 0, 0] = 1.0
-            gg = xp.where(fixed_t[:, None] & (xp.arange(P) == 0)[None, :], 0.0, g)
-            # far from the optimum H can be indefinite (theta's curvature): use |eigenvalues|
-            lam, V = xp.linalg.eigh(0.5 * (H + xp.swapaxes(H, 1, 2)))
-            lam = xp.maximum(xp.abs(lam), 1e-8 * xp.maximum(1.0, xp.max(xp.abs(lam), axis=1, keepdims=True)))
-            step = -xp.einsum("gij,gj,gkj,gk->gi", V, 1.0 / lam, V, gg)
-            dec = -xp.sum(gg * step, axis=1)
-            done = done | (dec < 1e-15 * xp.maximum(1.0, xp.abs(f)))
-            if bool(xp.all(done)):
+            act = xp.flatnonzero(~done)
+            if act.size == 0:
                 break
-            t = xp.where(done, 0.0, 1.0)
+            eng = self if act.size == self.G else self.subset(act)
+            pa, fa, ga, ua = params[act], f[act], g[act], u[act]
+            step, small = eng._newton_step(pa, ga, ua, mu[act], M[act], a[act], fa)
+            t = xp.where(small, 0.0, 1.0)
             for _ in range(40):
-                trial = params + t[:, None] * step
+                trial = pa + t[:, None] * step
                 trial[:, 0] = xp.maximum(trial[:, 0], 0.0)
-                f_new, g_new, st_new = self.evaluate(trial[:, 0], trial[:, 1:], u)
-                ok = done | (f_new <= f + 1e-4 * t * xp.sum(g * (trial - params), axis=1) + 1e-13 * xp.abs(f))
+                f_new, g_new, st_new = eng.evaluate(trial[:, 0], trial[:, 1:], ua)
+                ok = small | (f_new <= fa + 1e-4 * t * xp.sum(ga * (trial - pa), axis=1) + 1e-13 * xp.abs(fa))
                 if bool(xp.all(ok)):
                     break
                 t = xp.where(ok, t, 0.5 * t)
-            stalled = ~ok & ~done
-            done = done | stalled  # line search exhausted: at round-off (checked below)
-            keep = ok & ~done | (ok & (t > 0))
-            params = xp.where(keep[:, None], trial, params)
-            f = xp.where(keep, f_new, f)
-            g = xp.where(keep[:, None], g_new, g)
-            u = xp.where(keep[:, None], st_new[0], u)
-            mu = xp.where(keep[:, None], st_new[1], mu)
-            M = xp.where(keep[:, None], st_new[2], M)
-            a = xp.where(keep[:, None], st_new[3], a)
-        free_g = xp.where(((params[:, 0] <= 1e-12) & (g[:, 0] > 0))[:, None] & (xp.arange(P) == 0)[None, :], 0.0, g)
-        converged = xp.max(xp.abs(free_g), axis=1) < 1e-2
+            # no descent along the Newton direction: at round-off, stop there
+            done[act] = small | ~ok
+            move = ok & ~small
+            rows = act[move]
+            params[rows], f[rows], g[rows] = trial[move], f_new[move], g_new[move]
+            u[rows], mu[rows], M[rows], a[rows] = (x[move] for x in st_new)
+        is_t = (xp.arange(P) == 0)[None, :]
+        free_g = xp.where(((params[:, 0] <= 1e-12) & (g[:, 0] > 0))[:, None] & is_t, 0.0, g)
+        converged = done & (xp.max(xp.abs(free_g), axis=1) < 1e-2)
         f, g, (u, mu, M, a) = self.evaluate(params[:, 0], params[:, 1:], u)
         if hessian_cov:
             H = self._grad_columns(params, u, 1e-4, list(range(P)))

@@ -70,13 +70,11 @@ def fit_many(fixed, Y, codes, levels, offset, weights, *, names, fixed_names, gr
     p = Xc.shape[1]
 
     # the parameter-free part of each gene's log-likelihood, full minus reduced
-    Yw = Y.multiply(w[:, None]).tocsc() if sp.issparse(Y) else Y * w[:, None]
-    yo = np.asarray(off @ Yw).reshape(-1)
-    lg = _column_sums_lgamma(Y, w)
+    yo = np.asarray((off * w) @ Y).reshape(-1)
+    lg, saturated = _column_sums_lgamma_saturated(Y, w)
     Yc_all = S @ Y  # (n_c, G), small: n_c distinct rows
     Yc_all = Yc_all.toarray() if sp.issparse(Yc_all) else np.asarray(Yc_all)
     const = yo - lg - (off_c @ Yc_all - np.sum(scipy.special.gammaln(Yc_all + 1.0), axis=0))
-    saturated = _column_sums_saturated(Y, w)
 
     totals = Yc_all.sum(axis=0)
     fit_mask = totals > 0
@@ -105,8 +103,9 @@ def fit_many(fixed, Y, codes, levels, offset, weights, *, names, fixed_names, gr
     # coefficient's MLE is -inf, and the number reported is only where the optimiser stopped
     indicator = np.all(Xc >= 0, axis=0)
     empty_group = np.any(((Xc[:, indicator].T @ Yc_all) == 0), axis=0) if indicator.any() else np.zeros(G, bool)
-    flag = np.where(~fit_mask, "all_zero", np.where(out["converged"], "", "not_converged"))
-    flag = np.where((flag == "") & empty_group, "zero_count_group", flag)
+    flag = np.where(out["converged"], "", "not_converged")
+    flag = np.where(empty_group, "zero_count_group", flag)
+    flag = np.where(~fit_mask, "all_zero", flag)
     flag = np.where((flag == "") & (np.abs(out["theta"]) < 1e-4), "singular", flag)
     out["flag"] = flag
 
@@ -137,20 +136,28 @@ def fit_many(fixed, Y, codes, levels, offset, weights, *, names, fixed_names, gr
     return out
 
 
-def _column_sums_lgamma(Y, w):
+def _column_sums_lgamma_saturated(Y, w):
+    """Per gene: sum of w lgamma(y + 1), and the saturated log-likelihood
+    sum of w (y log y - y - lgamma(y + 1)); zeros contribute nothing to either."""
     if sp.issparse(Y):
-        # lgamma(0 + 1) = 0: only the non-zeros contribute
-        data = scipy.special.gammaln(Y.data + 1.0) * w[Y.indices]
-        return np.add.reduceat(np.r_[data, 0.0], Y.indptr[:-1])[: Y.shape[1]] * (np.diff(Y.indptr) > 0)
-    return w @ scipy.special.gammaln(Y + 1.0)
-
-
-def _column_sums_saturated(Y, w):
-    if sp.issparse(Y):
-        y = Y.data
-        data = (scipy.special.xlogy(y, y) - y - scipy.special.gammaln(y + 1.0)) * w[Y.indices]
-        return np.add.reduceat(np.r_[data, 0.0], Y.indptr[:-1])[: Y.shape[1]] * (np.diff(Y.indptr) > 0)
-    return w @ Poisson.saturated_loglik(Y)
+        Y = Y.tocsc()
+        y, wy = Y.data, w[Y.indices]
+        # per-column sums of the stored values; empty columns sum to 0
+        starts, filled = Y.indptr[:-1], np.diff(Y.indptr) > 0
+        per_gene = lambda v: np.where(filled, np.add.reduceat(v, np.minimum(starts, max(v.size - 1, 0))) if v.size else 0.0, 0.0)  # noqa: E731
+    else:
+        y, wy = Y, w[:, None]
+        per_gene = lambda v: v.sum(axis=0)  # noqa: E731
+    if y.size and np.all(y == np.round(y)) and y.max() < 1e6:
+        # counts: look lgamma(y + 1) and y log y up in tables rather than evaluate them
+        values = np.arange(int(y.max()) + 1, dtype=float)
+        idx = y.astype(np.int64)
+        lg_y = scipy.special.gammaln(values + 1.0)[idx]
+        ylogy = scipy.special.xlogy(values, values)[idx]
+    else:
+        lg_y, ylogy = scipy.special.gammaln(y + 1.0), scipy.special.xlogy(y, y)
+    lg = lg_y * wy
+    return per_gene(lg), per_gene((ylogy - y) * wy - lg)
 
 
 def wald_contrasts(beta, cov, contrasts, names, *, contrast_names=None):
