@@ -127,9 +127,10 @@ class NegativeBinomial:
 
     Parameters
     ----------
-    size : float or array of shape (G,)
+    size : float or array
         Positive, finite size (``theta`` in MASS, ``1 / overdispersion`` in glmGamPoi).
-        An array broadcasts against the last axis, one size per response column.
+        An array broadcasts against the responses: shape (G,) gives one size per
+        response column of an (n, G) array.
 
     Examples
     --------
@@ -145,10 +146,8 @@ class NegativeBinomial:
         xp = get_namespace(size)
         r = xp.asarray(size, dtype=float)
         rh = to_host(r)
-        if rh.ndim > 1 or rh.size == 0 or not np.all(np.isfinite(rh)) or np.any(rh <= 0):
-            raise ValueError(
-                f"size must be a positive finite number or a 1-D array of them; got {size!r}."
-            )
+        if rh.size == 0 or not np.all(np.isfinite(rh)) or np.any(rh <= 0):
+            raise ValueError(f"size must be a positive finite number or an array of them; got {size!r}.")
         self.size = r
 
     def __repr__(self) -> str:
@@ -235,29 +234,62 @@ class NegativeBinomial:
         return h if weights is None else weights * h
 
     # -- derivatives with respect to log(size) ---------------------------------------
-    def size_score(self, y, mu, weights=None):
-        """d loglik / d log(r) at fixed ``mu``.
+    def size_derivatives(self, y, mu, weights=None):
+        """First and second derivatives of ``loglik`` with respect to ``log(r)`` at fixed ``mu``.
 
-        ``r [psi(y + r) - psi(r) - log1p(mu / r) + (mu - y) / (r + mu)]``.
+        ``d/dr = psi(y + r) - psi(r) - log1p(mu / r) + (mu - y) / (r + mu)``. The
+        derivatives are O(1/r) while each digamma is O(log r), so for ``r >= 100`` the
+        digamma differences are replaced by their asymptotic series, arranged so that
+        no two large terms cancel (the direct formula is round-off beyond ``r ~ 1e5``).
         """
         xp = get_namespace(y, mu)
         sp = _special(xp)
         r = self.size
-        g = r * (sp.digamma(y + r) - sp.digamma(r) - xp.log1p(mu / r) + (mu - y) / (r + mu))
-        return g if weights is None else weights * g
+        A = r + y
+        C = r + mu
+        big = r >= 100.0
+        rs = xp.where(big, 1.0, r)  # the direct branch only where it is used
+        As = rs + y
+        Cs = rs + mu
+        d1_direct = sp.digamma(As) - sp.digamma(rs) - xp.log1p(mu / rs) + (mu - y) / Cs
+        d2_direct = sp.polygamma(1, As) - sp.polygamma(1, rs) + 1.0 / rs - 2.0 / Cs + As / (Cs * Cs)
+        # psi(x) = log x - 1/(2x) - 1/(12x^2) + 1/(120x^4) - ...;
+        # psi'(x) = 1/x + 1/(2x^2) + 1/(6x^3) - 1/(30x^5) + ...
+        r2, A2 = r * r, A * A
+        d1_asym = (
+            _log1pmx((y - mu) / C, xp)
+            + y / (2.0 * r * A)
+            + y * (r + A) / (12.0 * r2 * A2)
+            + (1.0 / (A2 * A2) - 1.0 / (r2 * r2)) / 120.0
+        )
+        d2_asym = (
+            (y - mu) ** 2 / (A * C * C)
+            - y * (r + A) / (2.0 * r2 * A2)
+            - y * (r2 + r * A + A2) / (6.0 * r2 * r * A2 * A)
+            - (1.0 / (A2 * A2 * A) - 1.0 / (r2 * r2 * r)) / 30.0
+        )
+        d1 = xp.where(big, d1_asym, d1_direct)
+        d2 = xp.where(big, d2_asym, d2_direct)
+        g, h = r * d1, r * r * d2 + r * d1
+        if weights is not None:
+            g, h = weights * g, weights * h
+        return g, h
+
+    def size_score(self, y, mu, weights=None):
+        """d loglik / d log(r) at fixed ``mu``."""
+        return self.size_derivatives(y, mu, weights)[0]
 
     def size_hessian(self, y, mu, weights=None):
         """d^2 loglik / d log(r)^2 at fixed ``mu``."""
-        xp = get_namespace(y, mu)
-        sp = _special(xp)
-        r = self.size
-        d1 = sp.digamma(y + r) - sp.digamma(r) - xp.log1p(mu / r) + (mu - y) / (r + mu)
-        d2 = (
-            sp.polygamma(1, y + r) - sp.polygamma(1, r) + 1.0 / r - 2.0 / (r + mu)
-            + (r + y) / ((r + mu) * (r + mu))
-        )
-        h = r * r * d2 + r * d1
-        return h if weights is None else weights * h
+        return self.size_derivatives(y, mu, weights)[1]
+
+
+def _log1pmx(x, xp):
+    """``log1p(x) - x`` without cancellation for small ``|x|``."""
+    small = xp.abs(x) < 1e-2
+    xs = xp.where(small, x, 0.0)
+    series = xs * xs * (-1 / 2 + xs * (1 / 3 + xs * (-1 / 4 + xs * (1 / 5 + xs * (-1 / 6 + xs * (1 / 7 - xs / 8))))))
+    return xp.where(small, series, xp.log1p(x) - x)
 
 
 FAMILIES["negative_binomial"] = NegativeBinomial

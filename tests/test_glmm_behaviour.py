@@ -1,6 +1,5 @@
 """PoissonGLMM: bad input, flagged results, metamorphic relations."""
 
-import warnings
 
 import numpy as np
 import pandas as pd

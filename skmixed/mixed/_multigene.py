@@ -142,9 +142,17 @@ def _column_sums_lgamma_saturated(Y, w):
     if sp.issparse(Y):
         Y = Y.tocsc()
         y, wy = Y.data, w[Y.indices]
-        # per-column sums of the stored values; empty columns sum to 0
-        starts, filled = Y.indptr[:-1], np.diff(Y.indptr) > 0
-        per_gene = lambda v: np.where(filled, np.add.reduceat(v, np.minimum(starts, max(v.size - 1, 0))) if v.size else 0.0, 0.0)  # noqa: E731
+        # per-column sums of the stored values: reduceat over the non-empty columns
+        # (their segments end where the next non-empty one starts); empty ones sum to 0
+        filled = np.diff(Y.indptr) > 0
+        starts = Y.indptr[:-1][filled]
+
+        def per_gene(v):
+            out = np.zeros(filled.size)
+            if starts.size:
+                out[filled] = np.add.reduceat(v, starts)
+            return out
+
     else:
         y, wy = Y, w[:, None]
         per_gene = lambda v: v.sum(axis=0)  # noqa: E731

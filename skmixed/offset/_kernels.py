@@ -25,6 +25,8 @@ import numpy as np
 import scipy.sparse
 import scipy.special
 
+from .._families import NegativeBinomial
+
 # size bounds of the maximum-likelihood search; reaching SIZE_MAX means "no overdispersion"
 SIZE_MIN = 1e-8
 SIZE_MAX = 1e8
@@ -122,58 +124,12 @@ def _moments(y, m, t):
     return (y - mu) ** 2 - y, mu * mu
 
 
-def _log1pmx(x):
-    """``log1p(x) - x`` without cancellation for small ``|x|``."""
-    small = np.abs(x) < 1e-2
-    xs = np.where(small, x, 0.0)
-    series = xs * xs * (-1 / 2 + xs * (1 / 3 + xs * (-1 / 4 + xs * (1 / 5 + xs * (-1 / 6 + xs * (1 / 7 - xs / 8))))))
-    return np.where(small, series, np.log1p(x) - x)
-
-
 def _size_derivs(y, m, t, r):
-    """d loglik / d log r and d^2 / d log r^2 at fixed means
-    (NegativeBinomial.size_score / size_hessian).
-
-    For ``r >= 100`` the digamma differences are replaced by their asymptotic series,
-    arranged so that nothing cancels: the derivatives are O(1/r) while each digamma is
-    O(log r), and the direct formula is round-off beyond ``r ~ 1e5``.
-    """
-    mu = t * m
-    A = r + y
-    C = r + mu
-    # direct: psi(y + r) - psi(r) - log1p(mu / r) + (mu - y) / (r + mu)
-    sp = scipy.special
-    d1_direct = sp.digamma(A) - sp.digamma(r) - np.log1p(mu / r) + (mu - y) / C
-    d2_direct = sp.polygamma(1, A) - sp.polygamma(1, r) + 1.0 / r - 2.0 / C + A / (C * C)
-    # asymptotic: psi(x) = log x - 1/(2x) - 1/(12x^2) + 1/(120x^4) - ...,
-    #             psi'(x) = 1/x + 1/(2x^2) + 1/(6x^3) - 1/(30x^5) + ...
-    r2, A2 = r * r, A * A
-    d1_asym = (
-        _log1pmx((y - mu) / C)
-        + y / (2.0 * r * A)
-        + y * (r + A) / (12.0 * r2 * A2)
-        + (1.0 / (A2 * A2) - 1.0 / (r2 * r2)) / 120.0
-    )
-    d2_asym = (
-        (y - mu) ** 2 / (A * C * C)
-        - y * (r + A) / (2.0 * r2 * A2)
-        - y * (r2 + r * A + A2) / (6.0 * r2 * r * A2 * A)
-        - (1.0 / (A2 * A2 * A) - 1.0 / (r2 * r2 * r)) / 30.0
-    )
-    big = r >= 100.0
-    d1 = np.where(big, d1_asym, d1_direct)
-    d2 = np.where(big, d2_asym, d2_direct)
-    return r * d1, r * r * d2 + r * d1
+    return NegativeBinomial(r).size_derivatives(y, t * m)
 
 
 def _size_loglik(y, m, t, r):
-    """NB log-likelihood up to terms free of r (NegativeBinomial.loglik)."""
-    mu = t * m
-    pos = y > 0
-    ys = np.where(pos, y, 1.0)
-    norm = np.where(pos, -np.log(ys) - scipy.special.betaln(ys, r), 0.0)
-    # y log(mu / (mu + r)) + r log(r / (mu + r)), each in log1p form
-    return (norm - np.where(pos, y * np.log1p(r / mu), 0.0) - r * np.log1p(mu / r),)
+    return (NegativeBinomial(r).loglik(y, np.log(np.maximum(t * m, 1e-300))),)
 
 
 # ------------------------------------------------------------------------- results
