@@ -152,3 +152,19 @@ def test_sparse_column_sums_equal_dense():
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
     lg = (scipy.special.gammaln(Y + 1) * w[:, None]).sum(0)
     np.testing.assert_allclose(dense[0], lg, rtol=1e-12)
+
+
+def test_planted_differential_expression_is_recovered():
+    from skmixed.datasets import make_boland_like_counts
+
+    cells, counts, truth = make_boland_like_counts(150, 8000, frac_de=0.3, random_state=3)
+    assert 0.05 < counts.nnz / np.prod(counts.shape) < 0.15
+    X = pd.get_dummies(cells.cell_group, prefix="cell_group", prefix_sep="", dtype=float)
+    model = PoissonGLMM(fit_intercept=False).fit(
+        X, counts, groups=cells.patient_assignment, offset=np.log(cells.total_count)
+    )
+    table = model.contrast([[1.0 if n == "cell_groupT : R : diseased" else -1.0 if n == "cell_groupT : R : healthy"
+                             else 0.0 for n in model.fixed_names_]])
+    ok = np.isfinite(table.estimate.to_numpy()) & truth.de.to_numpy()
+    r = np.corrcoef(table.estimate.to_numpy()[ok], truth.log_fold_change.to_numpy()[ok])[0, 1]
+    assert r > 0.9

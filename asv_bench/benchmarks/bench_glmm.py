@@ -96,3 +96,25 @@ class RandomSlope:
             _fit(self.model, *self.args)
         X, _, groups, offset = self.args
         self.model.predict(X, groups=groups, offset=offset)
+
+
+class ManyGenes:
+    """One random-intercept model per gene, vectorised: sparse Boland-like counts."""
+
+    params = [500, 2000]
+    param_names = ["n_genes"]
+    timeout = 300
+
+    def setup(self, n_genes):
+        from skmixed.datasets import make_boland_like_counts
+
+        cells, self.counts, _ = make_boland_like_counts(n_genes, 20_000, random_state=0)
+        self.X = pd.get_dummies(cells["cell_group"], prefix="cell_group", prefix_sep="", dtype=float)
+        self.groups = cells["patient_assignment"]
+        self.offset = np.log(cells["total_count"].to_numpy())
+
+    def time_fit(self, n_genes):
+        _fit(PoissonGLMM(fit_intercept=False), self.X, self.counts, self.groups, self.offset)
+
+    def peakmem_fit(self, n_genes):
+        _fit(PoissonGLMM(fit_intercept=False), self.X, self.counts, self.groups, self.offset)

@@ -2,12 +2,13 @@
 
 from ._grouseticks import load_grouseticks
 from ._simulate import make_poisson_glmm
-from ._zeb2 import load_zeb2_like, load_zeb2_truth, make_zeb2_like
+from ._zeb2 import load_zeb2_like, load_zeb2_truth, make_boland_like_counts, make_zeb2_like
 
 __all__ = [
     "load_grouseticks",
     "load_zeb2_like",
     "load_zeb2_truth",
+    "make_boland_like_counts",
     "make_poisson_glmm",
     "make_zeb2_like",
 ]

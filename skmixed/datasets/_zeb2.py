@@ -126,3 +126,67 @@ def load_zeb2_like() -> pd.DataFrame:
     levels = sorted(data["cell_group"].unique())
     data["cell_group"] = pd.Categorical(data["cell_group"], categories=levels)
     return data
+
+
+def make_boland_like_counts(
+    n_genes: int = 2000,
+    n_cells: int = 68_627,
+    *,
+    frac_de: float = 0.1,
+    de_sd: float = 1.0,
+    random_state=0,
+):
+    """Whole-transcriptome counts with the cell structure of :func:`make_zeb2_like`.
+
+    Every gene ``g`` follows ``Poisson(exp(mu_g + d_g[cell_group] + b_g[patient]) *
+    total_count)``: a baseline ``mu_g`` (mean -11.2, SD 1 on the log scale per UMI,
+    about 10% non-zero entries overall), cell-group deviations ``d_g ~ N(0, 0.3^2)``,
+    patient effects ``b_g ~ N(0, 0.2^2)``. In a fraction ``frac_de`` of the genes the
+    rectal T cells of patients with colitis get an extra log fold change
+    ``N(0, de_sd^2)`` over healthy ones: the planted differential expression.
+
+    Parameters
+    ----------
+    n_genes, n_cells : int
+    frac_de : float
+        Fraction of genes with a planted effect.
+    de_sd : float
+        Standard deviation of the planted log fold changes.
+    random_state : int, RandomState instance or None
+
+    Returns
+    -------
+    cells : DataFrame
+        The cell table of :func:`make_zeb2_like` (without ``ZEB2``).
+    counts : scipy.sparse.csc_matrix of shape (n_cells, n_genes)
+    truth : DataFrame
+        Per gene: ``gene``, ``de`` (bool) and ``log_fold_change`` (T cells in rectum,
+        diseased minus healthy; 0 for the others).
+    """
+    import scipy.sparse as sp  # noqa: PLC0415
+
+    rng = check_random_state(random_state)
+    cells = make_zeb2_like(n_cells, random_state=rng).drop(columns="ZEB2")
+    groups = list(cells["cell_group"].cat.categories)
+    g_codes = cells["cell_group"].cat.codes.to_numpy()
+    p_codes, _ = pd.factorize(cells["patient_assignment"], sort=True)
+    log_depth = np.log(cells["total_count"].to_numpy())
+    target = groups.index("T : R : diseased")
+    de = rng.uniform(size=n_genes) < frac_de
+    lfc = np.where(de, rng.normal(0.0, de_sd, n_genes), 0.0)
+    cols = []
+    for g in range(n_genes):
+        d = rng.normal(0.0, 0.3, len(groups))
+        d[target] = d[groups.index("T : R : healthy")] + lfc[g]
+        b = rng.normal(0.0, 0.2, p_codes.max() + 1)
+        y = rng.poisson(np.exp(rng.normal(-11.2, 1.0) + d[g_codes] + b[p_codes] + log_depth))
+        nz = np.flatnonzero(y)
+        cols.append((nz, y[nz]))
+    indptr = np.cumsum([0] + [len(nz) for nz, _ in cols])
+    counts = sp.csc_matrix(
+        (np.concatenate([v for _, v in cols]).astype(float), np.concatenate([nz for nz, _ in cols]), indptr),
+        shape=(n_cells, n_genes),
+    )
+    names = [f"gene{g:05d}" for g in range(n_genes)]
+    truth = pd.DataFrame({"gene": names, "de": de, "log_fold_change": lfc})
+    return cells, counts, truth

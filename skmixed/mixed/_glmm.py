@@ -29,7 +29,10 @@ def _is_count_matrix(y) -> bool:
     """Several responses: a sparse matrix, AnnData, or a 2-D array with > 1 column."""
     if sp.issparse(y) or (hasattr(y, "X") and hasattr(y, "var_names")):
         return True
-    return np.ndim(y) == 2 and np.shape(y)[1] > 1
+    if isinstance(y, (list, tuple)):
+        y = np.asarray(y)
+    shape = getattr(y, "shape", None)  # array-likes without a shape are single responses
+    return shape is not None and len(shape) == 2 and shape[1] > 1
 
 
 @dataclass
