@@ -65,6 +65,30 @@ def _as_2d_groups(groups, n):
     raise ValueError(f"groups must be 1-D or 2-D, got an array with {arr.ndim} dimensions.")
 
 
+def _factor_codes(name, values, n):
+    """Integer codes and sorted string levels of one grouping factor, validated."""
+    if values.shape[0] != n:
+        raise ValueError(f"groups has {values.shape[0]} rows but X has {n}.")
+    codes, levels = pd.factorize(values, sort=True)
+    if np.any(codes < 0):
+        raise ValueError(f"groups column {name!r} contains missing values.")
+    if len(levels) < 2:
+        raise ValueError(
+            f"groups column {name!r} has a single level ({levels[0]!r}); a variance "
+            "cannot be estimated from one group."
+        )
+    return codes.astype(np.int64), [str(v) for v in levels]
+
+
+def _check_weights(sample_weight, X):
+    if sample_weight is None:
+        return None
+    sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
+    if np.any(sample_weight < 0):
+        raise ValueError("sample_weight must be non-negative.")
+    return sample_weight
+
+
 def _check_vector(values, n, name):
     v = np.asarray(values, dtype=float).reshape(-1) if values is not None else None
     if v is None:
@@ -222,27 +246,17 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         self.group_names_ = []
         feat = self._feature_names()
         for pos, (name, values) in enumerate(_as_2d_groups(groups, n)):
-            if values.shape[0] != n:
-                raise ValueError(f"groups has {values.shape[0]} rows but X has {n}.")
-            codes, levels = pd.factorize(values, sort=True)
-            if np.any(codes < 0):
-                raise ValueError(f"groups column {name!r} contains missing values.")
-            if len(levels) < 2:
-                raise ValueError(
-                    f"groups column {name!r} has a single level ({levels[0]!r}); a variance "
-                    "cannot be estimated from one group."
-                )
-            levels = [str(v) for v in levels]
+            codes, levels = _factor_codes(name, values, n)
             self.group_names_.append(name)
             self.group_levels_[name] = levels
             slope_cols = self._slope_columns(pos, name)
             Zs = [np.ones(n)] + [X[:, c] for c in slope_cols]
             znames = ["(Intercept)"] + [feat[c] for c in slope_cols]
             if self.random_correlated or not slope_cols:
-                terms.append(RandomTerm(name, codes.astype(np.int64), levels, np.column_stack(Zs), znames))
+                terms.append(RandomTerm(name, codes, levels, np.column_stack(Zs), znames))
             else:
                 for zc, zn in zip(Zs, znames):
-                    terms.append(RandomTerm(name, codes.astype(np.int64), levels, zc[:, None], [zn]))
+                    terms.append(RandomTerm(name, codes, levels, zc[:, None], [zn]))
         self.formula_ = None
         self._term_slopes = [
             [feat.index(nm) for nm in t.names if nm != "(Intercept)"] for t in terms
@@ -305,10 +319,7 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
                 "(every rate would be 0)."
             )
         offset = _check_vector(offset, n, "offset")
-        if sample_weight is not None:
-            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
-            if np.any(sample_weight < 0):
-                raise ValueError("sample_weight must be non-negative.")
+        sample_weight = _check_weights(sample_weight, X)
         fixed = np.hstack([np.ones((n, 1)), X]) if self.fit_intercept else np.asarray(X, dtype=float)
         names = (["(Intercept)"] if self.fit_intercept else []) + list(feature_names)
         if fixed.shape[1] == 0:
@@ -499,26 +510,16 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         if not integer:
             warnings.warn("y contains non-integer values (see the single-gene fit).", UserWarning, stacklevel=3)
         name, values = factors[0]
-        if values.shape[0] != n:
-            raise ValueError(f"groups has {values.shape[0]} rows but X has {n}.")
-        codes, levels = pd.factorize(values, sort=True)
-        if np.any(codes < 0):
-            raise ValueError(f"groups column {name!r} contains missing values.")
-        if len(levels) < 2:
-            raise ValueError(f"groups column {name!r} has a single level; a variance cannot be estimated.")
+        codes, levels = _factor_codes(name, values, n)
         offset = _check_vector(offset, n, "offset")
-        if sample_weight is not None:
-            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
-            if np.any(sample_weight < 0):
-                raise ValueError("sample_weight must be non-negative.")
+        sample_weight = _check_weights(sample_weight, X)
         fixed = np.hstack([np.ones((n, 1)), X]) if self.fit_intercept else X
         fixed_names = (["(Intercept)"] if self.fit_intercept else []) + self._feature_names()
         if np.linalg.matrix_rank(fixed) < fixed.shape[1]:
             raise ValueError("X (with the intercept) is rank deficient; drop aliased columns first.")
-        levels = [str(v) for v in levels]
         with threadpool_limits(limits=1, user_api="blas"):
             out = fit_many(
-                fixed, Y, codes.astype(np.int64), levels, offset, sample_weight,
+                fixed, Y, codes, levels, offset, sample_weight,
                 names=names, fixed_names=fixed_names, group_name=name, vcov=self.vcov,
             )
         self.formula_ = None
