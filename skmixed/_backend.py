@@ -134,3 +134,15 @@ def solve_triangular(a, b, *, lower: bool = True, trans: bool = False):
 def cho_solve(chol_lower, b):
     """Solve ``(L L') x = b`` given the lower factor ``L``."""
     return solve_triangular(chol_lower, solve_triangular(chol_lower, b), trans=True)
+
+
+def sparse_csr(data, rows, cols, shape, xp: ModuleType):
+    """A CSR matrix of namespace ``xp`` (scipy.sparse or cupyx.scipy.sparse) from COO triplets."""
+    if xp is np:
+        import scipy.sparse  # noqa: PLC0415
+
+        return scipy.sparse.csr_matrix((to_host(data), (to_host(rows), to_host(cols))), shape=shape)
+    import cupyx.scipy.sparse  # noqa: PLC0415
+
+    coo = cupyx.scipy.sparse.coo_matrix((xp.asarray(data), (xp.asarray(rows), xp.asarray(cols))), shape=shape)
+    return coo.tocsr()

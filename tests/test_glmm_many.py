@@ -168,3 +168,15 @@ def test_planted_differential_expression_is_recovered():
     ok = np.isfinite(table.estimate.to_numpy()) & truth.de.to_numpy()
     r = np.corrcoef(table.estimate.to_numpy()[ok], truth.log_fold_change.to_numpy()[ok])[0, 1]
     assert r > 0.9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("skmixed._backend", fromlist=["x"]).cupy_available(), reason="needs CuPy and CUDA")
+def test_many_genes_on_gpu_equal_cpu(genes):
+    import cupy as cp
+
+    d, X, Y, lt = genes
+    cpu = PoissonGLMM(fit_intercept=False).fit(X, Y, groups=d.patient_assignment, offset=lt)
+    gpu = PoissonGLMM(fit_intercept=False).fit(X, cp.asarray(Y, dtype=float), groups=d.patient_assignment, offset=lt)
+    np.testing.assert_allclose(gpu.coef_, cpu.coef_, atol=1e-8, equal_nan=True)
+    np.testing.assert_allclose(gpu.coef_se_, cpu.coef_se_, rtol=1e-7, equal_nan=True)

@@ -20,9 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 
-from .._backend import get_namespace
+from .._backend import get_namespace, sparse_csr, to_host
 
 
 @dataclass
@@ -63,13 +62,12 @@ class BatchedScalarLaplace:
         self.S = xp.zeros((self.n, self.L))
         self.S[xp.arange(self.n), codes] = 1.0
         p = self.p
+        Xh, ch = to_host(X), to_host(codes)
         rows = np.repeat(np.arange(self.n), p)
-        self.W = sp.csr_matrix(
-            (np.asarray(X).ravel(), (rows, (np.asarray(codes)[:, None] * p + np.arange(p)).ravel())),
-            shape=(self.n, self.L * p),
-        )
-        XX = (np.asarray(X)[:, :, None] * np.asarray(X)[:, None, :]).reshape(self.n, p * p)
-        self.Q = sp.csr_matrix(XX)
+        self.W = sparse_csr(Xh.ravel(), rows, (ch[:, None] * p + np.arange(p)).ravel(), (self.n, self.L * p), xp)
+        XX = (Xh[:, :, None] * Xh[:, None, :]).reshape(self.n, p * p)
+        nz = np.nonzero(XX)
+        self.Q = sparse_csr(XX[nz], nz[0], nz[1], (self.n, p * p), xp)
 
     def subset(self, rows) -> "BatchedScalarLaplace":
         """The same problem for the genes ``rows`` only (shares the design)."""

@@ -16,6 +16,7 @@ from sklearn.metrics import d2_tweedie_score
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
+from .._backend import get_namespace, is_cupy_array, to_host
 from .._families import Poisson
 from ..glm._newton import fit_glm
 from ._design import RandomEffectsDesign, RandomTerm, distinct_rows
@@ -494,7 +495,10 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
 
     # ------------------------------------------------------------- many genes
     def _fit_many(self, X, Y, groups, offset, sample_weight):
+        # CuPy input: the batched fits run on the GPU (the reduction runs on the host)
+        xp = get_namespace(Y.data if hasattr(Y, "tocsr") else Y, X)
         Y, names, integer = as_count_matrix(Y)
+        X = to_host(X) if is_cupy_array(X) else X
         X = validate_data(self, X, dtype=np.float64)
         n = X.shape[0]
         if Y.shape[0] != n:
@@ -520,7 +524,7 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         with threadpool_limits(limits=1, user_api="blas"):
             out = fit_many(
                 fixed, Y, codes, levels, offset, sample_weight,
-                names=names, fixed_names=fixed_names, group_name=name, vcov=self.vcov,
+                names=names, fixed_names=fixed_names, group_name=name, vcov=self.vcov, xp=xp,
             )
         self.formula_ = None
         self.n_genes_ = len(names)

@@ -16,6 +16,7 @@ import scipy.sparse as sp
 import scipy.special
 import scipy.stats
 
+from .._backend import to_device, to_host
 from .._families import Poisson
 from ..glm._newton import fit_glm
 from ._batched import BatchedScalarLaplace
@@ -33,6 +34,8 @@ def as_count_matrix(Y):
     elif isinstance(Y, pd.DataFrame):
         names = [str(c) for c in Y.columns]
         Y = Y.to_numpy(dtype=float)
+    if hasattr(Y, "get") and not sp.issparse(Y):  # a CuPy array or cupyx sparse matrix
+        Y = Y.get()
     if sp.issparse(Y):
         Y = sp.csc_matrix(Y, dtype=float)
         values = Y.data
@@ -51,8 +54,11 @@ def as_count_matrix(Y):
     return Y, names, integer
 
 
-def fit_many(fixed, Y, codes, levels, offset, weights, *, names, fixed_names, group_name, vcov):
+def fit_many(fixed, Y, codes, levels, offset, weights, *, names, fixed_names, group_name, vcov, xp=np):
     """Fit one random-intercept Poisson GLMM per column of ``Y`` (n x G).
+
+    The reduction to distinct rows runs on the host; the batched fits run in the
+    array namespace ``xp`` (numpy, or cupy to fit on a GPU).
 
     Returns a dict of per-gene arrays and tidy DataFrames.
     """
@@ -87,17 +93,20 @@ def fit_many(fixed, Y, codes, levels, offset, weights, *, names, fixed_names, gr
     chunk = max(1, int(CHUNK_ENTRIES // max(1, n_c * (p + 1))))
     for start in range(0, idx.size, chunk):
         genes = idx[start : start + chunk]
-        Yc = Yc_all[:, genes].T  # (g, n_c)
-        glm = fit_glm(Xc, Yc.T, Poisson, offset=off_c)
-        engine = BatchedScalarLaplace(Xc, Yc, codes_c, L, np.ones(n_c), off_c, np.ones(n_c), Poisson)
-        res = engine.fit(np.ones(genes.size), glm.coef, hessian_cov=(vcov == "hessian"))
-        out["beta"][genes] = res.beta
-        out["cov"][genes] = res.cov
-        out["theta"][genes] = res.theta
-        out["loglik"][genes] = -0.5 * res.deviance + const[genes]
-        out["converged"][genes] = res.converged
-        out["b"][genes] = res.theta[:, None] * res.u
-        out["condsd"][genes] = np.abs(res.theta)[:, None] / np.sqrt(res.M)
+        # the (small) reduced problem runs where the input lives: numpy, or CuPy on a GPU
+        Yc, Xd, od, cd = (to_device(a, xp) for a in (Yc_all[:, genes].T, Xc, off_c, codes_c))
+        glm = fit_glm(Xd, Yc.T, Poisson, offset=od, tol=1e-6, max_iter=15)  # a start only
+        ones = xp.ones(n_c)
+        engine = BatchedScalarLaplace(Xd, Yc, cd, L, ones, od, ones, Poisson)
+        res = engine.fit(xp.ones(genes.size), glm.coef, hessian_cov=(vcov == "hessian"))
+        theta, u, M = to_host(res.theta), to_host(res.u), to_host(res.M)
+        out["beta"][genes] = to_host(res.beta)
+        out["cov"][genes] = to_host(res.cov)
+        out["theta"][genes] = theta
+        out["loglik"][genes] = -0.5 * to_host(res.deviance) + const[genes]
+        out["converged"][genes] = to_host(res.converged)
+        out["b"][genes] = theta[:, None] * u
+        out["condsd"][genes] = np.abs(theta)[:, None] / np.sqrt(M)
     out["saturated"] = saturated
     # a non-negative (indicator-like) fixed-effect column without any count: its
     # coefficient's MLE is -inf, and the number reported is only where the optimiser stopped
