@@ -129,7 +129,8 @@ class BatchedScalarLaplace:
 
     # -- deviance and exact gradient ------------------------------------------------
     def evaluate(self, theta, beta, u):
-        """Laplace deviance (G,), gradient (G, 1 + p), and the state at the mode."""
+        """Laplace deviance (G,), gradient (G, 1 + p), the state at the mode and the
+        derivative of the mode with respect to the parameters."""
         xp, fam = self.xp, self.fam
         u, eta, mu, M = self.mode(theta, beta, u)
         w = self.w[None, :]
@@ -150,7 +151,9 @@ class BatchedScalarLaplace:
         du_b = -self.seg_X(a * v) / M[:, :, None]  # (G, L, p)
         g_b = (hv - 2.0 * r) @ self.X + (self.seg(hv * a)[:, None, :] @ du_b)[:, 0, :]
         grad = xp.concatenate([g_t[:, None], g_b], axis=1)
-        return dev, grad, (u, mu, M, a)
+        # dû/dparams (G, L, 1 + p): predicts the mode at nearby parameters
+        du = xp.concatenate([du_t[:, :, None], du_b], axis=2)
+        return dev, grad, (u, mu, M, a), du
 
     def schur(self, mu, M, a):
         """``X'VX - X'VA M^-1 A'VX`` per gene: (G, p, p), the conditional information."""
@@ -160,8 +163,9 @@ class BatchedScalarLaplace:
         AVX = self.seg_X(a * v)  # (G, L, p)
         return XtVX - xp.swapaxes(AVX / M[:, :, None], 1, 2) @ AVX
 
-    def _grad_columns(self, params, u, h_rel, cols):
-        """Central differences of the gradient along the parameters in ``cols``."""
+    def _grad_columns(self, params, u, du, h_rel, cols):
+        """Central differences of the gradient along the parameters in ``cols``; PIRLS
+        starts from the mode predicted to first order (``u +- h du``)."""
         xp = self.xp
         P = params.shape[1]
         H = xp.zeros((self.G, P, len(cols)))
@@ -169,19 +173,20 @@ class BatchedScalarLaplace:
             h = h_rel * xp.maximum(1.0, xp.abs(params[:, c]))
             e = xp.zeros_like(params)
             e[:, c] = h
-            gp = self.evaluate(params[:, 0] + e[:, 0], params[:, 1:] + e[:, 1:], u)[1]
-            gm = self.evaluate(params[:, 0] - e[:, 0], params[:, 1:] - e[:, 1:], u)[1]
+            shift = h[:, None] * du[:, :, c]
+            gp = self.evaluate(params[:, 0] + e[:, 0], params[:, 1:] + e[:, 1:], u + shift)[1]
+            gm = self.evaluate(params[:, 0] - e[:, 0], params[:, 1:] - e[:, 1:], u - shift)[1]
             H[:, :, j] = (gp - gm) / (2.0 * h[:, None])
         return H
 
     # -- outer optimisation, all genes at once ---------------------------------------
-    def _newton_step(self, params, g, u, mu, M, a, f):
+    def _newton_step(self, params, g, u, du, mu, M, a, f):
         """Projected Newton step per gene and its decrement (same rule as the
         single-gene optimiser; |eigenvalues| where theta's curvature is negative)."""
         xp = self.xp
         P = params.shape[1]
         H = xp.empty((self.G, P, P))
-        Ht = self._grad_columns(params, u, 1e-5, [0])[:, :, 0]
+        Ht = self._grad_columns(params, u, du, 1e-5, [0])[:, :, 0]
         H[:, :, 0] = Ht
         H[:, 0, 1:] = Ht[:, 1:]
         H[:, 1:, 1:] = 2.0 * self.schur(mu, M, a)
@@ -201,7 +206,7 @@ class BatchedScalarLaplace:
         xp = self.xp
         params = xp.concatenate([xp.maximum(theta0, 0.0)[:, None], beta0], axis=1)
         P = params.shape[1]
-        f, g, (u, mu, M, a) = self.evaluate(params[:, 0], params[:, 1:], xp.zeros((self.G, self.L)))
+        f, g, (u, mu, M, a), du = self.evaluate(params[:, 0], params[:, 1:], xp.zeros((self.G, self.L)))
         done = xp.zeros(self.G, dtype=bool)
         it = 0
         for it in range(1, max_iter + 1):
@@ -210,12 +215,12 @@ class BatchedScalarLaplace:
                 break
             eng = self if act.size == self.G else self.subset(act)
             pa, fa, ga, ua = params[act], f[act], g[act], u[act]
-            step, small = eng._newton_step(pa, ga, ua, mu[act], M[act], a[act], fa)
+            step, small = eng._newton_step(pa, ga, ua, du[act], mu[act], M[act], a[act], fa)
             t = xp.where(small, 0.0, 1.0)
             for _ in range(40):
                 trial = pa + t[:, None] * step
                 trial[:, 0] = xp.maximum(trial[:, 0], 0.0)
-                f_new, g_new, st_new = eng.evaluate(trial[:, 0], trial[:, 1:], ua)
+                f_new, g_new, st_new, du_new = eng.evaluate(trial[:, 0], trial[:, 1:], ua)
                 ok = small | (f_new <= fa + 1e-4 * t * xp.sum(ga * (trial - pa), axis=1) + 1e-13 * xp.abs(fa))
                 if bool(xp.all(ok)):
                     break
@@ -226,12 +231,13 @@ class BatchedScalarLaplace:
             rows = act[move]
             params[rows], f[rows], g[rows] = trial[move], f_new[move], g_new[move]
             u[rows], mu[rows], M[rows], a[rows] = (x[move] for x in st_new)
+            du[rows] = du_new[move]
         is_t = (xp.arange(P) == 0)[None, :]
         free_g = xp.where(((params[:, 0] <= 1e-12) & (g[:, 0] > 0))[:, None] & is_t, 0.0, g)
         converged = done & (xp.max(xp.abs(free_g), axis=1) < 1e-2)
-        f, g, (u, mu, M, a) = self.evaluate(params[:, 0], params[:, 1:], u)
+        f, g, (u, mu, M, a), du = self.evaluate(params[:, 0], params[:, 1:], u)
         if hessian_cov:
-            H = self._grad_columns(params, u, 1e-4, list(range(P)))
+            H = self._grad_columns(params, u, du, 1e-4, list(range(P)))
             H = 0.5 * (H + xp.swapaxes(H, 1, 2))
             cov = 2.0 * xp.linalg.inv(H)[:, 1:, 1:]
         else:
