@@ -137,3 +137,10 @@ def test_glm_engine_runs_the_nb_family():
     assert res.converged.all()
     mu_hat = fam.mean(X @ res.coef.T + off[:, None])
     np.testing.assert_allclose(fam.score(Y, mu_hat).T @ X, 0.0, atol=1e-7)
+
+
+@given(st.floats(1e-8, 1e8))
+def test_trigamma_matches_scipy(x):
+    from skmixed._families import _trigamma
+
+    assert _trigamma(np.array([x]), np)[0] == pytest.approx(scipy.special.polygamma(1, x), rel=1e-13)

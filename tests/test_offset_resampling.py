@@ -1,0 +1,260 @@
+"""The SCEPTRE-style resampling test: building blocks against R and scipy, the
+statistic against NegBinOffsetMean, the samplers' distributions, calibration on null
+data and power on planted effects."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+
+from skmixed._families import NegativeBinomial
+from skmixed.offset import (
+    NegBinOffsetMean,
+    conditional_resamples,
+    distill,
+    make_perturbation_screen,
+    permutation_resamples,
+    resampling_pvalues,
+    resampling_test,
+    skewnorm_moments,
+    treatment_probabilities,
+)
+from skmixed.offset._resampling import _profile_size, perturbation_rng
+
+REF = Path(__file__).parent / "reference" / "offset"
+
+
+# ------------------------------------------------------- building blocks vs R
+@pytest.fixture(scope="module")
+def ref_data():
+    return pd.read_csv(REF / "data.csv"), pd.read_csv(REF / "distill.csv")
+
+
+@pytest.mark.parametrize("response", ["y_nb", "y_low"])
+def test_distillation_equals_glm_nb(ref_data, response):
+    d, ref = ref_data
+    for family, model in [("negative_binomial", "glm_nb"), ("poisson", "poisson")]:
+        res = distill(d[[response]], d[["o"]], family=family)
+        r = ref[(ref.response == response) & (ref.model == model)]
+        np.testing.assert_allclose(res.coef[0], r.estimate, atol=1e-8)
+        if model == "glm_nb":
+            assert res.size[0] == pytest.approx(r.theta.iloc[0], rel=1e-6)
+        else:
+            assert res.size[0] == np.inf
+        np.testing.assert_allclose(res.offsets[:, 0], res.coef[0, 0] + res.coef[0, 1] * d.o, rtol=1e-12)
+
+
+def test_treatment_model_equals_glm_binomial(ref_data):
+    d, ref = ref_data
+    pi = treatment_probabilities(d[["w_treat"]], d[["o"]])
+    r = ref[ref.model == "logistic"].estimate.to_numpy()
+    np.testing.assert_allclose(pi[:, 0], scipy.special.expit(r[0] + r[1] * d.o), rtol=1e-9)
+
+
+def test_table_size_derivatives_equal_the_family():
+    """The distillation's size search sums per distinct count; the result is the ML size
+    of the per-cell family derivatives."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    eta = rng.normal(0, 0.8, (n, 4)) + np.log([0.2, 2.0, 8.0, 1.0])
+    r_true = np.array([0.6, 3.0, 20.0, 1e9])
+    Y = rng.negative_binomial(r_true, r_true / (r_true + np.exp(eta))).astype(float)
+    r = _profile_size(Y, eta, None)
+    for g in range(3):
+        fam = NegativeBinomial(r[g])
+        score, _ = fam.size_derivatives(Y[:, g], np.exp(eta[:, g]))
+        assert abs(np.sum(score)) < 1e-8 * n
+        assert abs(np.log(r[g] / r_true[g])) < 0.3
+    # Poisson data: no overdispersion, or a size so large it makes no difference
+    assert r[3] > 1e3
+
+
+# ------------------------------------------------------------- the statistic
+@pytest.fixture(scope="module")
+def small_screen():
+    return make_perturbation_screen(1500, 4, 3, treated_fraction=0.1, random_state=2)
+
+
+@pytest.mark.parametrize("family", ["negative_binomial", "poisson"])
+def test_statistic_is_negbinoffsetmean_on_treated_cells(small_screen, family):
+    counts, treatment, cov, _ = small_screen
+    dist = distill(counts, cov, family=family)
+    res = resampling_test(counts, treatment, cov, n_resamples=20, family=family, random_state=0)
+    res_score = resampling_test(counts, treatment, cov, n_resamples=20, family=family, statistic="score", random_state=0)
+    for row, srow in zip(res.itertuples(), res_score.itertuples()):
+        g, p = counts.columns.get_loc(row.gene), treatment.columns.get_loc(row.perturbation)
+        t = treatment.iloc[:, p].to_numpy()
+        kw = {"family": "poisson"} if family == "poisson" else {"size": dist.size[g]}
+        m = NegBinOffsetMean(**kw).fit(dist.offsets[t, g][:, None], counts.iloc[t, g])
+        assert row.coef == pytest.approx(m.coef_, abs=1e-10)
+        assert row.statistic == pytest.approx(m.z_, rel=1e-9)
+        assert srow.statistic == pytest.approx(m.score_z_, rel=1e-9)
+        assert row.n_treated == t.sum()
+
+
+def test_resampled_statistics_are_refits(small_screen):
+    """Each resampled statistic is the fit on that resample's treated cells (the
+    resamples regenerated from the documented seeding: one child seed per perturbation)."""
+    counts, treatment, cov, _ = small_screen
+    dist = distill(counts, cov)
+    pi = treatment_probabilities(treatment, cov)
+    res, S = resampling_test(counts, treatment, cov, n_resamples=30, distillation=dist, random_state=5,
+                             return_resampled=True)
+    again = resampling_test(counts, treatment, cov, n_resamples=30, distillation=dist, propensity=pi,
+                            random_state=5)
+    pd.testing.assert_frame_equal(res, again)
+    p = 1
+    rng = perturbation_rng(np.random.SeedSequence(5).spawn(3)[p])
+    rows, cols = conditional_resamples(pi[:, p], 30, rng)
+    k = np.flatnonzero((res.perturbation == "pert1").to_numpy())[0]
+    g = counts.columns.get_loc(res.gene[k])
+    for b in (0, 7, 29):
+        cells = rows[cols == b]
+        m = NegBinOffsetMean(size=dist.size[g]).fit(dist.offsets[cells, g][:, None], counts.iloc[cells, g])
+        assert S[k, b] == pytest.approx(m.z_, rel=1e-9)
+
+
+# ---------------------------------------------------------------- samplers
+def test_conditional_resamples_are_independent_bernoullis():
+    pi = np.array([0.0, 1e-3, 0.02, 0.3, 0.5, 0.77, 1.0])
+    B = 40_000
+    rows, cols = conditional_resamples(pi, B, np.random.default_rng(0))
+    assert len(set(zip(rows.tolist(), cols.tolist()))) == rows.size  # no (cell, resample) twice
+    freq = np.bincount(rows, minlength=pi.size) / B
+    se = np.sqrt(pi * (1 - pi) / B)
+    assert np.all(np.abs(freq - pi) <= 5 * se + 1e-12)
+    # cells are independent within a resample: the count per resample has the
+    # Poisson-binomial variance
+    per_b = np.bincount(cols, minlength=B)
+    assert per_b.var() == pytest.approx(np.sum(pi * (1 - pi)), rel=0.05)
+    both = np.zeros((pi.size, B), bool)
+    both[rows, cols] = True
+    assert abs(np.corrcoef(both[3], both[5])[0, 1]) < 0.02
+
+
+def test_permutation_resamples_keep_the_count():
+    treated = np.zeros(500, bool)
+    treated[:37] = True
+    rows, cols = permutation_resamples(treated, 200, np.random.default_rng(1))
+    assert np.all(np.bincount(cols, minlength=200) == 37)
+    assert len(set(zip(rows.tolist(), cols.tolist()))) == rows.size
+    freq = np.bincount(rows, minlength=500) / 200
+    assert abs(freq.mean() - 37 / 500) < 1e-12
+
+
+# ------------------------------------------------------------- p-values
+def test_skewnorm_moments_recover_parameters():
+    S = scipy.stats.skewnorm.rvs(4.0, loc=-1.0, scale=2.0, size=(3, 200_000), random_state=0)
+    a, loc, scale = skewnorm_moments(S)
+    np.testing.assert_allclose(a, 4.0, rtol=0.15)
+    np.testing.assert_allclose(loc, -1.0, atol=0.03)
+    np.testing.assert_allclose(scale, 2.0, rtol=0.02)
+
+
+def test_pvalue_definitions():
+    S = np.arange(1.0, 100.0)[None, :]  # 99 resamples 1..99
+    out = resampling_pvalues(np.array([5.0]), S, "less")
+    assert out.p_empirical[0] == pytest.approx(6 / 100)
+    out = resampling_pvalues(np.array([5.0]), S, "greater")
+    assert out.p_empirical[0] == pytest.approx(96 / 100)
+    out = resampling_pvalues(np.array([5.0]), S)
+    assert out.p_empirical[0] == pytest.approx(12 / 100)
+    # normal resamples: the skew-normal p-value is the normal one
+    Z = scipy.stats.norm.ppf((np.arange(2000) + 0.5) / 2000)[None, :]
+    out = resampling_pvalues(np.array([-3.5]), Z)
+    assert out.skewnorm_ok[0]
+    assert out.p_skewnorm[0] == pytest.approx(2 * scipy.stats.norm.cdf(-3.5), rel=0.05)
+    assert out.pvalue[0] == out.p_skewnorm[0] < out.p_empirical[0]
+    # a non-finite resample (a boundary Wald statistic): empirical p-value only
+    Z2 = Z.copy()
+    Z2[0, 0] = -np.inf
+    out = resampling_pvalues(np.array([-3.5]), Z2)
+    assert not out.skewnorm_ok[0] and out.pvalue[0] == out.p_empirical[0]
+
+
+# ----------------------------------------------- calibration and power
+@pytest.fixture(scope="module")
+def null_screen():
+    """1,000 independent null pairs: gene k with perturbation k, confounded by the
+    covariates (library size, batch drive both expression and treatment)."""
+    K = 1000
+    counts, treatment, cov, _ = make_perturbation_screen(2000, K, K, treated_fraction=0.05, random_state=1)
+    pairs = np.column_stack([np.arange(K), np.arange(K)])
+    return counts, treatment, cov, pairs, distill(counts, cov)
+
+
+@pytest.mark.parametrize("statistic", ["wald", "score"])
+def test_null_pvalues_are_uniform(null_screen, statistic):
+    counts, treatment, cov, pairs, dist = null_screen
+    res = resampling_test(counts, treatment, cov, pairs=pairs, n_resamples=199, statistic=statistic,
+                          distillation=dist, random_state=0)
+    assert len(res) == 1000
+    for col in ("p_empirical", "pvalue"):
+        ks = scipy.stats.kstest(res[col], "uniform")
+        assert ks.pvalue > 0.01, (col, ks)
+    print(f"\n{statistic}: skew-normal used for {res.skewnorm_ok.mean():.0%} of pairs; "
+          f"rejections at 0.05: {(res.pvalue < 0.05).mean():.3f}")
+    assert abs((res.pvalue < 0.05).mean() - 0.05) < 0.025
+
+
+def test_permutation_is_calibrated_without_confounding():
+    K = 300
+    counts, treatment, cov, _ = make_perturbation_screen(1500, K, K, confounding=0.0, random_state=4)
+    pairs = np.column_stack([np.arange(K), np.arange(K)])
+    res = resampling_test(counts, treatment, cov, pairs=pairs, n_resamples=99, resampling="permutation",
+                          random_state=0)
+    assert scipy.stats.kstest(res.pvalue, "uniform").pvalue > 0.01
+
+
+@pytest.mark.parametrize("statistic", ["wald", "score"])
+def test_power_on_planted_effects(statistic):
+    """Half of 200 pairs carry a knock-down (log fold change -0.2) on ~100 treated cells
+    out of 2,000; the other half are null. Measured (seed 3, B = 199), at level 0.05:
+    Wald power 0.69 (type-I error 0.01), score power 0.74 (type-I error 0.03); with
+    log fold change -0.3 both have power ~0.95."""
+    K = 200
+    effects = {(k, k): -0.2 for k in range(0, K, 2)}
+    counts, treatment, cov, truth = make_perturbation_screen(2000, K, K, effects=effects, random_state=3)
+    pairs = np.column_stack([np.arange(K), np.arange(K)])
+    res = resampling_test(counts, treatment, cov, pairs=pairs, n_resamples=199, statistic=statistic, random_state=0)
+    planted = res.gene.isin(truth.gene).to_numpy()
+    power = (res.pvalue[planted] < 0.05).mean()
+    size = (res.pvalue[~planted] < 0.05).mean()
+    print(f"\n{statistic}: power {power:.2f}, type-I error {size:.2f} at 0.05 ({planted.sum()} planted pairs)")
+    assert power > 0.5
+    assert size < 0.12
+    assert np.median(res.coef[planted]) == pytest.approx(-0.2, abs=0.05)
+
+
+# ------------------------------------------------------------------ bad input
+def test_bad_input(small_screen):
+    counts, treatment, cov, _ = small_screen
+    with pytest.raises(ValueError, match="treatment must hold 0/1"):
+        resampling_test(counts, treatment * 2, cov)
+    with pytest.raises(ValueError, match="counts must be non-negative"):
+        resampling_test(-counts, treatment, cov)
+    with pytest.raises(ValueError, match="counts must be integers"):
+        resampling_test(counts + 0.5, treatment, cov)
+    with pytest.raises(ValueError, match="treatment has 10 rows"):
+        resampling_test(counts, treatment.iloc[:10], cov)
+    with pytest.raises(ValueError, match="covariates must be finite"):
+        resampling_test(counts, treatment, cov.assign(batch=np.nan))
+    with pytest.raises(ValueError, match="pairs names gene 'nope'"):
+        resampling_test(counts, treatment, cov, pairs=[("nope", "pert0")])
+    for kw, name in [({"resampling": "bootstrap"}, "resampling"), ({"statistic": "lr"}, "statistic"),
+                     ({"alternative": "both"}, "alternative"), ({"n_resamples": 1}, "n_resamples"),
+                     ({"family": "zinb"}, "family")]:
+        with pytest.raises(ValueError, match=name):
+            resampling_test(counts, treatment, cov, **kw)
+
+
+def test_pairs_by_label_and_jobs_give_the_same_answer(small_screen):
+    counts, treatment, cov, _ = small_screen
+    pairs = [("gene1", "pert2"), ("gene3", "pert0"), ("gene0", "pert2")]
+    a = resampling_test(counts, treatment, cov, pairs=pairs, n_resamples=50, random_state=11)
+    b = resampling_test(counts, treatment, cov, pairs=[(1, 2), (3, 0), (0, 2)], n_resamples=50, random_state=11,
+                        n_jobs=2)
+    pd.testing.assert_frame_equal(a, b)
+    assert list(a.gene) == ["gene1", "gene3", "gene0"]
