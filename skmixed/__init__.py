@@ -1,6 +1,7 @@
 """skmixed: scikit-learn-compatible mixed and latent-variable models for count data."""
 
 from .mixed import PoissonGLMM
+from .offset import NegBinOffsetMean, resampling_test
 
-__all__ = ["PoissonGLMM"]
+__all__ = ["NegBinOffsetMean", "PoissonGLMM", "resampling_test"]
 __version__ = "0.1.0.dev0"

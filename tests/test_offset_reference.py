@@ -123,6 +123,7 @@ def test_closed_form_distance_to_mle():
 
     (200 replicates: median |cf - mle| / SE 0.40-0.53, variance ratio 1.3-1.6, and the
     closed-form Wald interval with the Fisher SE covers 86-93% instead of 95%.)
+
     The distance shrinks like n^(-1/2), as the standard error does: the closed form is
     consistent but not equivalent to the MLE when the offsets vary; it is ~40% less
     efficient here (5-8% with offsets N(0, 0.5)) and exactly the MLE for constant

@@ -21,7 +21,7 @@ from skmixed.offset import (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def offset_data(n, G, B, density, seed=0):
     rng = np.random.default_rng(seed)
     o = rng.normal(0.0, 0.5, n)
@@ -71,7 +71,7 @@ class ManyFits:
         self.model.fit(self.X, self.Y, sample_weight=self.W)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def screen(n_cells, n_perts, genes_per_pert):
     G = n_perts * genes_per_pert
     counts, treatment, cov, _ = make_perturbation_screen(
@@ -81,9 +81,9 @@ def screen(n_cells, n_perts, genes_per_pert):
     return counts, treatment, cov, pairs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def screen_precomputed(n_cells, n_perts, genes_per_pert):
-    counts, treatment, cov, pairs = screen(n_cells, n_perts, genes_per_pert)
+    counts, treatment, cov, _ = screen(n_cells, n_perts, genes_per_pert)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return distill(counts, cov), treatment_probabilities(treatment, cov)
