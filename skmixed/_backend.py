@@ -146,3 +146,8 @@ def sparse_csr(data, rows, cols, shape, xp: ModuleType):
 
     coo = cupyx.scipy.sparse.coo_matrix((xp.asarray(data), (xp.asarray(rows), xp.asarray(cols))), shape=shape)
     return coo.tocsr()
+
+
+def expit(x):
+    """The logistic function ``1 / (1 + exp(-x))``, overflow-free."""
+    return _special(get_namespace(x)).expit(x)

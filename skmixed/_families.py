@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._backend import gammaln, get_namespace, safe_exp, segment_sum, to_host, xlogy
+from ._backend import expit, gammaln, get_namespace, safe_exp, segment_sum, to_host, xlogy
 
 
 class Poisson:
@@ -111,7 +111,32 @@ class Poisson:
         return y_c, offset_c, const
 
 
-FAMILIES = {"poisson": Poisson}
+class Bernoulli:
+    """Bernoulli responses with the logit link (logistic regression, e.g. a treatment model)."""
+
+    name = "bernoulli"
+
+    @staticmethod
+    def mean(eta):
+        return expit(eta)
+
+    @staticmethod
+    def loglik(y, eta, weights=None):
+        ll = y * eta - get_namespace(eta).logaddexp(0.0, eta)
+        return ll if weights is None else weights * ll
+
+    @staticmethod
+    def score(y, mu, weights=None):
+        g = y - mu
+        return g if weights is None else weights * g
+
+    @staticmethod
+    def information(mu, weights=None):
+        h = mu * (1.0 - mu)
+        return h if weights is None else weights * h
+
+
+FAMILIES = {"poisson": Poisson, "bernoulli": Bernoulli}
 
 
 from ._backend import _special

@@ -121,3 +121,17 @@ def test_agq_gradient_matches_finite_differences(nagq):
     f, g = prob.agq_deviance_and_gradient(params, nagq)
     num = prob.fd_gradient(lambda x: prob.agq_deviance(x, nagq), params, rel=1e-5)
     np.testing.assert_allclose(g, num, rtol=1e-7, atol=1e-6)
+
+
+@given(arrays(np.float64, st.integers(1, 30), elements=st.sampled_from([0.0, 1.0])), st.floats(-30, 30))
+def test_bernoulli_family_matches_scipy(y, eta):
+    from skmixed._families import Bernoulli
+
+    e = np.full_like(y, eta)
+    p = scipy.special.expit(eta)
+    # scipy's logpmf loses digits to log(1 - p) near p = 1; log_expit is exact on both sides
+    exact = y * scipy.special.log_expit(e) + (1 - y) * scipy.special.log_expit(-e)
+    np.testing.assert_allclose(Bernoulli.loglik(y, e), exact, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(Bernoulli.loglik(y, e), scipy.stats.bernoulli.logpmf(y, p), rtol=1e-7)
+    np.testing.assert_allclose(Bernoulli.score(y, Bernoulli.mean(e)), y - p, atol=1e-15)
+    np.testing.assert_allclose(Bernoulli.information(Bernoulli.mean(e)), p * (1 - p), rtol=1e-12, atol=1e-300)

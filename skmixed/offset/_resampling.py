@@ -36,7 +36,7 @@ import scipy.special
 import scipy.stats
 from sklearn.exceptions import ConvergenceWarning
 
-from .._families import NegativeBinomial, Poisson, _trigamma
+from .._families import Bernoulli, NegativeBinomial, Poisson, _trigamma
 from ..glm._newton import fit_glm
 from ._kernels import (
     SIZE_MAX,
@@ -47,31 +47,6 @@ from ._kernels import (
 )
 
 _ALTERNATIVES = ("two-sided", "less", "greater")
-
-
-class _Bernoulli:
-    """Bernoulli responses with the logit link, for the treatment model (``fit_glm``)."""
-
-    name = "bernoulli"
-
-    @staticmethod
-    def mean(eta):
-        return scipy.special.expit(eta)
-
-    @staticmethod
-    def loglik(y, eta, weights=None):
-        ll = y * eta - np.logaddexp(0.0, eta)
-        return ll if weights is None else weights * ll
-
-    @staticmethod
-    def score(y, mu, weights=None):
-        g = y - mu
-        return g if weights is None else weights * g
-
-    @staticmethod
-    def information(mu, weights=None):
-        h = mu * (1.0 - mu)
-        return h if weights is None else weights * h
 
 
 class _KernelLoglik:
@@ -347,7 +322,7 @@ def treatment_probabilities(treatment, covariates=None, *, max_iter=100):
         frac = np.clip(T[:, sl].mean(axis=0), 1.0 / n, 1.0 - 1.0 / n)
         coef0 = np.zeros((frac.size, X.shape[1]))
         coef0[:, 0] = np.log(frac / (1.0 - frac))
-        res = fit_glm(X, T[:, sl], _Bernoulli, coef0=coef0, max_iter=max_iter)
+        res = fit_glm(X, T[:, sl], Bernoulli, coef0=coef0, max_iter=max_iter)
         pi[:, sl] = scipy.special.expit(X @ res.coef.T)
         bad += int((~res.converged).sum())
     if bad:
