@@ -132,6 +132,7 @@ def test_bernoulli_family_matches_scipy(y, eta):
     # scipy's logpmf loses digits to log(1 - p) near p = 1; log_expit is exact on both sides
     exact = y * scipy.special.log_expit(e) + (1 - y) * scipy.special.log_expit(-e)
     np.testing.assert_allclose(Bernoulli.loglik(y, e), exact, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(Bernoulli.loglik(y, e), scipy.stats.bernoulli.logpmf(y, p), rtol=1e-7)
+    if abs(eta) <= 10:  # where scipy's log(1 - p) keeps its digits
+        np.testing.assert_allclose(Bernoulli.loglik(y, e), scipy.stats.bernoulli.logpmf(y, p), rtol=1e-9)
     np.testing.assert_allclose(Bernoulli.score(y, Bernoulli.mean(e)), y - p, atol=1e-15)
     np.testing.assert_allclose(Bernoulli.information(Bernoulli.mean(e)), p * (1 - p), rtol=1e-12, atol=1e-300)
