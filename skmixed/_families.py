@@ -7,9 +7,38 @@ All methods are elementwise and namespace-agnostic (numpy or cupy, via
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from ._backend import expit, gammaln, get_namespace, safe_exp, segment_sum, to_host, xlogy
+
+
+def _canonical_score(y, mu, weights=None):
+    """d loglik / d eta under a canonical link: ``w (y - mu)``."""
+    g = y - mu
+    return g if weights is None else weights * g
+
+
+def check_counts(y, name: str = "y", *, stacklevel: int = 3) -> bool:
+    """Validate a response of counts for a fit: ``ValueError`` for NaN, infinite or
+    negative values and for a response that is zero everywhere (no maximum-likelihood
+    estimate exists); a ``UserWarning`` for non-integer values, which the likelihoods
+    accept through ``lgamma``. Returns whether every value is an integer."""
+    integer = Poisson.check_response(y, name)
+    if not integer:
+        warnings.warn(
+            f"{name} contains non-integer values: the likelihood is extended to them through "
+            "lgamma(y + 1) (a quasi-likelihood fit); check that it holds raw counts.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+    if not np.any(to_host(y) > 0):
+        raise ValueError(
+            f"{name} is zero everywhere: the maximum-likelihood estimate does not exist "
+            "(every rate would be 0)."
+        )
+    return integer
 
 
 class Poisson:
@@ -67,11 +96,7 @@ class Poisson:
         return 2.0 * (xlogy(y, y / mu) - (y - mu))
 
     # -- derivatives with respect to eta -------------------------------------------
-    @staticmethod
-    def score(y, mu, weights=None):
-        """d loglik / d eta."""
-        g = y - mu
-        return g if weights is None else weights * g
+    score = staticmethod(_canonical_score)
 
     @staticmethod
     def information(mu, weights=None):
@@ -125,10 +150,7 @@ class Bernoulli:
         ll = y * eta - get_namespace(eta).logaddexp(0.0, eta)
         return ll if weights is None else weights * ll
 
-    @staticmethod
-    def score(y, mu, weights=None):
-        g = y - mu
-        return g if weights is None else weights * g
+    score = staticmethod(_canonical_score)
 
     @staticmethod
     def information(mu, weights=None):

@@ -102,9 +102,6 @@ class RandomEffectsDesign:
             out.append(uj @ T.T)
         return out
 
-    def covariances(self, theta) -> list[np.ndarray]:
-        return [T @ T.T for T in self.T_blocks(theta)]
-
 
 def distinct_rows(blocks):
     """Index of each row of ``hstack(blocks)`` among its distinct rows, and the first

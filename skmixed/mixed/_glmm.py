@@ -17,7 +17,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 from threadpoolctl import threadpool_limits
 
 from .._backend import get_namespace, is_cupy_array, to_host
-from .._families import Poisson
+from .._families import Poisson, check_counts
 from ..glm._newton import fit_glm
 from ._design import RandomEffectsDesign, RandomTerm, distinct_rows
 from ._laplace import LaplaceProblem, warn_not_converged
@@ -305,20 +305,7 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
 
     def _fit(self, X, y, terms, offset, sample_weight, feature_names):
         n = X.shape[0]
-        integer = Poisson.check_response(y, "y")
-        if not integer:
-            warnings.warn(
-                "y contains non-integer values: the Poisson log-likelihood is extended to them "
-                "through lgamma(y + 1) (a quasi-likelihood fit); check that y holds raw counts.",
-                UserWarning,
-                stacklevel=3,
-            )
-        self.integer_response_ = integer
-        if not np.any(y > 0):
-            raise ValueError(
-                "y is zero everywhere: the Poisson maximum-likelihood estimate does not exist "
-                "(every rate would be 0)."
-            )
+        self.integer_response_ = check_counts(y, "y", stacklevel=4)
         offset = _check_vector(offset, n, "offset")
         sample_weight = _check_weights(sample_weight, X)
         fixed = np.hstack([np.ones((n, 1)), X]) if self.fit_intercept else np.asarray(X, dtype=float)

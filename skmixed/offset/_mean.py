@@ -14,7 +14,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .._backend import safe_exp
-from .._families import Poisson
+from .._families import check_counts
 from ._kernels import WeightColumns, fit_offset_mean
 
 _FAMILIES = ("poisson", "negative_binomial")
@@ -201,17 +201,7 @@ class NegBinOffsetMean(RegressorMixin, BaseEstimator):
             y = y.toarray()
         X, y = validate_data(self, X, y, dtype=np.float64, multi_output=True, y_numeric=True)
         n = X.shape[0]
-        integer = Poisson.check_response(y, "y")
-        if not integer:
-            warnings.warn(
-                "y contains non-integer values: the likelihood is extended to them through "
-                "lgamma (a quasi-likelihood fit); check that y holds raw counts.",
-                UserWarning,
-                stacklevel=2,
-            )
-        self.integer_response_ = integer
-        if not np.any(y > 0):
-            raise ValueError("y is zero everywhere: beta = -inf for every fit (no mean to estimate).")
+        self.integer_response_ = check_counts(y, "y", stacklevel=3)
         Y = y.reshape(n, -1)
         if self.size is not None and np.ndim(self.size) == 1 and np.size(self.size) != Y.shape[1]:
             raise ValueError(f"size has {np.size(self.size)} entries but y has {Y.shape[1]} columns.")
