@@ -32,12 +32,16 @@ CASES = {
     "slopes_corr": ("slopes", SLOPES + "(1 + x1 | g)", 1),
     "slopes_indep": ("slopes", SLOPES + "(1 + x1 || g)", 1),
     "slopes_crossed": ("slopes", SLOPES + "(1 | g) + (1 | h)", 1),
+    # patient SD 0.1: theta = 0 is a saddle of the deviance that a projected
+    # optimiser can stop at (the gradient vanishes there by symmetry)
+    "small_sd": ("small_sd", "y ~ 0 + grp + offset(lt) + (1 | pat)", 1),
 }
 
 _DATA = {
     "zeb2": load_zeb2_like,
     "grouse": load_grouseticks,
     "slopes": lambda: pd.read_csv(REF / "slopes_data.csv"),
+    "small_sd": lambda: pd.read_csv(REF / "small_sd_data.csv"),
 }
 
 

@@ -307,39 +307,74 @@ class LaplaceProblem:
         H[nt:, nt:] = 2.0 * np.linalg.inv(self.conditional_cov(st))
         return H
 
+    def reflect(self, params):
+        """The equivalent parameters with every diagonal entry of theta non-negative.
+
+        Flipping the sign of a column of a term's Cholesky factor (``u_c -> -u_c``)
+        changes neither the likelihood nor its Laplace or quadrature approximation, so
+        a step that crosses a diagonal bound is reflected rather than projected onto
+        it: projection would stop at ``theta = 0``, a stationary point of every
+        deviance (by this symmetry) even where the variance is positive."""
+        out = np.array(params, dtype=float)
+        idx = self.design.theta_index
+        for m, (j, r, c) in enumerate(idx):
+            if r == c and out[m] < 0:
+                for k, (j2, _, c2) in enumerate(idx):
+                    if j2 == j and c2 == c:
+                        out[k] = -out[k]
+        return out
+
     def optimise(self, params0, nagq: int = 1, *, max_iter: int = 500):
-        """Minimise the deviance over (theta, beta) by projected Newton steps
-        with backtracking, theta's diagonal bounded below by 0.
+        """Minimise the deviance over (theta, beta) by Newton steps with backtracking
+        (|eigenvalues| where the Newton matrix is indefinite), theta's diagonal kept
+        non-negative by reflection (see :meth:`reflect`).
+
+        A diagonal entry of theta at 0 stays there if the deviance curves upwards
+        along it; where it curves downwards, 0 is a saddle (the gradient vanishes there
+        by symmetry) and the step leaves it.
 
         Returns (params, deviance, n_iter, converged, message).
         """
         fun = self.objective(nagq)
         lower = np.array([b[0] if b[0] is not None else -np.inf for b in self.bounds()])
-        params = np.maximum(np.asarray(params0, dtype=float), lower)
+        diag = np.isfinite(lower)
+        nt = self.n_theta
+        params = self.reflect(np.asarray(params0, dtype=float))
         f, g = fun(params)
         converged, message, it = False, "", 0
         for it in range(1, max_iter + 1):
             st = self.state(params)
             H = self._approx_hessian(params, g, st, fun)
-            free = ~((params <= lower + 1e-12) & (g > 0))
+            at_zero = diag & (params <= 1e-12)
+            escape = at_zero & (np.diag(H) < 0)
+            free = ~(at_zero & (g >= 0) & ~escape)
             Hf = H[np.ix_(free, free)]
-            ridge = 0.0
-            for _ in range(30):
-                try:
-                    c = np.linalg.cholesky(Hf + ridge * np.eye(Hf.shape[0]))
-                    break
-                except np.linalg.LinAlgError:
-                    ridge = max(2 * ridge, 1e-8 * max(1.0, np.max(np.abs(np.diag(Hf)))))
             step = np.zeros_like(params)
-            step[free] = -scipy.linalg.cho_solve((c, True), g[free])
+            try:
+                step[free] = -scipy.linalg.cho_solve((np.linalg.cholesky(Hf), True), g[free])
+            except np.linalg.LinAlgError:
+                # indefinite (theta's curvature is negative away from the optimum): the
+                # step of the matrix with |eigenvalues|, which goes down negative curvature
+                lam, V = np.linalg.eigh(Hf)
+                lam = np.maximum(np.abs(lam), 1e-8 * max(1.0, float(np.max(np.abs(lam)))))
+                step[free] = -V @ ((V.T @ g[free]) / lam)
+            step[escape] = 0.1  # down the negative curvature; the line search sizes it
             decrement = -float(g @ step)
-            if decrement < 1e-15 * max(1.0, abs(f)):
+            if decrement < 1e-15 * max(1.0, abs(f)) and not escape.any():
                 converged = True
                 break
-            t, accepted = 1.0, False
-            for _ in range(40):
-                trial = np.maximum(params + t * step, lower)
-                f_new, g_new = fun(trial)
+            # theta moves at most by 1 + its size at first (a reflected overshoot could
+            # otherwise land anywhere); the line search does the rest
+            big = np.max(np.abs(step[:nt]), initial=0.0) / (1.0 + np.max(np.abs(params[:nt]), initial=0.0))
+            t, accepted = min(1.0, 1.0 / big) if big > 0 else 1.0, False
+            for _ in range(60):
+                trial = self.reflect(params + t * step)
+                try:
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        f_new, g_new = fun(trial)
+                except np.linalg.LinAlgError:  # M not numerically positive definite: too far
+                    t *= 0.5
+                    continue
                 if np.isfinite(f_new) and f_new <= f + 1e-4 * t * float(g @ (trial - params)) + 1e-13 * abs(f):
                     accepted = True
                     break
@@ -353,7 +388,7 @@ class LaplaceProblem:
             params, f, g = trial, f_new, g_new
         else:
             message = f"no convergence in {max_iter} Newton iterations"
-        free = ~((params <= lower + 1e-12) & (g > 0))
+        free = ~(diag & (params <= 1e-12) & (g >= 0))
         gnorm = float(np.max(np.abs(g[free]))) if np.any(free) else 0.0
         if converged and gnorm > 1e-2:
             converged, message = False, f"gradient at the optimum is {gnorm:.3g}"
