@@ -91,7 +91,7 @@ def test_input_formats_agree(genes, kind):
 def test_chunks_do_not_change_results(genes, monkeypatch):
     d, X, Y, lt = genes
     whole = PoissonGLMM(fit_intercept=False).fit(X, Y, groups=d.patient_assignment, offset=lt)
-    monkeypatch.setattr(_multigene, "CHUNK_ENTRIES", 1)  # one gene per chunk
+    monkeypatch.setattr(_multigene, "CHUNK_GENES", 1)  # one gene per chunk
     chunked = PoissonGLMM(fit_intercept=False).fit(X, Y, groups=d.patient_assignment, offset=lt)
     np.testing.assert_allclose(chunked.coef_, whole.coef_, atol=1e-10, equal_nan=True)
 

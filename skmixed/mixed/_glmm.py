@@ -511,7 +511,7 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         with threadpool_limits(limits=1, user_api="blas"):
             out = fit_many(
                 fixed, Y, codes, levels, offset, sample_weight,
-                names=names, fixed_names=fixed_names, group_name=name, vcov=self.vcov, xp=xp,
+                names=names, fixed_names=fixed_names, group_name=name, vcov=self.vcov, xp=xp, integer=integer,
             )
         self.formula_ = None
         self.n_genes_ = len(names)

@@ -19,10 +19,10 @@ import scipy.stats
 from .._backend import to_device, to_host
 from .._families import Poisson
 from ..glm._newton import fit_glm
-from ._batched import BatchedScalarLaplace
+from ._batched import BatchedScalarLaplace, LevelDesign
 from ._design import distinct_rows
 
-CHUNK_ENTRIES = 20_000_000  # genes x rows x coefficients held at once
+CHUNK_GENES = 2_000  # genes fitted at once: the working arrays stay in cache
 
 
 def as_count_matrix(Y):
@@ -54,7 +54,7 @@ def as_count_matrix(Y):
     return Y, names, integer
 
 
-def fit_many(fixed, Y, codes, levels, offset, weights, *, names, fixed_names, group_name, vcov, xp=np):
+def fit_many(fixed, Y, codes, levels, offset, weights, *, names, fixed_names, group_name, vcov, xp=np, integer=None):
     """Fit one random-intercept Poisson GLMM per column of ``Y`` (n x G).
 
     The reduction to distinct rows runs on the host; the batched fits run in the
@@ -75,12 +75,21 @@ def fit_many(fixed, Y, codes, levels, offset, weights, *, names, fixed_names, gr
     Xc, codes_c = fixed[first], codes[first]
     p = Xc.shape[1]
 
-    # the parameter-free part of each gene's log-likelihood, full minus reduced
+    # the parameter-free part of each gene's log-likelihood: sum w (y o - lgamma(y + 1))
     yo = np.asarray((off * w) @ Y).reshape(-1)
-    lg, saturated = _column_sums_lgamma_saturated(Y, w)
-    Yc_all = S @ Y  # (n_c, G), small: n_c distinct rows
+    lg, saturated = _column_sums_lgamma_saturated(Y, weights, integer)
+    const = yo - lg
+    # (n_c, G), small: n_c distinct rows; a CSC matrix as the CSR matrix of its transpose
+    Yc_all = (Y.T @ S.T).T if sp.isspmatrix_csc(Y) or isinstance(Y, sp.csc_array) else S @ Y
     Yc_all = Yc_all.toarray() if sp.issparse(Yc_all) else np.asarray(Yc_all)
-    const = yo - lg - (off_c @ Yc_all - np.sum(scipy.special.gammaln(Yc_all + 1.0), axis=0))
+    # the sufficient statistics of each gene: X'y and the counts per level
+    XtY_all = Xc.T @ Yc_all  # (p, G)
+    ylev_all = sp.csr_matrix((np.ones(n_c), (codes_c, np.arange(n_c))), shape=(L, n_c)) @ Yc_all  # (L, G)
+    design = LevelDesign(Xc, codes_c, L, off_c, np.ones(n_c), xp=xp)
+    # start: the Poisson GLM (theta = 0), on the distinct rows of X
+    Ck = np.bincount(design.keys, weights=np.exp(off_c - design.shift), minlength=design.K)
+    Yk_all = sp.csr_matrix((np.ones(n_c), (design.keys, np.arange(n_c))), shape=(design.K, n_c)) @ Yc_all
+    Xk, ok = to_device(Xc[design.first], xp), to_device(np.log(Ck) + design.shift, xp)
 
     totals = Yc_all.sum(axis=0)
     fit_mask = totals > 0
@@ -90,15 +99,13 @@ def fit_many(fixed, Y, codes, levels, offset, weights, *, names, fixed_names, gr
         "condsd": np.full((G, L), np.nan),
     }
     idx = np.flatnonzero(fit_mask)
-    chunk = max(1, int(CHUNK_ENTRIES // max(1, n_c * (p + 1))))
-    for start in range(0, idx.size, chunk):
-        genes = idx[start : start + chunk]
-        # the (small) reduced problem runs where the input lives: numpy, or CuPy on a GPU
-        Yc, Xd, od, cd = (to_device(a, xp) for a in (Yc_all[:, genes].T, Xc, off_c, codes_c))
-        glm = fit_glm(Xd, Yc.T, Poisson, offset=od, tol=1e-6, max_iter=15)  # a start only
-        ones = xp.ones(n_c)
-        engine = BatchedScalarLaplace(Xd, Yc, cd, L, ones, od, ones, Poisson)
-        res = engine.fit(xp.ones(genes.size), glm.coef, hessian_cov=(vcov == "hessian"))
+    for start in range(0, idx.size, CHUNK_GENES):
+        genes = idx[start : start + CHUNK_GENES]
+        # the small reduced problem runs where the input lives: numpy, or CuPy on a GPU
+        XtY, ylev, Yk = (to_device(np.ascontiguousarray(a[:, genes].T), xp) for a in (XtY_all, ylev_all, Yk_all))
+        glm = fit_glm(Xk, Yk.T, Poisson, offset=ok, tol=1e-6, max_iter=15)  # a start only
+        engine = BatchedScalarLaplace(design, XtY, ylev)
+        res = engine.fit(engine.start_theta(glm.coef), glm.coef, hessian_cov=(vcov == "hessian"))
         theta, u, M = to_host(res.theta), to_host(res.u), to_host(res.M)
         out["beta"][genes] = to_host(res.beta)
         out["cov"][genes] = to_host(res.cov)
@@ -139,18 +146,23 @@ def fit_many(fixed, Y, codes, levels, offset, weights, *, names, fixed_names, gr
             "loglik": out["loglik"],
             "converged": out["converged"],
             "flag": flag,
-            "total_count": np.asarray(Y.sum(axis=0)).reshape(-1),
+            "total_count": totals if weights is None else np.asarray(Y.sum(axis=0)).reshape(-1),
         }
     )
     return out
 
 
-def _column_sums_lgamma_saturated(Y, w):
+def _column_sums_lgamma_saturated(Y, w=None, integer=None):
     """Per gene: sum of w lgamma(y + 1), and the saturated log-likelihood
-    sum of w (y log y - y - lgamma(y + 1)); zeros contribute nothing to either."""
+    sum of w (y log y - y - lgamma(y + 1)); zeros contribute nothing to either.
+
+    ``w=None`` means unit weights; ``integer`` (whether every count is an integer)
+    is checked here when not given. Counts are looked up in tables of lgamma(y + 1)
+    and y log y rather than evaluated: one pass per table over the stored values."""
     if sp.issparse(Y):
         Y = Y.tocsc()
-        y, wy = Y.data, w[Y.indices]
+        y = Y.data
+        wy = None if w is None else w[Y.indices]
         # per-column sums of the stored values: reduceat over the non-empty columns
         # (their segments end where the next non-empty one starts); empty ones sum to 0
         filled = np.diff(Y.indptr) > 0
@@ -163,18 +175,24 @@ def _column_sums_lgamma_saturated(Y, w):
             return out
 
     else:
-        y, wy = Y, w[:, None]
+        y = Y
+        wy = None if w is None else w[:, None]
         per_gene = lambda v: v.sum(axis=0)  # noqa: E731
-    if y.size and np.all(y == np.round(y)) and y.max() < 1e6:
-        # counts: look lgamma(y + 1) and y log y up in tables rather than evaluate them
-        values = np.arange(int(y.max()) + 1, dtype=float)
+    if integer is None:
+        integer = bool(np.all(y == np.round(y)))
+    top = y.max() if y.size else 0.0
+    if integer and top < 1e6:
+        values = np.arange(int(top) + 1, dtype=float)
         idx = y.astype(np.int64)
         lg_y = scipy.special.gammaln(values + 1.0)[idx]
         ylogy = scipy.special.xlogy(values, values)[idx]
     else:
         lg_y, ylogy = scipy.special.gammaln(y + 1.0), scipy.special.xlogy(y, y)
-    lg = lg_y * wy
-    return per_gene(lg), per_gene((ylogy - y) * wy - lg)
+    if wy is None:
+        lg = per_gene(lg_y)
+        return lg, per_gene(ylogy) - per_gene(y) - lg
+    lg_y *= wy
+    return per_gene(lg_y), per_gene((ylogy - y) * wy - lg_y)
 
 
 def wald_contrasts(beta, cov, contrasts, names, *, contrast_names=None):
