@@ -151,3 +151,13 @@ def sparse_csr(data, rows, cols, shape, xp: ModuleType):
 def expit(x):
     """The logistic function ``1 / (1 + exp(-x))``, overflow-free."""
     return _special(get_namespace(x)).expit(x)
+
+
+def digamma(x):
+    """The digamma function ``psi(x) = d log Gamma(x) / dx``."""
+    return _special(get_namespace(x)).digamma(x)
+
+
+def softplus(x):
+    """``log(1 + exp(x))`` (R's ``log1pexp``), overflow-free and accurate for very negative ``x``."""
+    return get_namespace(x).logaddexp(0.0, x)

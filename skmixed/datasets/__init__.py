@@ -3,6 +3,7 @@
 from ._grouseticks import load_grouseticks
 from ._simulate import make_poisson_glmm
 from ._zeb2 import load_zeb2_like, load_zeb2_truth, make_boland_like_counts, make_zeb2_like
+from ._zinb import make_zinb_counts
 
 __all__ = [
     "load_grouseticks",
@@ -11,4 +12,5 @@ __all__ = [
     "make_boland_like_counts",
     "make_poisson_glmm",
     "make_zeb2_like",
+    "make_zinb_counts",
 ]

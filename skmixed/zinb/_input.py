@@ -1,0 +1,148 @@
+"""Inputs of ZINBWaVE: the count matrix (dense, sparse, AnnData, CuPy) and covariates."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from sklearn.utils.validation import validate_data
+
+from .._backend import to_device, to_host
+from ._data import _is_cupy_sparse, namespace_of_counts, to_csr
+
+
+def unwrap_anndata(Y):
+    """AnnData (duck-typed: ``.X`` and ``.var_names``) -> its counts and gene names.
+
+    As zinbwave does with a SummarizedExperiment, the layer ``"counts"`` is used when
+    present, else ``.X``.
+    """
+    if hasattr(Y, "X") and hasattr(Y, "var_names") and hasattr(Y, "obs_names"):
+        layers = getattr(Y, "layers", None)
+        names = np.asarray([str(v) for v in Y.var_names], dtype=object)
+        if layers is not None and "counts" in layers:
+            return layers["counts"], names
+        return Y.X, names
+    return Y, None
+
+
+def check_count_matrix(est, Y, *, reset: bool):
+    """Validate ``Y`` (cells x genes) and return ``(csr, xp, integer, gene_names)``.
+
+    numpy / scipy inputs go through scikit-learn's ``validate_data`` (feature counts and
+    names, finiteness); CuPy inputs are checked on the device.
+    """
+    Y, gene_names = unwrap_anndata(Y)
+    if hasattr(Y, "to_memory"):  # backed AnnData matrices
+        Y = Y.to_memory()
+    xp = namespace_of_counts(Y)
+    name = type(est).__name__
+    if xp is np:
+        Y = validate_data(est, Y, accept_sparse=("csr", "csc", "coo"), dtype=np.float64, reset=reset)
+        Ycsr = sp.csr_matrix(Y, dtype=np.float64)
+    else:
+        Ycsr = to_csr(Y, xp)
+        if Ycsr.ndim != 2:
+            raise ValueError(f"Y must be 2-D (cells x genes), got shape {Ycsr.shape}.")
+        if reset:
+            est.n_features_in_ = Ycsr.shape[1]
+        elif Ycsr.shape[1] != est.n_features_in_:
+            raise ValueError(
+                f"Y has {Ycsr.shape[1]} features, but {name} is expecting {est.n_features_in_} features as input."
+            )
+        if not bool(xp.all(xp.isfinite(Ycsr.data))):
+            raise ValueError("Input Y contains NaN or infinity.")
+    data = Ycsr.data
+    if data.size and bool(xp.any(data < 0)):
+        bad = float(to_host(data[data < 0][:1])[0])
+        raise ValueError(f"Negative values in data passed to {name}: Y must hold non-negative counts; found {bad!r}.")
+    Ycsr.eliminate_zeros()
+    integer = bool(xp.all(Ycsr.data == xp.round(Ycsr.data))) if Ycsr.data.size else True
+    if not integer:
+        warnings.warn(
+            "Y contains non-integer values: the ZINB likelihood is extended to them through "
+            "lgamma (zinbwave refuses them); check that Y holds raw counts.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return Ycsr, xp, integer, gene_names
+
+
+def check_nonempty(Ycsr, xp, names=None, *, genes: bool = True):
+    """``ValueError`` naming the all-zero cells (and genes), as zinbwave's initialisation."""
+    n, J = Ycsr.shape
+    nnz_rows = xp.diff(Ycsr.indptr)
+    empty = np.flatnonzero(to_host(nnz_rows) == 0)
+    if empty.size:
+        raise ValueError(
+            f"Y has {empty.size} cell(s) with only zero counts (first: row {int(empty[0])}); "
+            "their library size and latent factors are not identifiable: remove them."
+        )
+    if genes:
+        per_gene = np.bincount(to_host(Ycsr.indices), minlength=J)
+        empty = np.flatnonzero(per_gene == 0)
+        if empty.size:
+            first = names[empty[0]] if names is not None else int(empty[0])
+            raise ValueError(
+                f"Y has {empty.size} gene(s) with only zero counts (first: column {first!r}); "
+                "their mean is not identifiable (the MLE is -infinity): filter them out first."
+            )
+
+
+def check_design(D, n: int, arg: str, xp, *, default_intercept: bool = True):
+    """Covariates as an (n, p) float array; ``None`` -> an intercept column."""
+    if D is None:
+        return xp.ones((n, 1)) if default_intercept else xp.zeros((n, 0))
+    if isinstance(D, pd.Series):
+        D = D.to_numpy()
+    if isinstance(D, pd.DataFrame):
+        D = D.to_numpy(dtype=float)
+    D = D if hasattr(D, "get") and not sp.issparse(D) else np.asarray(D, dtype=float)
+    if sp.issparse(D):
+        D = D.toarray()
+    if D.ndim == 1:
+        D = D[:, None]
+    if D.ndim != 2:
+        raise ValueError(f"{arg} must be 1-D or 2-D, got {D.ndim} dimensions.")
+    if D.shape[0] != n:
+        raise ValueError(f"{arg} has {D.shape[0]} rows but Y has {n} {'cells' if arg.startswith('cell') else 'genes'}.")
+    Dh = to_host(D)
+    if not np.all(np.isfinite(Dh)):
+        raise ValueError(f"{arg} must be finite; it contains NaN or infinite values.")
+    return to_device(D.astype(float) if not hasattr(D, "get") else D, xp)
+
+
+def check_offset(off, n: int, J: int, arg: str, xp):
+    """``None``, a per-cell vector (n,) or a full (n, J) matrix."""
+    if off is None:
+        return None
+    if isinstance(off, (pd.Series, pd.DataFrame)):
+        off = off.to_numpy(dtype=float)
+    off = off if hasattr(off, "get") else np.asarray(off, dtype=float)
+    if off.ndim == 2 and off.shape[1] == 1:
+        off = off[:, 0]
+    if off.shape not in ((n,), (n, J)):
+        raise ValueError(f"{arg} must have shape ({n},) or ({n}, {J}); got {off.shape}.")
+    if not np.all(np.isfinite(to_host(off))):
+        raise ValueError(f"{arg} must be finite; it contains NaN or infinite values.")
+    return to_device(off, xp)
+
+
+def fingerprint(Ycsr, *extras) -> str:
+    """A hash of the count matrix and the per-cell inputs, to recognise the training cells."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr(Ycsr.shape).encode())
+    for a in (Ycsr.indptr, Ycsr.indices, Ycsr.data, *extras):
+        if a is None:
+            h.update(b"none")
+            continue
+        arr = np.ascontiguousarray(to_host(a))
+        h.update(repr((arr.shape, arr.dtype.str)).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+__all__ = ["check_count_matrix", "check_design", "check_nonempty", "check_offset", "fingerprint", "_is_cupy_sparse"]
