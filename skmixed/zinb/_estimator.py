@@ -225,6 +225,8 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         K = self.n_components
         if n < 2:
             raise ValueError(f"ZINBWaVE needs at least 2 cells; got n_samples = {n}.")
+        if J < 2:
+            raise ValueError(f"ZINBWaVE needs at least 2 genes; got n_features = {J}.")
         if K > J:
             raise ValueError(f"n_components={K} must be <= the number of genes, n_features = {J}.")
         if K > n:
@@ -401,7 +403,7 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
             xp = get_namespace(a)
             ll = ZINB.loglik(y, a, b, z)
             sign = xp.where(y - ZINB.mean(a, b) > 0, 1.0, -1.0)
-            return sign * ll
+            return -sign * ll  # sign times |log p|, so that one array carries both
 
         signed = self._dense(Y, cell_covariates, offset, offset_pi, fn, ignore_W=ignore_W, with_counts=True)
         xp = get_namespace(signed)
