@@ -50,6 +50,7 @@ class Optimizer:
         self.cell_plan = BlockPlan([True] * L + [False] * L + [True] * K, [False] * L + [True] * L + [True] * K)
         self.gene_plan = BlockPlan([True] * (M + K) + [False] * (M + K), [False] * (M + K) + [True] * (M + K))
         self.M, self.L, self.K = M, L, K
+        self._cache = None  # per chunk: the cells' Newton statistics at the current parameters
 
     # -- design vectors --------------------------------------------------------------
     def _cell_designs(self, P, cols=None):
@@ -92,21 +93,30 @@ class Optimizer:
         return ll, ll - self.design.total_penalty(P, self.common)
 
     # -- 1. cells ------------------------------------------------------------------------
-    def _cell_newton_chunk(self, P, rows):
+    def _cell_stats(self, P, E, cols=None):
+        """Per-cell gradient and information (without the penalty) and log-likelihood
+        sums of the per-entry arrays ``E`` (over the genes ``cols``)."""
+        Umu, Upi = self._cell_designs(P, cols)
+        plan = self.cell_plan
+        g = plan.gradient(Umu, Upi, E[1], E[2], units_are_rows=True)
+        H = plan.assemble(*plan.pair_sums(Umu, Upi, *E[3:6], units_are_rows=True))
+        return g, H, E[0].sum(axis=1)
+
+    def _cell_newton_chunk(self, P, rows, cached=None):
         """Newton step with per-cell backtracking for the cells ``rows``; returns the
-        derivative arrays at the accepted parameters (with dispersion derivatives)."""
+        derivative arrays at the accepted parameters (with dispersion derivatives).
+        ``cached``: the cells' ``(gradient, information, loglik)`` at the current
+        parameters, computed during the previous gene pass (saves one evaluation)."""
         xp, design = self.xp, self.design
         start = rows.start
-        E0 = evaluate(design, self.counts, P, rows, derivs=True, zeta=False)
+        if cached is None:
+            E0 = evaluate(design, self.counts, P, rows, derivs=True, zeta=False)
+            cached = self._cell_stats(P, E0)
+            del E0
+        g, H, ll0 = cached
         C0 = P.cell_block(rows)
-        f0 = E0[0].sum(axis=1) - design.cell_penalty(C0)
-        Umu, Upi = self._cell_designs(P)
-        plan = self.cell_plan
-        g = plan.gradient(Umu, Upi, E0[1], E0[2], units_are_rows=True) - design.pen_cell * C0
-        H = plan.assemble(*plan.pair_sums(Umu, Upi, *E0[3:6], units_are_rows=True))
-        H += xp.diag(design.pen_cell)
-        d = newton_direction(H, g)
-        del E0, H
+        f0 = ll0 - design.cell_penalty(C0)
+        d = newton_direction(H + xp.diag(design.pen_cell), g - design.pen_cell * C0)
         step = xp.ones(C0.shape[0])
         C = C0 + d
         P.set_cell_block(C, rows)
@@ -138,9 +148,11 @@ class Optimizer:
             "grad": xp.zeros((J, plan.P)), "S": [xp.zeros((J, k)) for k in npairs],
             "ll": xp.zeros(J), "gz": xp.zeros(J), "izz": xp.zeros(J),
         }
-        for rows in self.counts.chunks:
+        cache = self._cache if update_cells else None
+        self._cache = None
+        for k, rows in enumerate(self.counts.chunks):
             if update_cells:
-                E = self._cell_newton_chunk(P, rows)
+                E = self._cell_newton_chunk(P, rows, None if cache is None else cache[k])
             else:
                 E = evaluate(self.design, self.counts, P, rows, derivs=True, zeta=True)
             acc["ll"] += E[0].sum(axis=0)
@@ -151,6 +163,7 @@ class Optimizer:
                 acc["grad"] += plan.gradient(Umu, Upi, E[1], E[2], units_are_rows=False)
                 for S, part in zip(acc["S"], plan.pair_sums(Umu, Upi, *E[3:6], units_are_rows=False)):
                     S += part
+        acc["H"] = plan.assemble(*acc.pop("S"))
         return acc
 
     def _zeta_step(self, P, acc):
@@ -170,53 +183,100 @@ class Optimizer:
         return xp.clip(dz, -2.0, 2.0)
 
     def gene_step(self, P, acc):
-        """Newton step on every gene block (and the dispersion) with per-gene backtracking.
-        Returns the per-gene log-likelihood at the accepted parameters."""
+        """Newton step on every gene block with per-gene backtracking (with a per-gene
+        dispersion, that gene's dispersion moves with it). Returns the per-gene
+        log-likelihood at the accepted parameters."""
         xp, design = self.xp, self.design
         J = self.counts.J
         G0 = P.gene_block()
         zeta0 = P.zeta.copy()
         center = zeta0.mean()
+        joint_zeta = self.fit_zeta and not self.common
         f0 = acc["ll"] - design.gene_penalty(G0) - self.zeta_surrogate(zeta0, center)
         if self.fit_genes:
             g = acc["grad"] - design.pen_gene * G0
-            H = self.gene_plan.assemble(*acc["S"]) + xp.diag(design.pen_gene)
+            H = acc["H"] + xp.diag(design.pen_gene)
             d = newton_direction(H, g)
         else:
             d = xp.zeros_like(G0)
-        dz = self._zeta_step(P, acc)
+        dz = self._zeta_step(P, acc) if joint_zeta else xp.zeros(J)
         lo, hi = ZETA_BOUNDS
-        for attempt in range(4 if self.common else 1):
-            step = xp.ones(J)
-            G = G0 + d
-            zt = xp.clip(zeta0 + dz, lo, hi)
-            P.set_gene_block(G)
-            P.zeta[...] = zt
-            ll = self.loglik_by_gene(P)
-            f = ll - design.gene_penalty(G) - self.zeta_surrogate(zt, center)
-            bad = ~_finite_ge(f, f0, xp)
-            for it in range(MAX_HALVINGS + 1):
-                cols = xp.flatnonzero(bad)
-                if cols.size == 0:
-                    break
-                last = it == MAX_HALVINGS
-                step[cols] = 0.0 if last else step[cols] * 0.5
-                G[cols] = G0[cols] + step[cols, None] * d[cols]
-                P.set_gene_block(G[cols], cols)
-                if not self.common:
-                    zt[cols] = xp.clip(zeta0[cols] + step[cols] * dz[cols], lo, hi)
-                    P.zeta[cols] = zt[cols]
-                ll[cols] = self.loglik_by_gene(P, cols)
-                f[cols] = ll[cols] - design.gene_penalty(G[cols]) - self.zeta_surrogate(zt, center)[cols]
-                bad[cols] = False if last else ~_finite_ge(f[cols], f0[cols], xp)
-            if not self.common or float(f.sum()) >= float(f0.sum()) - 1e-12 * abs(float(f0.sum())):
-                return ll
-            dz = dz * (0.0 if attempt == 2 else 0.25)  # the common dispersion overshot: shrink it
+        step = xp.ones(J)
+        G = G0 + d
+        zt = xp.clip(zeta0 + dz, lo, hi)
+        P.set_gene_block(G)
+        P.zeta[...] = zt
+        ll, cache = self._trial_pass(P)
+        f = ll - design.gene_penalty(G) - self.zeta_surrogate(zt, center)
+        bad = ~_finite_ge(f, f0, xp)
+        for it in range(MAX_HALVINGS + 1):
+            cols = xp.flatnonzero(bad)
+            if cols.size == 0:
+                break
+            last = it == MAX_HALVINGS
+            step[cols] = 0.0 if last else step[cols] * 0.5
+            G[cols] = G0[cols] + step[cols, None] * d[cols]
+            P.set_gene_block(G[cols], cols)
+            zt[cols] = xp.clip(zeta0[cols] + step[cols] * dz[cols], lo, hi)
+            P.zeta[cols] = zt[cols]
+            ll[cols] = self.loglik_by_gene(P, cols)
+            f[cols] = ll[cols] - design.gene_penalty(G[cols]) - self.zeta_surrogate(zt, center)[cols]
+            bad[cols] = False if last else ~_finite_ge(f[cols], f0[cols], xp)
+        # the cells' statistics of the trial pass hold where every gene took its full step;
+        # for the others, swap their trial contributions for those at the accepted values
+        moved = xp.flatnonzero(step != 1.0)
+        if moved.size:
+            trial = P.copy()
+            trial.set_gene_block((G0 + d)[moved], moved)
+            trial.zeta[moved] = xp.clip(zeta0[moved] + dz[moved], lo, hi)
+            for k, rows in enumerate(self.counts.chunks):
+                Et = evaluate(design, self.counts, trial, rows, moved, derivs=True, zeta=False)
+                Ef = evaluate(design, self.counts, P, rows, moved, derivs=True, zeta=False)
+                st, sf = self._cell_stats(trial, Et, moved), self._cell_stats(P, Ef, moved)
+                cache[k] = tuple(c - a + b for c, a, b in zip(cache[k], st, sf))
+        self._cache = cache
         return ll
 
+    def _trial_pass(self, P):
+        """Per-gene log-likelihood at ``P`` and, per chunk, the cells' Newton statistics."""
+        xp = self.xp
+        ll = xp.zeros(self.counts.J)
+        cache = []
+        for rows in self.counts.chunks:
+            E = evaluate(self.design, self.counts, P, rows, derivs=True, zeta=False)
+            ll += E[0].sum(axis=0)
+            cache.append(self._cell_stats(P, E))
+        return ll, cache
+
+    def common_zeta_step(self, P, acc, ll_gene, min_gain=0.0):
+        """Newton step on the common dispersion (derivatives from ``acc``), with
+        backtracking on the total log-likelihood, skipped when its predicted gain is
+        below ``min_gain``. Returns the per-gene log-likelihood."""
+        if not (self.fit_zeta and self.common):
+            return ll_gene
+        g, h = float(acc["gz"].sum()), float(acc["izz"].sum())
+        dz = float(self._zeta_step(P, acc)[0])
+        if abs(dz) < 1e-12 or (h > 0 and 0.5 * g * g / h < min_gain):
+            return ll_gene
+        self._cache = None
+        z0 = float(P.zeta[0])
+        old = float(ll_gene.sum())
+        for _ in range(6):
+            P.zeta[...] = float(np.clip(z0 + dz, *ZETA_BOUNDS))
+            ll = self.loglik_by_gene(P)
+            new = float(ll.sum())
+            if np.isfinite(new) and new >= old - 1e-12 * abs(old):
+                return ll
+            dz *= 0.25
+        P.zeta[...] = z0
+        return ll_gene
+
     # -- 3. rebalancing ------------------------------------------------------------------------
-    def orthogonalize(self, P):
-        """zinbwave's ``orthogonalizeTraceNorm``: same ``W alpha``, minimal ridge penalty."""
+    def orthogonalize(self, P, acc=None):
+        """zinbwave's ``orthogonalizeTraceNorm``: same ``W alpha``, minimal ridge penalty.
+
+        With ``acc``, the accumulated gene gradients and information are carried over to
+        the new coordinates (``alpha_new = T^-1 alpha`` for ``W_new = W T``)."""
         if self.K == 0:
             return
         xp = self.xp
@@ -225,6 +285,9 @@ class Optimizer:
             return
         A = xp.concatenate([P.alpha_mu, P.alpha_pi], axis=1)  # (K, 2J)
         Qw, Rw = xp.linalg.qr(P.W)
+        dg = xp.abs(xp.diagonal(Rw))
+        if not bool(xp.all(dg > 1e-10 * xp.max(dg))):
+            return  # W is rank deficient: the rebalancing is not a change of coordinates
         Qa, Ra = xp.linalg.qr(A.T)
         U, s, Vt = xp.linalg.svd(Rw @ Ra.T)
         sc = (eps_W / eps_a) ** 0.25
@@ -232,6 +295,14 @@ class Optimizer:
         W = (Qw @ U) * rs / sc
         A2 = ((Qa @ Vt.T) * rs * sc).T
         J = P.alpha_mu.shape[1]
+        if acc is not None and self.fit_genes:
+            T = xp.linalg.solve(Rw, U * rs / sc)  # W_new = W_old T
+            M, K = self.M, self.K
+            R = xp.eye(2 * (M + K))
+            R[M:M + K, M:M + K] = T
+            R[2 * M + K:, 2 * M + K:] = T
+            acc["grad"] = acc["grad"] @ R
+            acc["H"] = R.T @ acc["H"] @ R
         P.W[...] = W
         P.alpha_mu[...] = A2[:, :J]
         P.alpha_pi[...] = A2[:, J:]
@@ -245,7 +316,10 @@ class Optimizer:
             for _ in range(n_steps):
                 acc = self.cell_pass(P, update_cells=False)
                 before = P.zeta.copy()
-                self.gene_step(P, acc)
+                if self.common:
+                    self.common_zeta_step(P, acc, acc["ll"])
+                else:
+                    self.gene_step(P, acc)
                 if float(self.xp.max(self.xp.abs(P.zeta - before))) < tol:
                     break
         finally:
@@ -262,12 +336,16 @@ class Optimizer:
         converged = False
         for _ in range(max_iter):
             acc = self.cell_pass(P)
-            if self.fit_genes or self.fit_zeta:
-                ll_gene = self.gene_step(P, acc)
-            else:
-                ll_gene = acc["ll"]
             if self.fit_genes:
-                self.orthogonalize(P)
+                self.orthogonalize(P, acc)
+            ll_gene = acc["ll"]
+            if self.fit_genes or (self.fit_zeta and not self.common):
+                ll_gene = self.gene_step(P, acc)
+            # the common dispersion's step costs a pass and the cells' cached statistics:
+            # take it when its predicted gain is not negligible beside the last iteration's
+            last_gain = history[-1] - history[-2] if len(history) > 1 else np.inf
+            min_gain = max(1e-3 * tol * abs(history[-1]), 0.05 * last_gain if np.isfinite(last_gain) else 0.0)
+            ll_gene = self.common_zeta_step(P, acc, ll_gene, min_gain=min_gain)
             ll, pen_ll = self.objective(P, ll_gene)
             history.append(pen_ll)
             if callback is not None:
@@ -275,4 +353,7 @@ class Optimizer:
             if abs(history[-1] - history[-2]) <= tol * abs(history[-2]):
                 converged = True
                 break
+        if self.fit_genes and len(history) > 1:
+            self.orthogonalize(P)
+            history[-1] = self.objective(P, ll_gene)[1]
         return history, converged

@@ -1,0 +1,56 @@
+"""Fit time and peak memory of ZINBWaVE on simulated counts (make_zinb_counts).
+
+Data are simulated with fixed seeds once per process (cached). ``time_fit`` runs a
+fixed number of iterations (``max_iter``, no convergence test) so that timings compare
+across versions; ``time_iteration`` is one cell pass plus one gene step.
+"""
+
+import functools
+import warnings
+
+import numpy as np
+
+from skmixed import ZINBWaVE
+from skmixed.datasets import make_zinb_counts
+
+
+@functools.cache
+def counts(n_cells, n_genes):
+    sim = make_zinb_counts(n_cells, n_genes, n_clusters=8, n_latent=10, random_state=0)
+    Y = sim.counts
+    Y = Y[:, np.asarray((Y > 0).sum(0)).ravel() > 0]
+    return Y[np.asarray((Y > 0).sum(1)).ravel() > 0]
+
+
+class Fit:
+    params = ([(2000, 500), (10000, 1000)], [2, 10])
+    param_names = ["cells_x_genes", "K"]
+    timeout = 600
+
+    def setup(self, shape, K):
+        self.Y = counts(*shape)
+
+    def _fit(self, K, max_iter):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ZINBWaVE(K, random_state=0, max_iter=max_iter, tol=0.0).fit(self.Y)
+
+    def time_fit(self, shape, K):
+        self._fit(K, 10)
+
+    def peakmem_fit(self, shape, K):
+        self._fit(K, 3)
+
+
+class Transform:
+    """W of 1,000 new cells with the gene parameters fixed."""
+
+    def setup(self):
+        Y = counts(6000, 500)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.model = ZINBWaVE(10, random_state=0, max_iter=20).fit(Y[:5000])
+        self.new = Y[5000:]
+
+    def time_transform(self):
+        self.model.transform(self.new)
