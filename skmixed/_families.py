@@ -425,9 +425,10 @@ class ZINB:
     @staticmethod
     def _zero_loglik_and_r(b, l0, pi, p0, xp):
         """``log P(0)`` and the posterior dropout probability ``r = pi / P(0)``."""
-        ll = xp.log1p(p0 - 1.0)
-        r = pi / p0
-        idx = xp.flatnonzero(p0.reshape(-1) < 1e-3)
+        small = p0 < 1e-3
+        ll = xp.log1p(xp.where(small, 0.0, p0 - 1.0))
+        r = pi / xp.where(small, 1.0, p0)
+        idx = xp.flatnonzero(small.reshape(-1))
         if idx.size:
             bs, ls = b.reshape(-1)[idx], l0.reshape(-1)[idx]
             d = bs - ls

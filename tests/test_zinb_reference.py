@@ -133,3 +133,16 @@ def test_fit_reaches_zinbwave_objective(fit):
     mine["X"] = P["X"]
     ll, penalty, _ = objective_at(Y, mine)
     assert ll - penalty == pytest.approx(model.penalized_loglik_, rel=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("pbmc500_full" not in FITS, reason="no zinbwave fit of pbmc500")
+def test_pbmc500_three_iterations_beat_zinbwave():
+    """10x pbmc3k, top 500 genes, K = 10: three iterations already exceed zinbwave's
+    converged penalised log-likelihood (asv_bench/zinb_compare.py runs the full fit)."""
+    Y = sp.csr_matrix(load_counts("pbmc500_full"))
+    row = FITS["pbmc500_full"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ZINBWaVE(int(row["K"]), random_state=0, max_iter=3).fit(Y)
+    assert model.penalized_loglik_ > float(row["penalized_loglik"])

@@ -66,10 +66,12 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         (zinbwave's ``epsilon_*`` arguments).
     max_iter : int, default=100
         Maximum number of outer iterations (one pass of cell steps, one of gene steps).
-    tol : float, default=1e-6
+    tol : float, default=1e-5
         Stop when the relative gain in penalised log-likelihood over an iteration is
-        below ``tol`` (zinbwave's ``stop.epsilon.optimize`` is 1e-4 for its costlier
-        iterations).
+        below ``tol`` (zinbwave's ``stop.epsilon.optimize`` is 1e-4). The alternation
+        between cells and genes converges linearly: a smaller ``tol`` keeps improving the
+        objective slowly (on pbmc500, K = 10: -2034753 after 20 iterations, -2034274
+        after 96, zinbwave -2112223).
     batch_size : int or None, default=None
         Cells per chunk; None picks about 2 million matrix entries per chunk.
     n_jobs : int or None, default=None
@@ -155,7 +157,7 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         common_dispersion=True,
         epsilon=None,
         max_iter=100,
-        tol=1e-6,
+        tol=1e-5,
         batch_size=None,
         n_jobs=None,
         random_state=None,

@@ -51,6 +51,7 @@ class Optimizer:
         self.gene_plan = BlockPlan([True] * (M + K) + [False] * (M + K), [False] * (M + K) + [True] * (M + K))
         self.M, self.L, self.K = M, L, K
         self._cache = None  # per chunk: the cells' Newton statistics at the current parameters
+        self._omega = 1.0  # extrapolation factor
 
     # -- design vectors --------------------------------------------------------------
     def _cell_designs(self, P, cols=None):
@@ -292,6 +293,10 @@ class Optimizer:
         U, s, Vt = xp.linalg.svd(Rw @ Ra.T)
         sc = (eps_W / eps_a) ** 0.25
         rs = xp.sqrt(s)
+        # signs as close as possible to the current W, so that iterates can be extrapolated
+        sign = xp.where(xp.sum((Qw @ U) * P.W, axis=0) < 0, -1.0, 1.0)
+        U = U * sign
+        Vt = Vt * sign[:, None]
         W = (Qw @ U) * rs / sc
         A2 = ((Qa @ Vt.T) * rs * sc).T
         J = P.alpha_mu.shape[1]
@@ -306,6 +311,30 @@ class Optimizer:
         P.W[...] = W
         P.alpha_mu[...] = A2[:, :J]
         P.alpha_pi[...] = A2[:, J:]
+
+    # -- acceleration --------------------------------------------------------------------------
+    def _extrapolate(self, P, prev, ll_gene, ll, pen_ll):
+        """Try ``P + omega (P - prev)``: alternating block updates creep along the
+        valley that couples ``W`` and ``alpha``; a step along the last move, accepted
+        only if it raises the penalised log-likelihood, shortens the creep. ``omega``
+        grows after a success and shrinks after a failure."""
+        xp = self.xp
+        omega = self._omega
+        Q = P.copy()
+        for name in ("beta_mu", "beta_pi", "gamma_mu", "gamma_pi", "W", "alpha_mu", "alpha_pi", "zeta"):
+            cur = getattr(P, name)
+            setattr(Q, name, cur + omega * (cur - getattr(prev, name)))
+        Q.zeta = xp.clip(Q.zeta, *ZETA_BOUNDS)
+        ll_q, cache = self._trial_pass(Q)
+        ll_tot, pen_q = self.objective(Q, ll_q)
+        if np.isfinite(pen_q) and pen_q > pen_ll:
+            for name in ("beta_mu", "beta_pi", "gamma_mu", "gamma_pi", "W", "alpha_mu", "alpha_pi", "zeta"):
+                getattr(P, name)[...] = getattr(Q, name)
+            self._cache = cache
+            self._omega = min(2.0 * omega, 8.0)
+            return ll_q, ll_tot, pen_q
+        self._omega = max(0.5 * omega, 0.5)
+        return ll_gene, ll, pen_ll
 
     # -- driver ------------------------------------------------------------------------------
     def zeta_only(self, P, n_steps: int = 6, tol: float = 1e-8):
@@ -334,6 +363,7 @@ class Optimizer:
         ll, pen_ll = self.objective(P)
         history = [pen_ll]
         converged = False
+        prev = None
         for _ in range(max_iter):
             acc = self.cell_pass(P)
             if self.fit_genes:
@@ -347,6 +377,9 @@ class Optimizer:
             min_gain = max(1e-3 * tol * abs(history[-1]), 0.05 * last_gain if np.isfinite(last_gain) else 0.0)
             ll_gene = self.common_zeta_step(P, acc, ll_gene, min_gain=min_gain)
             ll, pen_ll = self.objective(P, ll_gene)
+            if self.fit_genes and prev is not None:
+                ll_gene, ll, pen_ll = self._extrapolate(P, prev, ll_gene, ll, pen_ll)
+            prev = P.copy() if self.fit_genes else None
             history.append(pen_ll)
             if callback is not None:
                 callback(len(history) - 1, ll, pen_ll)
