@@ -161,3 +161,71 @@ def digamma(x):
 def softplus(x):
     """``log(1 + exp(x))`` (R's ``log1pexp``), overflow-free and accurate for very negative ``x``."""
     return get_namespace(x).logaddexp(0.0, x)
+
+
+def csc_matmul(data, indices, indptr, shape, X):
+    """``A @ X`` for the CSC matrix ``A = (data, indices, indptr)`` of ``shape``
+    (scipy.sparse or cupyx.scipy.sparse, following ``X``; ``data=None``: ones);
+    ``X`` dense (n, k) or (n,)."""
+    xp = get_namespace(X, indices)
+    if data is None:
+        data = _ones(indices.shape[0]) if xp is np else xp.ones(indices.shape[0])
+    if xp is np:
+        import scipy.sparse  # noqa: PLC0415
+
+        A = scipy.sparse.csc_matrix((data, indices, indptr), shape=shape, copy=False)
+        return np.asarray(A @ X)
+    import cupyx.scipy.sparse  # noqa: PLC0415
+
+    A = cupyx.scipy.sparse.csc_matrix(
+        (xp.asarray(data, dtype=xp.float64), xp.asarray(indices, dtype=xp.int32), xp.asarray(indptr, dtype=xp.int32)),
+        shape=shape,
+    )
+    return A @ X
+
+
+def add_rows_at(out, index, values):
+    """``out[index[e]] += values[e]`` for every ``e`` (repeated indices accumulate);
+    ``out`` (m, k) and ``values`` (E, k), or both 1-D. Unlike ``numpy.add.at`` it is a
+    sparse product on the CPU (one pass, no per-element Python-level dispatch) and a
+    ``scatter_add`` on the GPU."""
+    xp = get_namespace(out, values)
+    if xp is np:
+        if values.ndim == 1:
+            out += np.bincount(index, weights=values, minlength=out.shape[0])
+            return out
+        import scipy.sparse  # noqa: PLC0415
+
+        E = index.shape[0]
+        itype = np.int32 if E < 2**31 - 1 else np.int64
+        P = scipy.sparse.csc_matrix(
+            (_ones(E), index.astype(itype, copy=False), _arange(E + 1, itype)), shape=(out.shape[0], E), copy=False
+        )
+        out += P @ values
+        return out
+    import cupyx  # noqa: PLC0415
+
+    cupyx.scatter_add(out, index, values)
+    return out
+
+
+_BUFFERS = {}
+
+
+def _ones(k):
+    """A read-only numpy array of k ones, a view of a shared buffer."""
+    return _shared("ones", k, np.float64, np.ones)
+
+
+def _arange(k, dtype):
+    """A read-only numpy ``arange(k)``, a view of a shared buffer."""
+    return _shared(("arange", dtype), k, dtype, lambda m, dtype: np.arange(m, dtype=dtype))
+
+
+def _shared(key, k, dtype, make):
+    buf = _BUFFERS.get(key)
+    if buf is None or buf.size < k:
+        buf = make(max(k, 2 * (0 if buf is None else buf.size), 1024), dtype=dtype)
+        buf.flags.writeable = False
+        _BUFFERS[key] = buf
+    return buf[:k]

@@ -21,7 +21,8 @@ from skmixed.offset import (
     skewnorm_moments,
     treatment_probabilities,
 )
-from skmixed.offset._resampling import _profile_size, perturbation_rng
+from skmixed.offset._engine import permutation_orderings
+from skmixed.offset._resampling import _binned_resamples, _profile_size, perturbation_rng
 
 REF = Path(__file__).parent / "reference" / "offset"
 
@@ -94,9 +95,17 @@ def test_statistic_is_negbinoffsetmean_on_treated_cells(small_screen, family):
         assert row.n_treated == t.sum()
 
 
+def _refit_z(dist, counts, g, cells):
+    m = NegBinOffsetMean(size=dist.size[g]).fit(dist.offsets[cells, g][:, None], counts.iloc[cells, g])
+    return m.z_
+
+
 def test_resampled_statistics_are_refits(small_screen):
-    """Each resampled statistic is the fit on that resample's treated cells (the
-    resamples regenerated from the documented seeding: one child seed per perturbation)."""
+    """Each resampled statistic is the fit on that resample's treated cells, the
+    resamples regenerated from the documented seeding (child ``p`` of
+    ``SeedSequence(random_state)`` for perturbation ``p``, the last child for the
+    permutations). Here 3 perturbations with 4 pairs each: they are packed into one
+    block and share common random numbers."""
     counts, treatment, cov, _ = small_screen
     dist = distill(counts, cov)
     pi = treatment_probabilities(treatment, cov)
@@ -105,15 +114,66 @@ def test_resampled_statistics_are_refits(small_screen):
     again = resampling_test(counts, treatment, cov, n_resamples=30, distillation=dist, propensity=pi,
                             random_state=5)
     pd.testing.assert_frame_equal(res, again)
+    seeds = np.random.SeedSequence(5).spawn(4)
+    first = int(np.argmin(pi.mean(axis=0)))  # the pack is ordered by mean probability
+    order, rows, cols, u = _binned_resamples(pi.max(axis=1), 30, perturbation_rng(seeds[first]), uniforms=True)
+    cells_all = order[rows]
+    for k in (0, 5, 11):
+        p = treatment.columns.get_loc(res.perturbation[k])
+        g = counts.columns.get_loc(res.gene[k])
+        keep = u < pi[cells_all, p]
+        for b in (0, 7, 29):
+            cells = cells_all[keep & (cols == b)]
+            assert S[k, b] == pytest.approx(_refit_z(dist, counts, g, cells), rel=1e-9)
+
+
+def test_large_perturbations_have_their_own_exact_resamples():
+    """A perturbation with at least 8 pairs is a block of its own: its resamples are
+    :func:`conditional_resamples` from its own seed, whatever else is tested."""
+    counts, treatment, cov, _ = make_perturbation_screen(1200, 9, 2, treated_fraction=0.1, random_state=7)
+    dist = distill(counts, cov)
+    pi = treatment_probabilities(treatment, cov)
+    res, S = resampling_test(counts, treatment, cov, n_resamples=20, distillation=dist, propensity=pi,
+                             random_state=3, return_resampled=True)
+    alone, S1 = resampling_test(counts, treatment.iloc[:, [1]], cov, n_resamples=20, distillation=dist,
+                                propensity=pi[:, [1]], random_state=3, return_resampled=True)
     p = 1
-    rng = perturbation_rng(np.random.SeedSequence(5).spawn(3)[p])
-    rows, cols = conditional_resamples(pi[:, p], 30, rng)
-    k = np.flatnonzero((res.perturbation == "pert1").to_numpy())[0]
-    g = counts.columns.get_loc(res.gene[k])
-    for b in (0, 7, 29):
-        cells = rows[cols == b]
-        m = NegBinOffsetMean(size=dist.size[g]).fit(dist.offsets[cells, g][:, None], counts.iloc[cells, g])
-        assert S[k, b] == pytest.approx(m.z_, rel=1e-9)
+    rng = perturbation_rng(np.random.SeedSequence(3).spawn(3)[p])
+    rows, cols = conditional_resamples(pi[:, p], 20, rng)
+    for k in np.flatnonzero((res.perturbation == "pert1").to_numpy())[:3]:
+        g = counts.columns.get_loc(res.gene[k])
+        for b in (0, 19):
+            assert S[k, b] == pytest.approx(_refit_z(dist, counts, g, rows[cols == b]), rel=1e-9)
+
+
+def test_permutation_statistics_are_refits_on_shared_orderings(small_screen):
+    """Permutations: every pair uses the first k (its number of treated cells) cells of
+    the same ordered resamples."""
+    counts, treatment, cov, _ = small_screen
+    dist = distill(counts, cov)
+    res, S = resampling_test(counts, treatment, cov, n_resamples=25, distillation=dist, resampling="permutation",
+                             random_state=9, return_resampled=True)
+    k_max = int(res.n_treated.max())
+    C = permutation_orderings(counts.shape[0], k_max, 25, perturbation_rng(np.random.SeedSequence(9).spawn(4)[3]))
+    for k in (0, 6, 11):
+        g = counts.columns.get_loc(res.gene[k])
+        for b in (0, 24):
+            cells = C[b, : res.n_treated[k]]
+            assert S[k, b] == pytest.approx(_refit_z(dist, counts, g, cells), rel=1e-9)
+
+
+def test_permutation_orderings_are_prefix_stable_and_uniform():
+    rng = np.random.default_rng
+    a = permutation_orderings(50, 30, 400, rng(1))
+    b = permutation_orderings(50, 12, 400, rng(1))
+    np.testing.assert_array_equal(a[:, :12], b)
+    assert all(np.unique(row).size == 30 for row in a)
+    # every position holds every cell with probability 1/50
+    freq = np.bincount(a[:, 5], minlength=50) / 400
+    assert scipy.stats.chisquare(freq * 400).pvalue > 1e-3
+    # the whole population: a permutation
+    full = permutation_orderings(20, 20, 10, rng(2))
+    assert all(np.array_equal(np.sort(row), np.arange(20)) for row in full)
 
 
 # ---------------------------------------------------------------- samplers

@@ -17,10 +17,21 @@ For a gene ``g`` and a perturbation ``p``:
    skew-normal fitted to the ``B`` resampled statistics (method of moments), which
    resolves p-values below ``1 / (B + 1)``.
 
-Every resample of every pair is one column of a sparse 0/1 weight matrix, so all
-``G x (B + 1)`` fits of a perturbation are one vectorised
-:func:`~skmixed.offset._kernels.fit_offset_mean` call whose cost is proportional to
-the number of treated cells summed over the resamples.
+Resamples are shared wherever their law allows (see :mod:`skmixed.offset._engine`):
+
+* permutations: the null of a pair depends only on its number ``k`` of treated cells,
+  so one set of ``B`` ordered samples of cells serves every pair, a pair using the
+  first ``k`` cells of each (SCEPTRE's reuse of resamples across pairs, extended to
+  every ``k`` by the prefix property of :func:`~skmixed.offset._engine.permutation_orderings`);
+* conditional resampling: the pairs of one perturbation share its resamples; a
+  perturbation with fewer than 8 pairs is packed with others of similar treatment
+  probabilities, and they share common random numbers ``U[i, b]``
+  (``T*_p[i, b] = 1{U[i, b] < pi_p[i]}``): each perturbation's resamples are still
+  independent Bernoulli draws, the packed perturbations' resamples are dependent.
+
+The statistics of a block of pairs over all ``B`` resamples are sums over the
+(cell, resample) elements, at a cost proportional to the number of treated cells
+summed over the resamples, shared by the block's pairs.
 """
 
 from __future__ import annotations
@@ -38,10 +49,15 @@ from sklearn.exceptions import ConvergenceWarning
 
 from .._families import Bernoulli, NegativeBinomial, Poisson, _trigamma
 from ..glm._newton import fit_glm
+from ._engine import (
+    Elements,
+    block_statistics,
+    column_tables,
+    orderings_to_elements,
+    permutation_orderings,
+)
 from ._kernels import (
     SIZE_MAX,
-    WeightColumns,
-    fit_offset_mean,
     moments_log_size,
     size_newton,
 )
@@ -65,8 +81,8 @@ class _KernelLoglik:
 
 
 # ------------------------------------------------------------------ input handling
-def _as_matrix(a, name, n=None):
-    """Dense float matrix and column labels."""
+def _matrix(a, name, n=None, dtype=None):
+    """A 2-D ndarray (``dtype`` None: as given) and column labels, with the shape checks."""
     labels = None
     if isinstance(a, pd.Series):
         a = a.to_frame()
@@ -75,18 +91,35 @@ def _as_matrix(a, name, n=None):
         a = a.to_numpy()
     elif scipy.sparse.issparse(a):
         a = a.toarray()
-    a = np.asarray(a, dtype=np.float64)
+    a = np.asarray(a, dtype=dtype)
     if a.ndim == 1:
         a = a[:, None]
     if a.ndim != 2:
         raise ValueError(f"{name} must be 1-D or 2-D, got {a.ndim} dimensions.")
     if n is not None and a.shape[0] != n:
         raise ValueError(f"{name} has {a.shape[0]} rows but the counts have {n}.")
+    return a, labels or list(range(a.shape[1]))
+
+
+def _as_matrix(a, name, n=None):
+    """Dense finite float matrix and column labels."""
+    a, labels = _matrix(a, name, n, np.float64)
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{name} must be finite; found {a[~np.isfinite(a)][0]!r}.")
-    if labels is None:
-        labels = list(range(a.shape[1]))
     return a, labels
+
+
+def _treatment_matrix(treatment, n):
+    """Boolean treatment indicators (n, P) and labels, checked without a float copy
+    (the matrix of a large screen has 1e8-1e9 entries)."""
+    T, labels = _matrix(treatment, "treatment", n)
+    if T.dtype != bool:
+        if not np.issubdtype(T.dtype, np.number):
+            T = T.astype(np.float64)
+        if not np.all((T == 0) | (T == 1)):
+            raise ValueError("treatment must hold 0/1 indicators.")
+        T = T != 0
+    return T, labels
 
 
 def _gene_major_counts(counts, used=None):
@@ -111,8 +144,7 @@ def _gene_major_counts(counts, used=None):
             raise ValueError(f"counts must be 1-D or 2-D, got {A.ndim} dimensions.")
         n, G = A.shape
         integer_dtype = np.issubdtype(A.dtype, np.integer) or A.dtype == bool
-        At = A.T if used is None or used.size == G else A.T[used]
-        Yt = np.ascontiguousarray(At, dtype=np.float64)
+        Yt = _tiled_transpose(A, None if used is None or used.size == G else used)
         if integer_dtype:
             if Yt.size and Yt.min() < 0:
                 raise ValueError(f"counts must be non-negative counts; found {Yt.min()!r}.")
@@ -120,6 +152,20 @@ def _gene_major_counts(counts, used=None):
     if not Poisson.check_response(Yt, "counts"):
         raise ValueError("counts must be integers.")
     return Yt, labels or list(range(G)), n
+
+
+def _tiled_transpose(A, cols=None, rows_per_tile=512, cols_per_tile=64):
+    """``A[:, cols].T`` as a C-contiguous float64 array, copied tile by tile (a plain
+    transposing copy of a large matrix misses the cache on every element: ~8x slower)."""
+    n = A.shape[0]
+    cols = np.arange(A.shape[1]) if cols is None else np.asarray(cols)
+    out = np.empty((cols.size, n))
+    for g in range(0, cols.size, cols_per_tile):
+        c = cols[g : g + cols_per_tile]
+        sl = slice(int(c[0]), int(c[-1]) + 1) if np.all(np.diff(c) == 1) else c
+        for s in range(0, n, rows_per_tile):
+            out[g : g + c.size, s : s + rows_per_tile] = A[s : s + rows_per_tile, sl].T
+    return out
 
 
 def _count_labels(counts):
@@ -354,9 +400,12 @@ def conditional_resamples(pi, n_resamples, rng):
     return order[rows], cols
 
 
-def _binned_resamples(pi, n_resamples, rng):
+def _binned_resamples(pi, n_resamples, rng, uniforms=False):
     """:func:`conditional_resamples` with cells renumbered in bin order: returns the
-    cell order and the treated pairs' positions in it, non-decreasing."""
+    cell order and the treated pairs' positions in it, non-decreasing; with
+    ``uniforms=True`` also each treated pair's uniform ``U < pi_i`` (the common random
+    number of :func:`resampling_test`: ``T*[i, b] = 1{U[i, b] < pi_i}``, so a probability
+    below ``pi_i`` treats a subset)."""
     pi = np.asarray(pi, dtype=np.float64)
     B = int(n_resamples)
     bits = max(int(np.ceil(np.log2(B))), 0)
@@ -368,7 +417,7 @@ def _binned_resamples(pi, n_resamples, rng):
     starts = np.flatnonzero(np.r_[True, sorted_level[1:] != sorted_level[:-1]])
     levels = sorted_level[starts]
     bounds = np.append(starts, order.size)
-    rows, cols = [], []
+    rows, cols, us = [], [], []
     for lev, s, e in zip(levels, bounds[:-1], bounds[1:]):
         if lev < 0:
             continue
@@ -387,9 +436,13 @@ def _binned_resamples(pi, n_resamples, rng):
         idx += s
         rows.append(idx)
         cols.append(b[sel])
+        if uniforms:
+            us.append(u[sel])
     if not rows:
-        return order, np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return order, np.concatenate(rows), np.concatenate(cols)
+        out = (order, np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return out + (np.zeros(0),) if uniforms else out
+    out = (order, np.concatenate(rows), np.concatenate(cols))
+    return out + (np.concatenate(us),) if uniforms else out
 
 
 def _bernoulli_positions(N, p, rng):
@@ -416,14 +469,18 @@ def _bernoulli_positions(N, p, rng):
 
 def permutation_resamples(treated, n_resamples, rng):
     """Cells and resample indices of ``B`` random permutations of the treatment: each
-    resample treats ``k = sum(treated)`` cells drawn without replacement."""
+    resample treats ``k = sum(treated)`` cells drawn without replacement (the first
+    ``k`` cells of :func:`~skmixed.offset._engine.permutation_orderings`).
+
+    Returns
+    -------
+    rows, cols : int arrays, sorted by cell
+    """
     n = treated.size
     k = int(np.sum(treated))
     B = int(n_resamples)
-    rows = np.concatenate([rng.choice(n, k, replace=False) for _ in range(B)]) if k else np.zeros(0, np.int64)
-    cols = np.repeat(np.arange(B, dtype=np.int64), k)
-    order = np.argsort(rows, kind="stable")  # by cell: gathers stream through memory
-    return rows[order], cols[order]
+    el = orderings_to_elements(permutation_orderings(n, k, B, rng), n)
+    return el.rows(), el.cols
 
 
 # ------------------------------------------------------------------- skew-normal
@@ -591,10 +648,7 @@ def resampling_test(
         raise ValueError(f"n_resamples must be an integer >= 2, got {n_resamples!r}.")
     genes, n = _count_labels(counts)
     G = len(genes)
-    T, perts = _as_matrix(treatment, "treatment", n)
-    if not np.all((T == 0) | (T == 1)):
-        raise ValueError("treatment must hold 0/1 indicators.")
-    T = T.astype(bool)
+    T, perts = _treatment_matrix(treatment, n)
     gi, pj = _pair_indices(pairs, genes, perts)
     used, gpos = np.unique(gi, return_inverse=True)  # genes in pairs; pair -> position
     # gene-major (genes in pairs only): a pair's counts are then contiguous rows
@@ -614,59 +668,51 @@ def resampling_test(
     used_p = np.unique(pj)
     pi = None
     if resampling == "conditional" and propensity is not None:
-        pi, _ = _as_matrix(propensity, "propensity", n)
-        if pi.shape != T.shape or np.any((pi < 0) | (pi > 1)):
-            raise ValueError(f"propensity must be probabilities of shape {T.shape}.")
+        pi = propensity.to_numpy() if isinstance(propensity, pd.DataFrame) else np.asarray(propensity)
+        pi = pi.astype(np.float64, copy=False)
+        if pi.shape != T.shape:
+            raise ValueError(f"propensity must be probabilities of shape {T.shape}, got {pi.shape}.")
+        if pi.size and not (0.0 <= float(np.min(pi)) and float(np.max(pi)) <= 1.0):  # NaN fails too
+            raise ValueError(f"propensity must be probabilities of shape {T.shape} (in [0, 1]).")
     elif resampling == "conditional":
         pi = np.zeros((n, T.shape[1]))
         pi[:, used_p] = treatment_probabilities(T[:, used_p], covariates)
 
-    seeds = np.random.SeedSequence(_entropy(random_state)).spawn(T.shape[1])
-    # perturbation-major copies: a perturbation's column is then contiguous
-    Tt = np.ascontiguousarray(T.T)
-    pit = None if pi is None else np.ascontiguousarray(pi.T)
     B = int(n_resamples)
-    groups = [(int(p), np.flatnonzero(pj == p)) for p in used_p]
-
-    def run(group):
-        p, idx = group
-        rng = perturbation_rng(seeds[p])
-        g = gpos[idx]
-        Yg, Og = Yt[g], Ot[g]
-        if resampling == "conditional":
-            # cells renumbered in bin order: the treated (cell, resample) pairs come
-            # sorted, and the per-cell arrays are read in one sweep
-            order, rows, cols = _binned_resamples(pit[p], B, rng)
-            Yg, Og = Yg[:, order], Og[:, order]
-        else:
-            rows, cols = permutation_resamples(Tt[p], B, rng)
-        Yg, Og = np.ascontiguousarray(Yg.T), np.ascontiguousarray(Og.T)
-        kw = {"family": family, "size": sizes[g], "method": "closed_form", "wald": statistic == "wald",
-                  "score": statistic == "score"}
-        res = fit_offset_mean(Yg, Og, WeightColumns.from_sorted_elements(rows, cols, n, B), **kw)
-        treated = np.flatnonzero(Tt[p])
-        stat = np.full((g.size, B + 1), np.nan)
-        coef = np.full(g.size, np.nan)
-        if treated.size:
-            obs = fit_offset_mean(Yt[g][:, treated].T, Ot[g][:, treated].T, WeightColumns.ones(treated.size), **kw)
-            stat[:, :1] = _statistic(obs, statistic)
-            coef = obs.coef[:, 0]
-        stat[:, 1:] = _statistic(res, statistic)
-        return idx, stat, coef, int(treated.size)
-
     K = gi.size
+    phi = np.where(np.isfinite(sizes), 1.0 / sizes, 0.0)[gpos]  # per pair; 0: Poisson
+    gshift = np.max(Ot, axis=1) if Ot.shape[1] else np.zeros(Ot.shape[0])
+    Tcsc = scipy.sparse.csc_matrix(T)
+    k_pert = np.diff(Tcsc.indptr)
+    coef, obs = _observed_statistics(Yt, Ot, gshift, gpos, pj, phi, Tcsc, statistic)
+    n_treated = k_pert[pj]
+    # the pert's children seed its resamples; the extra last child seeds the permutations
+    seeds = np.random.SeedSequence(_entropy(random_state)).spawn(T.shape[1] + 1)
+    if resampling == "permutation":
+        blocks, C = _permutation_blocks(n_treated, B, seeds[-1], n)
+    else:
+        blocks = _conditional_blocks(pj, pi, seeds, B)
+
+    def run(block):
+        idx, parts, order = block
+        if callable(parts):
+            parts, order = parts()
+        g = gpos[idx]
+        cols = column_tables(Yt[g], Ot[g], gshift[g], phi[idx], statistic, order=order)
+        return idx, block_statistics(parts, cols)
+
     stats = np.empty((K, B + 1))
-    coef = np.empty(K)
-    n_treated = np.empty(K, np.int64)
+    stats[:, 0] = obs
     if n_jobs == 1:
-        outs = map(run, groups)
+        outs = map(run, blocks)
     else:
         pool = ThreadPoolExecutor(max_workers=n_jobs)
-        outs = pool.map(run, groups)
-    for idx, stat, c, k in outs:
-        stats[idx], coef[idx], n_treated[idx] = stat, c, k
+        outs = pool.map(run, blocks)
+    for idx, S in outs:
+        stats[idx, 1:] = S.T
     if n_jobs != 1:
         pool.shutdown()
+    stats[n_treated == 0, 0] = np.nan
 
     pv = resampling_pvalues(stats[:, 0], stats[:, 1:], alternative)
     out = pd.DataFrame(
@@ -680,10 +726,126 @@ def resampling_test(
     return out
 
 
-def _statistic(res, statistic):
-    if statistic == "wald":
-        return np.where(res.boundary, -np.inf, res.z)
-    return res.score_z
+# Columns per block: wide enough that the per-element work is shared by many columns,
+# narrow enough that the per-cell tables (n x columns) stay moderate.
+_MAX_COLUMNS = 32
+# Conditional resampling: perturbations with fewer pairs than this are drawn together
+# with common random numbers (one union of resamples, masked per perturbation).
+_MIN_COLUMNS = 8
+
+
+def _permutation_blocks(k, B, seed, n):
+    """Blocks of pairs for permutation resamples: every pair uses the first ``k`` cells
+    of the same ordered resamples, so pairs are grouped by ``k`` (at most
+    ``_MAX_COLUMNS``, and ``k`` within a few percent). A block's elements below its
+    smallest ``k`` need no mask; the few above it are masked per column."""
+    k_max = int(k.max()) if k.size else 0
+    C = permutation_orderings(n, k_max, B, perturbation_rng(seed))
+    full = orderings_to_elements(C, n)
+    order = np.argsort(k, kind="stable")
+    blocks, start = [], 0
+    while start < order.size:
+        stop = start + 1
+        k0 = int(k[order[start]])
+        while stop < order.size and stop - start < _MAX_COLUMNS and k[order[stop]] <= 1.03 * k0 + 8:
+            stop += 1
+        idx = order[start:stop]
+        start = stop
+
+        def parts(kb=k[idx]):
+            k_lo, k_hi = int(kb.min()), int(kb.max())
+            r = full.rank
+            main = r < k_lo
+            out = [(full.select(main), None, None)]
+            if k_hi > k_lo:
+                out.append((full.select((r < k_hi) ^ main), kb, None))
+            return out, None
+
+        blocks.append((idx, parts, None))
+    return blocks, C
+
+
+def _conditional_blocks(pj, pi, seeds, B):
+    """Blocks of pairs for conditional resamples. A perturbation with at least
+    ``_MIN_COLUMNS`` pairs is a block (its exact Bernoulli resamples, from its own
+    seed); smaller ones, in order of mean propensity, are packed together and share
+    common random numbers: one union of resamples drawn at the largest of their
+    probabilities, each uniform ``U`` kept with the probability of the perturbation
+    it is compared with (``U < pi``)."""
+    groups = [(int(p), np.flatnonzero(pj == p)) for p in np.unique(pj)]
+    big = [gr for gr in groups if gr[1].size >= _MIN_COLUMNS]
+    small = [gr for gr in groups if gr[1].size < _MIN_COLUMNS]
+    small.sort(key=lambda gr: float(np.mean(pi[:, gr[0]])))
+    packs, cur, width = [], [], 0
+    for gr in small:
+        if cur and width + gr[1].size > _MAX_COLUMNS:
+            packs.append(cur)
+            cur, width = [], 0
+        cur.append(gr)
+        width += gr[1].size
+    if cur:
+        packs.append(cur)
+    n = pi.shape[0]
+    blocks = []
+    def exact(p):
+        order, rows, cols = _binned_resamples(pi[:, p], B, perturbation_rng(seeds[p]))
+        return [(Elements.from_rows(rows, cols, n, B).renumbered(order), None, None)], None
+
+    for p, idx in big:
+        blocks.append((idx, lambda p=p: exact(p), None))
+    for pack in packs:
+        perts = [p for p, _ in pack]
+        idx = np.concatenate([i for _, i in pack])
+        if len(perts) == 1:
+            blocks.append((idx, lambda p=perts[0]: exact(p), None))
+            continue
+        col_pert = np.concatenate([np.full(i.size, p) for p, i in pack])
+
+        def union(perts=perts, col_pert=col_pert):
+            thr = np.take(pi, col_pert, axis=1)  # (n, columns): each column's probabilities
+            order, rows, cols, u = _binned_resamples(np.max(thr, axis=1), B, perturbation_rng(seeds[perts[0]]),
+                                                     uniforms=True)
+            el = Elements.from_rows(rows, cols, n, B, rank=u).renumbered(order)
+            # below every column's probability: no mask (most elements, the perturbations
+            # of a pack having similar probabilities)
+            core = el.rank < np.min(thr, axis=1)[el.cells]
+            return [(el.select(core), None, None), (el.select(~core), None, thr)], None
+
+        blocks.append((idx, union, None))
+    return blocks
+
+
+def _observed_statistics(Yt, Ot, gshift, gpos, pj, phi, Tcsc, statistic):
+    """Closed-form estimate and statistic of every pair on its treated cells, with the
+    formulas of :func:`~skmixed.offset._engine.block_statistics`."""
+    K = gpos.size
+    lens = np.diff(Tcsc.indptr)[pj]
+    pair = np.repeat(np.arange(K), lens)
+    within = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+    cells = Tcsc.indices[np.repeat(Tcsc.indptr[pj], lens) + within]
+    g = gpos[pair]
+    y = Yt[g, cells]
+    d = Ot[g, cells] - gshift[g]
+    Sy = np.bincount(pair, weights=y, minlength=K)
+    Se = np.bincount(pair, weights=np.exp(d), minlength=K)
+    shift = gshift[gpos]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = Sy / Se
+        coef = np.log(t) - shift
+        if statistic == "score":
+            mu0 = np.exp(d + gshift[g])
+            dd = 1.0 / (1.0 + phi[pair] * mu0)
+            U = np.bincount(pair, weights=(y - mu0) * dd, minlength=K)
+            info0 = np.bincount(pair, weights=mu0 * dd, minlength=K)
+            return np.where(lens > 0, coef, np.nan), U / np.sqrt(info0)
+        if np.any(phi > 0):
+            acc = np.bincount(pair, weights=1.0 / (np.exp(-d) + phi[pair] * t[pair]), minlength=K)
+            info = t * acc
+        else:
+            info = Sy
+        z = coef * np.sqrt(info)
+    z = np.where(Sy <= 0, -np.inf, z)
+    return np.where(lens > 0, coef, np.nan), z
 
 
 def perturbation_rng(seed_sequence):
