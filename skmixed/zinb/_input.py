@@ -45,7 +45,7 @@ def check_count_matrix(est, Y, *, reset: bool):
         Ycsr = sp.csr_matrix(Y, dtype=np.float64)
     else:
         Ycsr = to_csr(Y, xp)
-        if Ycsr.ndim != 2:
+        if len(Ycsr.shape) != 2:
             raise ValueError(f"Y must be 2-D (cells x genes), got shape {Ycsr.shape}.")
         if reset:
             est.n_features_in_ = Ycsr.shape[1]

@@ -337,7 +337,7 @@ class Optimizer:
         return ll_gene, ll, pen_ll
 
     # -- driver ------------------------------------------------------------------------------
-    def zeta_only(self, P, n_steps: int = 6, tol: float = 1e-8):
+    def zeta_only(self, P, n_steps: int = 4, tol: float = 1e-3):
         """Newton on the dispersion alone (zinbwave optimises it first, from zeta = 0)."""
         saved = (self.fit_genes,)
         self.fit_genes = False
