@@ -158,6 +158,9 @@ def _tiled_transpose(A, cols=None, rows_per_tile=512, cols_per_tile=64):
     """``A[:, cols].T`` as a C-contiguous float64 array, copied tile by tile (a plain
     transposing copy of a large matrix misses the cache on every element: ~8x slower)."""
     n = A.shape[0]
+    if A.flags.f_contiguous:  # e.g. a DataFrame's values: the transpose is a plain copy
+        At = A.T if cols is None else A.T[cols]
+        return np.ascontiguousarray(At, dtype=np.float64)
     cols = np.arange(A.shape[1]) if cols is None else np.asarray(cols)
     out = np.empty((cols.size, n))
     for g in range(0, cols.size, cols_per_tile):
@@ -346,6 +349,46 @@ def _digamma_differences(v, r):
     return np.where(big, a1, d1), np.where(big, a2, d2)
 
 
+def _logistic_newton(X, T, coef0, max_iter, tol=1e-10):
+    """Newton's method for many logistic regressions sharing the design ``X`` (n, p):
+    the Hessians of all responses are one matrix product ``[x_a x_b]' W`` (the p(p+1)/2
+    products of design columns against the (n, G) weights) and the gradients
+    ``X' (T - pi)``, so an iteration costs one ``expit`` per cell and response. No line
+    search: the columns whose Newton decrement does not fall below ``tol`` within
+    ``max_iter`` steps (or grows, e.g. under separation) are returned as not ``ok``, for
+    :func:`~skmixed.glm._newton.fit_glm` to finish.
+
+    Returns
+    -------
+    coef : (G, p), ok : (G,) bool
+    """
+    n, p = X.shape
+    iu, ju = np.triu_indices(p)
+    XX = X[:, iu] * X[:, ju]  # (n, p(p+1)/2)
+    coef = np.array(coef0, dtype=float)
+    G = coef.shape[0]
+    ok = np.zeros(G, bool)
+    last = np.full(G, np.inf)
+    for _ in range(max_iter):
+        mu = Bernoulli.mean(X @ coef.T)  # (n, G)
+        grad = X.T @ (T - mu)  # (p, G)
+        mu *= 1.0 - mu
+        h = XX.T @ mu  # (p(p+1)/2, G)
+        H = np.empty((G, p, p))
+        H[:, iu, ju] = h.T
+        H[:, ju, iu] = h.T
+        step = np.linalg.solve(H + 1e-12 * np.eye(p)[None], grad.T[:, :, None])[:, :, 0]
+        dec = 0.5 * np.sum(step * grad.T, axis=1)
+        bad = ~np.isfinite(dec) | (dec > last * 1.01 + 1e-8)
+        active = ~ok & ~bad
+        coef[active] += step[active]
+        ok |= active & (dec < tol)
+        last = np.where(bad, last, dec)
+        if bool(np.all(ok | bad)):
+            break
+    return coef, ok & np.all(np.isfinite(coef), axis=1)
+
+
 def treatment_probabilities(treatment, covariates=None, *, max_iter=100):
     """``P(T_ip = 1 | covariates)`` from a logistic regression per perturbation.
 
@@ -358,19 +401,25 @@ def treatment_probabilities(treatment, covariates=None, *, max_iter=100):
     -------
     pi : ndarray of shape (n_cells, n_perturbations)
     """
-    T, _ = _as_matrix(treatment, "treatment")
+    T, _ = _treatment_matrix(treatment, None)
     n, P = T.shape
     X = _design(covariates, n)
     pi = np.empty((n, P))
     bad = 0
-    for sl in _column_chunks(P, n):
+    for sl in _column_chunks(P, n, budget=2**24):
+        Tc = T[:, sl].astype(np.float64)
         # start at the intercept-only fit: a few Newton steps from the optimum
-        frac = np.clip(T[:, sl].mean(axis=0), 1.0 / n, 1.0 - 1.0 / n)
+        frac = np.clip(Tc.mean(axis=0), 1.0 / n, 1.0 - 1.0 / n)
         coef0 = np.zeros((frac.size, X.shape[1]))
         coef0[:, 0] = np.log(frac / (1.0 - frac))
-        res = fit_glm(X, T[:, sl], Bernoulli, coef0=coef0, max_iter=max_iter)
-        pi[:, sl] = scipy.special.expit(X @ res.coef.T)
-        bad += int((~res.converged).sum())
+        coef, ok = _logistic_newton(X, Tc, coef0, max_iter)
+        if not ok.all():
+            # the safeguarded solver (line search) where plain Newton steps did not settle
+            idx = np.flatnonzero(~ok)
+            res = fit_glm(X, Tc[:, idx], Bernoulli, coef0=coef0[idx], max_iter=max_iter)
+            coef[idx] = res.coef
+            bad += int((~res.converged).sum())
+        pi[:, sl] = scipy.special.expit(X @ coef.T)
     if bad:
         warnings.warn(
             f"the treatment model did not converge for {bad} perturbation(s) (separation?).",
@@ -803,16 +852,26 @@ def _conditional_blocks(pj, pi, seeds, B):
 
         def union(perts=perts, col_pert=col_pert):
             thr = np.take(pi, col_pert, axis=1)  # (n, columns): each column's probabilities
-            order, rows, cols, u = _binned_resamples(np.max(thr, axis=1), B, perturbation_rng(seeds[perts[0]]),
-                                                     uniforms=True)
+            lo, hi = _row_min_max(thr)
+            order, rows, cols, u = _binned_resamples(hi, B, perturbation_rng(seeds[perts[0]]), uniforms=True)
             el = Elements.from_rows(rows, cols, n, B, rank=u).renumbered(order)
             # below every column's probability: no mask (most elements, the perturbations
             # of a pack having similar probabilities)
-            core = el.rank < np.min(thr, axis=1)[el.cells]
+            core = el.rank < lo[el.cells]
             return [(el.select(core), None, None), (el.select(~core), None, thr)], None
 
         blocks.append((idx, union, None))
     return blocks
+
+
+def _row_min_max(a):
+    """Row minima and maxima of a (n, k) array with small k, column by column (numpy's
+    reduction along a short last axis costs ~5 ns per element)."""
+    lo, hi = a[:, 0].copy(), a[:, 0].copy()
+    for j in range(1, a.shape[1]):
+        np.minimum(lo, a[:, j], out=lo)
+        np.maximum(hi, a[:, j], out=hi)
+    return lo, hi
 
 
 def _observed_statistics(Yt, Ot, gshift, gpos, pj, phi, Tcsc, statistic):
