@@ -229,3 +229,36 @@ def _shared(key, k, dtype, make):
         buf.flags.writeable = False
         _BUFFERS[key] = buf
     return buf[:k]
+
+
+def ndtr(x):
+    """The standard normal CDF."""
+    return _special(get_namespace(x)).ndtr(x)
+
+
+def nonzero_entries(W):
+    """``(rows, cols, values)`` of the non-zero entries of a 2-D dense or sparse matrix,
+    on its own namespace (scipy.sparse / cupyx.scipy.sparse matrices included)."""
+    if hasattr(W, "tocoo"):
+        C = W.tocoo()
+        keep = C.data != 0
+        return C.row[keep], C.col[keep], C.data[keep]
+    xp = get_namespace(W)
+    r, c = xp.nonzero(W)
+    return r, c, W[r, c]
+
+
+def is_device_sparse(a) -> bool:
+    """True for a cupyx.scipy.sparse matrix."""
+    if _cupy() is None:
+        return False
+    import cupyx.scipy.sparse  # noqa: PLC0415
+
+    return cupyx.scipy.sparse.issparse(a)
+
+
+def gpu_namespace() -> ModuleType:
+    """The ``cupy`` module (``ValueError`` without CuPy or a CUDA device)."""
+    if _cupy() is None:
+        raise ValueError("this needs CuPy and a CUDA device (pip install cupy-cuda12x).")
+    return _cupy()

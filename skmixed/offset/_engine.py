@@ -34,6 +34,7 @@ from .._backend import add_rows_at, csc_matmul, get_namespace, to_device
 
 # elements x columns per chunk of the information pass: temporaries near L2 size
 _CHUNK = 131072
+_DEVICE_CHUNK = 1 << 25  # on a GPU: few, large kernels
 
 
 @dataclass
@@ -294,7 +295,7 @@ def _chunks(el, width, thresholds=None, cell_thresholds=None):
     uses which element (None when every column uses every element)."""
     xp = get_namespace(el.cols)
     E = int(el.indptr[-1])
-    step = max(1024, _CHUNK // max(width, 1))
+    step = max(1024, (_CHUNK if xp is np else _DEVICE_CHUNK) // max(width, 1))
     indptr_h = el.indptr if xp is np else el.indptr.get()
     cuts = np.searchsorted(indptr_h, np.arange(step, E, step))
     bounds = np.unique(np.concatenate([[0], cuts, [el.n]]))
@@ -313,5 +314,7 @@ def _chunks(el, width, thresholds=None, cell_thresholds=None):
 def _less(a, b):
     """``a < b`` as float64 0/1 (multiplying by it needs no casting)."""
     xp = get_namespace(a, b)
-    out = xp.empty(xp.broadcast_shapes(a.shape, b.shape) if xp is np else (max(a.shape[0], b.shape[0]), max(a.shape[1], b.shape[1])))
-    return xp.less(a, b, out=out, casting="unsafe") if xp is np else (a < b).astype(xp.float64)
+    if xp is not np:
+        return (a < b).astype(xp.float64)
+    out = np.empty(np.broadcast_shapes(a.shape, b.shape))
+    return np.less(a, b, out=out, casting="unsafe")

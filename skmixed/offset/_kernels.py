@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse
 
+from .._backend import add_rows_at, get_namespace, sparse_csr, to_host
 from .._families import NegativeBinomial
 
 # size bounds of the maximum-likelihood search; reaching SIZE_MAX means "no overdispersion"
@@ -180,6 +181,51 @@ class WeightColumns:
         return out
 
 
+class DeviceWeightColumns:
+    """:class:`WeightColumns` for CuPy arrays: the same interface, with the sums as
+    ``cupyx`` sparse products and ``scatter_add`` (through :mod:`skmixed._backend`),
+    in chunks of elements."""
+
+    _CHUNK = 1 << 24  # elements x genes per chunk: large, few kernel launches
+
+    def __init__(self, rows, cols, vals, n, B):
+        xp = get_namespace(rows, cols, vals)
+        self.n, self.B = int(n), int(B)
+        self.rows, self.cols = rows.astype(xp.int64), cols.astype(xp.int64)
+        self.vals = vals.astype(xp.float64)
+        self.nnz = int(self.rows.size)
+        self._Wt = sparse_csr(self.vals, self.cols, self.rows, (self.B, self.n), xp)
+        self.Wt = None  # fit_offset_mean then takes the gathering passes (map_reduce)
+
+    @property
+    def count(self):
+        return get_namespace(self.cols).bincount(self.cols, minlength=self.B)
+
+    def linear(self, F):
+        return self._Wt @ F
+
+    def _ranges(self, n_genes):
+        step = max(1024, self._CHUNK // max(n_genes, 1))
+        return [(s, min(s + step, self.nnz)) for s in range(0, self.nnz, step)]
+
+    def gather(self, a, n_genes):
+        return _Gathered([a[self.rows[s:e]] for s, e in self._ranges(n_genes)], a.shape[1])
+
+    def map_reduce(self, fn, cell_arrays, col_arrays, n_out):
+        xp = get_namespace(self.cols)
+        G = max(a.shape[1] for a in list(cell_arrays) + list(col_arrays))
+        out = [xp.zeros((self.B, G)) for _ in range(n_out)]
+        for k, (s, e) in enumerate(self._ranges(G)):
+            c = self.cols[s:e]
+            cell = [a.chunks[k] if isinstance(a, _Gathered) else a[self.rows[s:e]] for a in cell_arrays]
+            col = [a if a.shape[0] == 1 else a[c] for a in col_arrays]
+            vals = fn(*cell, *col)
+            w = self.vals[s:e, None]
+            for j in range(n_out):
+                add_rows_at(out[j], c, xp.ascontiguousarray(xp.broadcast_to(vals[j] * w, (e - s, G))))
+        return out
+
+
 class _Gathered:
     def __init__(self, chunks, width):
         self.chunks = chunks
@@ -231,7 +277,7 @@ class OffsetMeanResult:
 def _gene_chunks(G, n_rows):
     """Genes per chunk so that (n, chunk) copies stay moderate."""
     per = max(1, min(G, int(2**24 // max(n_rows, 1))))
-    return [np.arange(s, min(s + per, G)) for s in range(0, G, per)]
+    return [slice(s, min(s + per, G)) for s in range(0, G, per)]
 
 
 def fit_offset_mean(Y, O, cols, *, family="negative_binomial", size=None, method="closed_form",
@@ -265,15 +311,18 @@ def fit_offset_mean(Y, O, cols, *, family="negative_binomial", size=None, method
     n, G = Y.shape
     B = cols.B
     shape = (G, B)
+    # creation functions follow Y's namespace (numpy or cupy, NEP 35); the other numpy
+    # calls below dispatch on their array arguments
     res = OffsetMeanResult(
-        coef=np.empty(shape), se=np.empty(shape), z=np.empty(shape), score_z=np.empty(shape),
-        size=np.empty(shape), converged=np.ones(shape, bool), boundary=np.zeros(shape, bool),
-        size_fallback=np.zeros(shape, bool), n_iter=0,
+        coef=np.empty(shape, like=Y), se=np.empty(shape, like=Y), z=np.empty(shape, like=Y),
+        score_z=np.empty(shape, like=Y), size=np.empty(shape, like=Y), converged=np.ones(shape, bool, like=Y),
+        boundary=np.zeros(shape, bool, like=Y), size_fallback=np.zeros(shape, bool, like=Y), n_iter=0,
     )
     O2 = O[:, None] if O.ndim == 1 else O
     fixed_phi = None
     if family == "negative_binomial" and size is not None:
-        fixed_phi = 1.0 / np.broadcast_to(np.asarray(size, dtype=float), (G,))
+        fixed_phi = 1.0 / np.broadcast_to(np.asarray(to_host(size), dtype=float), (G,))
+        fixed_phi = np.asarray(fixed_phi, like=Y)
     for gs in _gene_chunks(G, n):
         Yc = np.ascontiguousarray(Y[:, gs])
         Oc = O2 if O2.shape[1] == 1 else O2[:, gs]
@@ -291,10 +340,10 @@ def fit_offset_mean(Y, O, cols, *, family="negative_binomial", size=None, method
             a = np.log(t)
         boundary = Sy <= 0
         if family == "poisson":
-            phi = np.zeros((1, Sy.shape[1]))
+            phi = np.zeros((1, Sy.shape[1]), like=Y)
             info = Sy
             converged = np.ones_like(boundary)
-            size_est = np.full(Sy.shape, np.inf)
+            size_est = np.full(Sy.shape, np.inf, like=Y)
             fallback = np.zeros_like(boundary)
             n_iter = 0
         else:
@@ -305,7 +354,7 @@ def fit_offset_mean(Y, O, cols, *, family="negative_binomial", size=None, method
             if wald:
                 info = cols.map_reduce(_information, [M], [np.exp(a), phi_bg], 1)[0]
             else:
-                info = np.full(Sy.shape, np.nan)
+                info = np.full(Sy.shape, np.nan, like=Y)
             with np.errstate(divide="ignore"):
                 size_est = np.broadcast_to(1.0 / phi_bg, Sy.shape).copy()
             phi = phi_bg
@@ -385,8 +434,8 @@ def _phi_from_log_size(u):
 def _newton_beta(cols, Yc, M, a, phi, active, max_iter, tol):
     """Safeguarded Newton for the concave NB log-likelihood in ``a``: a bracket from the
     sign of the score, bisection whenever a step leaves it."""
-    lo = np.full(a.shape, -np.inf)
-    hi = np.full(a.shape, np.inf)
+    lo = np.full(a.shape, -np.inf, like=a)
+    hi = np.full(a.shape, np.inf, like=a)
     active = active.copy()
     it = 0
     for it in range(1, max_iter + 1):
@@ -443,9 +492,9 @@ def size_newton(derivs, u, u_mom, active, max_iter):
     u, converged, fallback, n_iter
     """
     lmin, lmax = np.log(SIZE_MIN), np.log(SIZE_MAX)
-    u = np.minimum(np.array(u, dtype=float), lmax - 1.0)  # inside: the Poisson end is re-reached if wanted
-    lo = np.full(u.shape, lmin)
-    hi = np.full(u.shape, lmax)
+    u = np.minimum(u.astype(float, copy=True), lmax - 1.0)  # inside: the Poisson end is re-reached if wanted
+    lo = np.full(u.shape, lmin, like=u)
+    hi = np.full(u.shape, lmax, like=u)
     active = np.broadcast_to(active, u.shape).copy()
     it = 0
     for it in range(1, max_iter + 1):

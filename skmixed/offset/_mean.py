@@ -13,9 +13,9 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .._backend import safe_exp
+from .._backend import get_namespace, is_device_sparse, ndtr, nonzero_entries, safe_exp, to_host
 from .._families import check_counts
-from ._kernels import WeightColumns, fit_offset_mean
+from ._kernels import DeviceWeightColumns, WeightColumns, fit_offset_mean
 
 _FAMILIES = ("poisson", "negative_binomial")
 _METHODS = ("closed_form", "mle")
@@ -197,16 +197,53 @@ class NegBinOffsetMean(RegressorMixin, BaseEstimator):
         self : NegBinOffsetMean
         """
         self._validate_params()
+        device_w = is_device_sparse(sample_weight)
+        xp = get_namespace(X, y, *(() if sample_weight is None or device_w else (sample_weight,)))
+        if xp is not np or device_w:
+            return self._fit_device(X, y, sample_weight)
+        return self._fit_columns(*self._validate(X, y, sample_weight))
+
+    def _validate(self, X, y, sample_weight):
         if scipy.sparse.issparse(y):
             y = y.toarray()
         X, y = validate_data(self, X, y, dtype=np.float64, multi_output=True, y_numeric=True)
         n = X.shape[0]
-        self.integer_response_ = check_counts(y, "y", stacklevel=3)
+        self.integer_response_ = check_counts(y, "y", stacklevel=4)
         Y = y.reshape(n, -1)
         if self.size is not None and np.ndim(self.size) == 1 and np.size(self.size) != Y.shape[1]:
             raise ValueError(f"size has {np.size(self.size)} entries but y has {Y.shape[1]} columns.")
         cols, one_weight = check_weights(sample_weight, n)
+        return X, y, Y, cols, one_weight
 
+    def _fit_device(self, X, y, sample_weight):
+        """CuPy inputs: validated on host copies, fitted on the device (the sums as cupyx
+        sparse products); the fitted attributes are CuPy arrays."""
+        import cupy as xp  # noqa: PLC0415  (only reached with CuPy inputs)
+
+        Wh = sample_weight
+        if is_device_sparse(sample_weight):
+            Wh = sample_weight.get()
+        elif sample_weight is not None:
+            Wh = to_host(sample_weight)
+        self._validate(to_host(X), to_host(y), Wh)  # the checks, on host copies
+        Xd = xp.asarray(X, dtype=xp.float64).reshape(X.shape[0], -1)
+        yd = xp.asarray(y, dtype=xp.float64)
+        n = Xd.shape[0]
+        Y = yd.reshape(n, -1)
+        one_weight = sample_weight is None or (not is_device_sparse(sample_weight) and sample_weight.ndim == 1)
+        if sample_weight is None:
+            rows, cols_, vals = xp.arange(n), xp.zeros(n, xp.int64), xp.ones(n)
+            B = 1
+        else:
+            W = sample_weight
+            if not is_device_sparse(W):
+                W = xp.asarray(W, dtype=xp.float64).reshape(n, -1)
+            rows, cols_, vals = nonzero_entries(W)
+            B = W.shape[1]
+        cols = DeviceWeightColumns(rows, cols_, vals, n, B)
+        return self._fit_columns(Xd, yd, Y, cols, one_weight)
+
+    def _fit_columns(self, X, y, Y, cols, one_weight):
         res = fit_offset_mean(
             Y, X.sum(axis=1), cols, family=self.family, size=self.size, method=self.method,
             max_iter=self.max_iter, tol=self.tol,
@@ -221,9 +258,9 @@ class NegBinOffsetMean(RegressorMixin, BaseEstimator):
         self.coef_ = out(res.coef)
         self.coef_se_ = out(res.se)
         self.z_ = out(res.z)
-        self.pvalue_ = out(2.0 * scipy.special.ndtr(-np.abs(res.z)))
+        self.pvalue_ = out(2.0 * ndtr(-abs(res.z)))
         self.score_z_ = out(res.score_z)
-        self.score_pvalue_ = out(2.0 * scipy.special.ndtr(-np.abs(res.score_z)))
+        self.score_pvalue_ = out(2.0 * ndtr(-abs(res.score_z)))
         self.size_ = out(res.size)
         self.converged_ = out(res.converged)
         self.boundary_ = out(res.boundary)
@@ -234,29 +271,31 @@ class NegBinOffsetMean(RegressorMixin, BaseEstimator):
                 f"the weighted counts sum to zero in {int(res.boundary.sum())} fit(s): coef_ = -inf, "
                 "z_ and pvalue_ are NaN there (boundary_ marks them; score_z_ is defined).",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         if res.size_fallback.any():
             warnings.warn(
                 f"the size search failed in {int(res.size_fallback.sum())} fit(s); they use the "
                 "method-of-moments size (size_fallback_ marks them).",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         if not res.converged.all():
             warnings.warn(
                 f"{int((~res.converged).sum())} fit(s) did not converge in {self.max_iter} Newton "
                 "iterations (converged_ marks them); increase max_iter.",
                 ConvergenceWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         return self
 
     def predict(self, X):
         """Expected counts ``exp(coef_ + o)``, of shape ``(n_samples,) + coef_.shape``."""
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=np.float64, reset=False)
-        coef = np.asarray(self.coef_)
+        xp = get_namespace(self.coef_)
+        Xh = validate_data(self, to_host(X), dtype=np.float64, reset=False)
+        X = Xh if xp is np else xp.asarray(Xh)
+        coef = xp.asarray(self.coef_)
         eta = X.sum(axis=1).reshape((-1,) + (1,) * coef.ndim) + coef
         with np.errstate(invalid="ignore"):
             return safe_exp(eta)

@@ -47,6 +47,7 @@ import scipy.special
 import scipy.stats
 from sklearn.exceptions import ConvergenceWarning
 
+from .._backend import gpu_namespace, is_cupy_array, is_device_sparse, to_device, to_host
 from .._families import Bernoulli, NegativeBinomial, Poisson, _trigamma
 from ..glm._newton import fit_glm
 from ._engine import (
@@ -626,6 +627,7 @@ def resampling_test(
     distillation=None,
     propensity=None,
     n_jobs=1,
+    device=None,
     random_state=None,
     return_resampled=False,
 ):
@@ -662,7 +664,13 @@ def resampling_test(
         Precomputed treatment probabilities (:func:`treatment_probabilities`) for the
         conditional resamples (skips that fit).
     n_jobs : int, default=1
-        Threads over perturbations (results do not depend on it).
+        Threads over blocks of pairs (results do not depend on it).
+    device : {None, "cpu", "gpu"}, default=None
+        Where the resampled statistics are computed. ``"gpu"`` runs the block sums on
+        CuPy arrays (through :mod:`skmixed._backend`); None follows the counts (CuPy
+        counts: GPU). Input checks, the draws (numpy generators: the resamples, hence
+        the results, are those of the CPU), the observed statistics and the p-values
+        stay on the host; the returned table is on the host.
     random_state : int, numpy Generator or None
     return_resampled : bool
         Also return the resampled statistics, shape (n_pairs, n_resamples).
@@ -695,6 +703,9 @@ def resampling_test(
         raise ValueError(f"alternative must be one of {_ALTERNATIVES}, got {alternative!r}.")
     if not isinstance(n_resamples, (int, np.integer)) or n_resamples < 2:
         raise ValueError(f"n_resamples must be an integer >= 2, got {n_resamples!r}.")
+    xp_dev = _device_namespace(device, counts)
+    counts, treatment, covariates, propensity = (
+        None if a is None else _host(a) for a in (counts, treatment, covariates, propensity))
     genes, n = _count_labels(counts)
     G = len(genes)
     T, perts = _treatment_matrix(treatment, n)
@@ -747,8 +758,12 @@ def resampling_test(
         if callable(parts):
             parts, order = parts()
         g = gpos[idx]
-        cols = column_tables(Yt[g], Ot[g], gshift[g], phi[idx], statistic, order=order)
-        return idx, block_statistics(parts, cols)
+        if xp_dev is np:
+            cols = column_tables(Yt[g], Ot[g], gshift[g], phi[idx], statistic, order=order)
+            return idx, block_statistics(parts, cols)
+        parts = [(el.to(xp_dev), _to(thr, xp_dev), _to(cthr, xp_dev)) for el, thr, cthr in parts]
+        cols = column_tables(*(to_device(a, xp_dev) for a in (Yt[g], Ot[g], gshift[g], phi[idx])), statistic)
+        return idx, to_host(block_statistics(parts, cols))
 
     stats = np.empty((K, B + 1))
     stats[:, 0] = obs
@@ -862,6 +877,27 @@ def _conditional_blocks(pj, pi, seeds, B):
 
         blocks.append((idx, union, None))
     return blocks
+
+
+def _device_namespace(device, counts):
+    if device not in (None, "cpu", "gpu"):
+        raise ValueError(f"device must be None, 'cpu' or 'gpu', got {device!r}.")
+    if device == "cpu" or (device is None and not is_cupy_array(counts) and not is_device_sparse(counts)):
+        return np
+    return gpu_namespace()
+
+
+def _host(a):
+    """Host copy of a CuPy array (dense or cupyx sparse); other inputs unchanged."""
+    if is_cupy_array(a):
+        return to_host(a)
+    if is_device_sparse(a):
+        return a.get()
+    return a
+
+
+def _to(a, xp):
+    return None if a is None else to_device(a, xp)
 
 
 def _row_min_max(a):
