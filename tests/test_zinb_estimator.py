@@ -139,6 +139,9 @@ def test_pipeline_clone_and_new_cells(sim):
     pipe = make_pipeline(ZINBWaVE(3, random_state=0, tol=1e-4), KMeans(4, n_init=5, random_state=0))
     labels = pipe.fit_predict(Y)
     assert labels.shape == (Y.shape[0],)
+    # the pipeline, verbatim settings
+    big = make_pipeline(ZINBWaVE(10, random_state=0, tol=1e-4), KMeans(8, n_init=3, random_state=0)).fit(Y)
+    assert big[0].W_.shape == (Y.shape[0], 10) and np.unique(big.predict(Y)).size == 8
     est = clone(pipe[0])
     assert est.get_params() == pipe[0].get_params() and not hasattr(est, "W_")
     # train on 300 cells, transform 100 new ones with the gene parameters fixed

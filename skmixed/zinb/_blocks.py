@@ -18,6 +18,11 @@ import numpy as np
 from .._backend import get_namespace
 
 
+def _ix(xp, idx):
+    """Index arrays in the namespace of the arrays they index (CuPy wants its own)."""
+    return idx if xp is np else xp.asarray(idx)
+
+
 class BlockPlan:
     """Which pairs ``(p <= q)`` of a block's parameters meet which information term."""
 
@@ -33,9 +38,7 @@ class BlockPlan:
     def pair_designs(self, Umu, Upi):
         """Per-pair products of design vectors for the three information terms."""
         xp = get_namespace(Umu)
-        pa, qa = self.aa
-        pb, qb = self.bb
-        pc, qc = self.ab
+        pa, qa, pb, qb, pc, qc = (_ix(xp, i) for i in (*self.aa, *self.bb, *self.ab))
         Caa = Umu[:, pa] * Umu[:, qa]
         Cbb = Upi[:, pb] * Upi[:, qb]
         Cab = Umu[:, pc] * Upi[:, qc] + Upi[:, pc] * Umu[:, qc]
@@ -65,9 +68,9 @@ class BlockPlan:
         H = xp.zeros((units, self.P, self.P))
         for (p, q), S in ((self.aa, Saa), (self.ab, Sab), (self.bb, Sbb)):
             if p.size:
-                H[:, p, q] += S
-        iu = np.triu_indices(self.P, 1)
-        H[:, iu[1], iu[0]] = H[:, iu[0], iu[1]]
+                H[:, _ix(xp, p), _ix(xp, q)] += S
+        iu0, iu1 = (_ix(xp, i) for i in np.triu_indices(self.P, 1))
+        H[:, iu1, iu0] = H[:, iu0, iu1]
         return H
 
 

@@ -22,13 +22,14 @@ from ._model import Params
 
 
 def _sym_pairs(U):
-    p, q = np.triu_indices(U.shape[1])
+    xp = get_namespace(U)
+    p, q = (i if xp is np else xp.asarray(i) for i in np.triu_indices(U.shape[1]))
     return U[:, p] * U[:, q]
 
 
 def _assemble_sym(S, P):
     xp = get_namespace(S)
-    p, q = np.triu_indices(P)
+    p, q = (i if xp is np else xp.asarray(i) for i in np.triu_indices(P))
     H = xp.zeros((S.shape[0], P, P))
     H[:, p, q] = S
     H[:, q, p] = S
