@@ -78,11 +78,12 @@ class Elements:
     def select(self, keep):
         """The elements where ``keep`` is True (cell-major order kept)."""
         xp = get_namespace(self.cols)
-        cells = self.cells[keep]
+        idx = xp.flatnonzero(keep)  # one scan; the takes below are then cheap
+        cells = xp.take(self.cells, idx)
         indptr = xp.zeros_like(self.indptr)
         xp.cumsum(xp.bincount(cells, minlength=self.n), out=indptr[1:])
-        rank = None if self.rank is None else self.rank[keep]
-        return Elements(cols=self.cols[keep], indptr=indptr, rank=rank, n=self.n, B=self.B, cells=cells)
+        rank = None if self.rank is None else xp.take(self.rank, idx)
+        return Elements(cols=xp.take(self.cols, idx), indptr=indptr, rank=rank, n=self.n, B=self.B, cells=cells)
 
     def renumbered(self, order):
         """The same elements with cell ``j`` renamed ``order[j]`` (cell-major again):

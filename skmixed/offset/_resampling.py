@@ -145,7 +145,11 @@ def _gene_major_counts(counts, used=None):
             raise ValueError(f"counts must be 1-D or 2-D, got {A.ndim} dimensions.")
         n, G = A.shape
         integer_dtype = np.issubdtype(A.dtype, np.integer) or A.dtype == bool
-        Yt = _tiled_transpose(A, None if used is None or used.size == G else used)
+        if integer_dtype and A.dtype != bool and A.flags.f_contiguous and (used is None or used.size == G):
+            # gene-major already (a DataFrame's values): a view; blocks convert their rows
+            Yt = A.T
+        else:
+            Yt = _tiled_transpose(A, None if used is None or used.size == G else used)
         if integer_dtype:
             if Yt.size and Yt.min() < 0:
                 raise ValueError(f"counts must be non-negative counts; found {Yt.min()!r}.")
