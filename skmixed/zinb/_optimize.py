@@ -52,6 +52,7 @@ class Optimizer:
         self.M, self.L, self.K = M, L, K
         self._cache = None  # per chunk: the cells' Newton statistics at the current parameters
         self._omega = 1.0  # extrapolation factor
+        self._wait = 0  # iterations before the next extrapolation attempt
 
     # -- design vectors --------------------------------------------------------------
     def _cell_designs(self, P, cols=None):
@@ -377,8 +378,15 @@ class Optimizer:
             min_gain = max(1e-3 * tol * abs(history[-1]), 0.05 * last_gain if np.isfinite(last_gain) else 0.0)
             ll_gene = self.common_zeta_step(P, acc, ll_gene, min_gain=min_gain)
             ll, pen_ll = self.objective(P, ll_gene)
-            if self.fit_genes and prev is not None:
+            # extrapolate once the iterations creep (relative gain < 1e-4), and wait two
+            # iterations after a failed attempt: each attempt costs a pass
+            self._wait = max(self._wait - 1, 0)
+            creeping = abs(pen_ll - history[-1]) < 1e-4 * abs(history[-1])
+            if self.fit_genes and prev is not None and creeping and self._wait == 0:
+                before = pen_ll
                 ll_gene, ll, pen_ll = self._extrapolate(P, prev, ll_gene, ll, pen_ll)
+                if pen_ll == before:
+                    self._wait = 2
             prev = P.copy() if self.fit_genes else None
             history.append(pen_ll)
             if callback is not None:
