@@ -2,7 +2,7 @@
 
 from .mixed import PoissonGLMM
 from .offset import NegBinOffsetMean, resampling_test
-from .zinb import ZINBWaVE  # noqa: F401  (the lead adds it to __all__)
+from .zinb import ZINBWaVE
 
-__all__ = ["NegBinOffsetMean", "PoissonGLMM", "resampling_test"]
+__all__ = ["NegBinOffsetMean", "PoissonGLMM", "ZINBWaVE", "resampling_test"]
 __version__ = "0.1.0.dev0"
