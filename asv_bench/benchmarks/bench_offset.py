@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import scipy.sparse
 
+from skmixed._backend import cupy_available
 from skmixed.offset import (
     NegBinOffsetMean,
     distill,
@@ -56,18 +57,26 @@ class OneFit:
 class ManyFits:
     """G responses x B weight columns in one call (divide by G * B for the time per fit)."""
 
-    params = ([2000, 200_000], [0.01, 1.0], ["nb_closed_form", "nb_mle"])
-    param_names = ["n_cells", "weight_density", "model"]
+    params = ([2000, 200_000], [0.01, 1.0], ["nb_closed_form", "nb_mle"], ["cpu", "gpu"])
+    param_names = ["n_cells", "weight_density", "model", "device"]
     timeout = 300
 
-    def setup(self, n_cells, density, model):
+    def setup(self, n_cells, density, model, device):
         G, B = 10, 500
         if n_cells * density * B > 2e7:  # dense weights on 200,000 cells: 1e8 entries
             raise NotImplementedError("too large for a benchmark")
         self.X, self.Y, self.W = offset_data(n_cells, G, B, density)
+        if device == "gpu":
+            if not cupy_available():
+                raise NotImplementedError("needs CuPy and a CUDA device")
+            import cupy
+            import cupyx.scipy.sparse
+
+            self.X, self.Y = cupy.asarray(self.X), cupy.asarray(self.Y)
+            self.W = cupyx.scipy.sparse.csr_matrix(self.W)
         self.model = NegBinOffsetMean(size=2.0, method="closed_form" if model == "nb_closed_form" else "mle")
 
-    def time_fit(self, n_cells, density, model):
+    def time_fit(self, n_cells, density, model, device):
         self.model.fit(self.X, self.Y, sample_weight=self.W)
 
 
@@ -90,23 +99,31 @@ def screen_precomputed(n_cells, n_perts, genes_per_pert):
 
 
 class Resampling:
-    """1,000 gene x perturbation pairs, B = 500, 1% of cells treated per perturbation."""
+    """1,000 gene x perturbation pairs, B = 500, 1% of cells treated per perturbation.
 
-    params = ([20_000, 200_000], [(100, 10), (1000, 1)], [1, 2], ["wald", "score"])
-    param_names = ["n_cells", "perturbations_x_genes", "n_jobs", "statistic"]
+    ``device="gpu"`` needs CuPy and a CUDA device (skipped otherwise): the same
+    resamples, the block sums on the GPU.
+    """
+
+    params = ([20_000, 200_000], [(100, 10), (1000, 1)], ["permutation", "conditional"], ["wald", "score"],
+              ["cpu", "gpu"])
+    param_names = ["n_cells", "perturbations_x_genes", "resampling", "statistic", "device"]
     timeout = 900
 
-    def setup(self, n_cells, shape, n_jobs, statistic):
+    def setup(self, n_cells, shape, resampling, statistic, device):
+        if device == "gpu" and not cupy_available():
+            raise NotImplementedError("needs CuPy and a CUDA device")
         self.data = screen(n_cells, *shape)
         self.dist, self.pi = screen_precomputed(n_cells, *shape)
 
-    def time_resampling(self, n_cells, shape, n_jobs, statistic):
+    def time_resampling(self, n_cells, shape, resampling, statistic, device):
         counts, treatment, cov, pairs = self.data
         resampling_test(counts, treatment, cov, pairs=pairs, n_resamples=500, statistic=statistic,
-                        distillation=self.dist, propensity=self.pi, n_jobs=n_jobs, random_state=0)
+                        resampling=resampling, distillation=self.dist, propensity=self.pi, n_jobs=2,
+                        device=device, random_state=0)
 
-    def peakmem_resampling(self, n_cells, shape, n_jobs, statistic):
-        self.time_resampling(n_cells, shape, n_jobs, statistic)
+    def peakmem_resampling(self, n_cells, shape, resampling, statistic, device):
+        self.time_resampling(n_cells, shape, resampling, statistic, device)
 
 
 class Precomputation:

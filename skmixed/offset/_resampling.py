@@ -471,6 +471,7 @@ def _binned_resamples(pi, n_resamples, rng, uniforms=False):
     starts = np.flatnonzero(np.r_[True, sorted_level[1:] != sorted_level[:-1]])
     levels = sorted_level[starts]
     bounds = np.append(starts, order.size)
+    pi_sorted = pi[order]
     rows, cols, us = [], [], []
     for lev, s, e in zip(levels, bounds[:-1], bounds[1:]):
         if lev < 0:
@@ -481,7 +482,7 @@ def _binned_resamples(pi, n_resamples, rng, uniforms=False):
         idx = pos >> bits
         u = rng.random(pos.size)
         u *= p
-        keep = u < pi[order[s:e]][idx]
+        keep = u < pi_sorted[s:e][idx]
         b = pos & mask
         if mask + 1 != B:
             keep &= b < B
