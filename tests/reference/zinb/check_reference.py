@@ -76,7 +76,7 @@ def expanded(eps, name, m):
 
 
 def predictors(P):
-    n, J = P["X"].shape[0], P["beta_mu"].shape[1]
+    J = P["beta_mu"].shape[1]
     ones_V = np.ones((J, 1))  # the reference fits use zinbwave's default V = 1_J
     log_mu = P["X"] @ P["beta_mu"] + (ones_V @ P["gamma_mu"]).T + P["W"] @ P["alpha_mu"]
     logit_pi = P["X"] @ P["beta_pi"] + (ones_V @ P["gamma_pi"]).T + P["W"] @ P["alpha_pi"]
