@@ -36,6 +36,7 @@ summed over the resamples, shared by the block's pairs.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -654,6 +655,11 @@ def resampling_test(
     resampling : {"conditional", "permutation"}, default="conditional"
         Conditional resampling from a logistic treatment model (SCEPTRE), or
         permutations (valid when treatment is independent of the covariates).
+        Resamples are shared among pairs: permutations by every pair (a pair with
+        ``k`` treated cells uses the first ``k`` cells of shared ordered samples);
+        conditional resamples by a perturbation's pairs, and through common random
+        numbers by perturbations with fewer than 8 pairs (each perturbation's
+        resamples keep their law; see the user guide).
     statistic : {"wald", "score"}, default="wald"
         Wald z of the closed-form estimate on the treated cells (where the treated
         counts are all zero the estimate is ``-inf`` and so is the statistic), or the
@@ -801,6 +807,7 @@ _MAX_COLUMNS = 32
 # Conditional resampling: perturbations with fewer pairs than this are drawn together
 # with common random numbers (one union of resamples, masked per perturbation).
 _MIN_COLUMNS = 8
+_TRANSPOSE_LOCK = threading.Lock()
 
 
 def _permutation_blocks(k, B, seed, n):
@@ -856,6 +863,17 @@ def _conditional_blocks(pj, pi, seeds, B):
         packs.append(cur)
     n = pi.shape[0]
     blocks = []
+    cache = []
+
+    def pi_t():
+        """The probabilities perturbation-major, transposed once for all packs (a
+        perturbation's column of the (cells x perturbations) matrix is strided)."""
+        if not cache:
+            with _TRANSPOSE_LOCK:
+                if not cache:
+                    cache.append(_tiled_transpose(pi))
+        return cache[0]
+
     def exact(p):
         order, rows, cols = _binned_resamples(pi[:, p], B, perturbation_rng(seeds[p]))
         return [(Elements.from_rows(rows, cols, n, B).renumbered(order), None, None)], None
@@ -871,8 +889,9 @@ def _conditional_blocks(pj, pi, seeds, B):
         col_pert = np.concatenate([np.full(i.size, p) for p, i in pack])
 
         def union(perts=perts, col_pert=col_pert):
-            thr = np.take(pi, col_pert, axis=1)  # (n, columns): each column's probabilities
-            lo, hi = _row_min_max(thr)
+            thr_t = pi_t()[col_pert]  # (columns, n): each column's probabilities
+            lo, hi = thr_t.min(axis=0), thr_t.max(axis=0)
+            thr = thr_t.T
             order, rows, cols, u = _binned_resamples(hi, B, perturbation_rng(seeds[perts[0]]), uniforms=True)
             el = Elements.from_rows(rows, cols, n, B, rank=u).renumbered(order)
             # below every column's probability: no mask (most elements, the perturbations
@@ -903,16 +922,6 @@ def _host(a):
 
 def _to(a, xp):
     return None if a is None else to_device(a, xp)
-
-
-def _row_min_max(a):
-    """Row minima and maxima of a (n, k) array with small k, column by column (numpy's
-    reduction along a short last axis costs ~5 ns per element)."""
-    lo, hi = a[:, 0].copy(), a[:, 0].copy()
-    for j in range(1, a.shape[1]):
-        np.minimum(lo, a[:, j], out=lo)
-        np.maximum(hi, a[:, j], out=hi)
-    return lo, hi
 
 
 def _observed_statistics(Yt, Ot, gshift, gpos, pj, phi, Tcsc, statistic):
@@ -949,9 +958,12 @@ def _observed_statistics(Yt, Ot, gshift, gpos, pj, phi, Tcsc, statistic):
 
 
 def perturbation_rng(seed_sequence):
-    """The generator of one perturbation's resamples: child ``p`` of
-    ``SeedSequence(random_state).spawn(n_perturbations)``, driving SFC64 (a fast bit
-    generator; the resamples do not depend on ``n_jobs`` or on the other pairs)."""
+    """A generator of resamples, driving SFC64 (a fast bit generator). Child ``p`` of
+    ``SeedSequence(random_state).spawn(n_perturbations + 1)`` draws perturbation
+    ``p``'s conditional resamples (a pack of small perturbations: its first
+    perturbation's child), the last child the shared permutations. The resamples do
+    not depend on ``n_jobs``; those of a perturbation with at least 8 pairs, and the
+    permutations of a pair, do not depend on the other pairs either."""
     return np.random.Generator(np.random.SFC64(seed_sequence))
 
 
