@@ -35,6 +35,7 @@ import numpy as np
 
 from .._backend import get_namespace, safe_exp, sparse_csr, to_device
 from ._design import distinct_rows
+from ._laplace import abs_eigen_step
 
 
 @dataclass
@@ -294,7 +295,5 @@ def _newton_direction(H, g):
     step = xp.concatenate([step_t[:, None], step_b], axis=1)
     bad = xp.flatnonzero(~pd)
     if bad.size:
-        lam, V = xp.linalg.eigh(H[bad])
-        lam = xp.maximum(xp.abs(lam), 1e-8 * xp.maximum(1.0, xp.max(xp.abs(lam), axis=1, keepdims=True)))
-        step[bad] = -(V @ ((xp.swapaxes(V, 1, 2) @ g[bad][:, :, None]) / lam[:, :, None]))[:, :, 0]
+        step[bad] = abs_eigen_step(H[bad], g[bad])
     return step

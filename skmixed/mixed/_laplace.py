@@ -34,6 +34,7 @@ import scipy.optimize
 import scipy.special
 from sklearn.exceptions import ConvergenceWarning
 
+from .._backend import get_namespace
 from ._design import RandomEffectsDesign
 from ._factor import Assembler
 
@@ -355,9 +356,7 @@ class LaplaceProblem:
             except np.linalg.LinAlgError:
                 # indefinite (theta's curvature is negative away from the optimum): the
                 # step of the matrix with |eigenvalues|, which goes down negative curvature
-                lam, V = np.linalg.eigh(Hf)
-                lam = np.maximum(np.abs(lam), 1e-8 * max(1.0, float(np.max(np.abs(lam)))))
-                step[free] = -V @ ((V.T @ g[free]) / lam)
+                step[free] = abs_eigen_step(Hf[None], g[free][None])[0]
             step[escape] = 0.1  # down the negative curvature; the line search sizes it
             decrement = -float(g @ step)
             if decrement < 1e-15 * max(1.0, abs(f)) and not escape.any():
@@ -393,6 +392,16 @@ class LaplaceProblem:
         if converged and gnorm > 1e-2:
             converged, message = False, f"gradient at the optimum is {gnorm:.3g}"
         return params, f, it, converged, message
+
+
+def abs_eigen_step(H, g):
+    """``-|H|^-1 g`` for a stack of symmetric matrices ``H`` (..., P, P): the Newton step
+    with every eigenvalue replaced by its absolute value (floored at 1e-8 of the
+    largest), a descent direction that follows negative curvature downhill."""
+    xp = get_namespace(H)
+    lam, V = xp.linalg.eigh(H)
+    lam = xp.maximum(xp.abs(lam), 1e-8 * xp.maximum(1.0, xp.max(xp.abs(lam), axis=-1, keepdims=True)))
+    return -(V @ ((xp.swapaxes(V, -1, -2) @ g[..., None]) / lam[..., None]))[..., 0]
 
 
 def warn_not_converged(message: str):
