@@ -14,8 +14,8 @@ It prints
    called once, and per fit when G x B fits run in one call (all 2,000 cells in
    every fit, and 1% of them: the SCEPTRE setting);
 2. the resampling test of 1,000 gene x perturbation pairs with B = 500 resamples on
-   200,000 cells (1% treated per perturbation: 1.4% on average, the treatment
-   probability depending on the covariates), laid out as 100 perturbations x 10 genes
+   200,000 cells (1% treated on average over cells and perturbations, each
+   perturbation's probability depending on the covariates), laid out as 100 perturbations x 10 genes
    and as 1,000 perturbations x 1 gene, for both resampling modes and both statistics,
    with the distillation and the treatment model timed separately (the test is given
    them, as ``distillation=`` and ``propensity=``).

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse
 import scipy.stats
 
 from skmixed._families import NegativeBinomial
@@ -22,7 +23,7 @@ from skmixed.offset import (
     treatment_probabilities,
 )
 from skmixed.offset._engine import permutation_orderings
-from skmixed.offset._resampling import _binned_resamples, _profile_size, perturbation_rng
+from skmixed.offset._resampling import _binned_resamples, _indicator_csc, _profile_size, perturbation_rng
 
 REF = Path(__file__).parent / "reference" / "offset"
 
@@ -160,6 +161,27 @@ def test_permutation_statistics_are_refits_on_shared_orderings(small_screen):
         for b in (0, 24):
             cells = C[b, : res.n_treated[k]]
             assert S[k, b] == pytest.approx(_refit_z(dist, counts, g, cells), rel=1e-9)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_indicator_csc_equals_scipy(order):
+    rng = np.random.default_rng(5)
+    T = np.asarray(rng.uniform(size=(700, 13)) < 0.05, order=order)
+    T[:, 4] = False  # an untreated perturbation
+    A, ref = _indicator_csc(T), scipy.sparse.csc_matrix(T)
+    assert A.shape == ref.shape and (A != ref).nnz == 0
+    np.testing.assert_array_equal(A.indptr, ref.indptr)
+    np.testing.assert_array_equal(A.indices, ref.indices)
+
+
+def test_simulated_screen_treats_the_requested_fraction():
+    for fraction, confounding in [(0.01, 1.0), (0.05, 1.0), (0.2, 2.0)]:
+        _, T, cov, _ = make_perturbation_screen(20_000, 1, 40, treated_fraction=fraction,
+                                                confounding=confounding, random_state=0)
+        # 800,000 Bernoulli draws: relative sampling SD at most 1.1%
+        assert abs(T.to_numpy().mean() / fraction - 1.0) < 0.04
+    with pytest.raises(ValueError, match="treated_fraction"):
+        make_perturbation_screen(100, 1, 1, treated_fraction=0.0)
 
 
 def test_permutation_orderings_are_prefix_stable_and_uniform():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import brentq
+from scipy.special import expit, logit
 
 
 def make_perturbation_screen(
@@ -25,13 +27,17 @@ def make_perturbation_screen(
     spreads the mean expression over 0.05 to 20 counts per cell. Perturbation ``p``
     is present in a cell with probability ``expit(b_p + confounding * (log_lib - log 1e4
     + batch / 2))``, so treatment and expression share the covariates (the confounding
-    that conditional resampling corrects for) and are otherwise independent.
+    that conditional resampling corrects for) and are otherwise independent. The
+    perturbation intercepts ``b_p`` scatter (SD 0.2) around a common value chosen so that
+    the probability averaged over the simulated cells and perturbations is
+    ``treated_fraction``.
 
     Parameters
     ----------
     n_cells, n_genes, n_perturbations : int
     treated_fraction : float
-        Mean probability of each perturbation.
+        Probability of treatment averaged over cells and perturbations (each
+        perturbation's own mean varies around it with its intercept).
     size : float
         NB size of every gene.
     effects : dict mapping (gene, perturbation) -> log fold change, optional
@@ -51,8 +57,22 @@ def make_perturbation_screen(
     log_lib = rng.normal(np.log(1e4), 0.4, n_cells)
     batch = (rng.uniform(size=n_cells) < 0.4).astype(float)
     z = log_lib - np.log(1e4) + 0.5 * batch
-    logit0 = np.log(treated_fraction / (1 - treated_fraction))
-    b = logit0 + rng.normal(0, 0.2, n_perturbations)
+    if not 0.0 < treated_fraction < 1.0:
+        raise ValueError(f"treated_fraction must lie in (0, 1), got {treated_fraction!r}")
+    scatter = rng.normal(0, 0.2, n_perturbations)
+    # the common intercept at which the probability averaged over cells and perturbations
+    # is treated_fraction (a plain logit overshoots: expit is convex at small
+    # probabilities and the covariates and the scatter spread it); the cells' z enter
+    # through a fine histogram (midpoint rule, error far below the sampling error)
+    counts_z, edges = np.histogram(z, bins=512)
+    mid = 0.5 * (edges[1:] + edges[:-1])
+    w = counts_z / counts_z.sum()
+
+    def excess(b0):
+        return float(w @ expit(b0 + scatter[None, :] + confounding * mid[:, None]).mean(axis=1)) - treated_fraction
+
+    logit0 = brentq(excess, logit(treated_fraction) - 20.0, logit(treated_fraction) + 20.0, xtol=1e-10)
+    b = logit0 + scatter
     pi = 1.0 / (1.0 + np.exp(-(b[None, :] + confounding * z[:, None])))
     T = rng.uniform(size=pi.shape) < pi
     a = np.log(rng.uniform(0.05, 20.0, n_genes))
