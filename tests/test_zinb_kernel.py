@@ -164,3 +164,65 @@ def test_monotone_and_chunking_invariant(small_problem):
         assert np.all(np.diff(hist) >= -1e-9 * abs(hist[0]))
         results.append(hist[-1])
     assert results[0] == pytest.approx(results[1], rel=1e-10)
+
+
+def test_subsample_problem_scales_gene_penalties(small_problem):
+    """A subsample problem's objective is the subsample cells' log-likelihood minus their
+    cell penalties minus m/n times the gene penalties; all cells give the full objective."""
+    from skmixed.zinb._schedule import subsample_problem
+
+    counts, design, P = small_problem
+    n = counts.n
+    full = Optimizer(counts, design, common_dispersion=False)
+    ll_full, pen_full = full.objective(P)
+    c, d, Q = subsample_problem(counts, design, P, np.arange(n))
+    assert Optimizer(c, d, common_dispersion=False).objective(Q) == pytest.approx((ll_full, pen_full), rel=1e-12)
+    idx = np.sort(np.random.default_rng(0).choice(n, 20, replace=False))
+    c, d, Q = subsample_problem(counts, design, P, idx)
+    ll_sub, pen_ll_sub = Optimizer(c, d, common_dispersion=False).objective(Q)
+    from skmixed.zinb._evaluate import evaluate
+
+    (ll_entries,) = evaluate(design, counts, P, idx, derivs=False)
+    assert ll_sub == pytest.approx(float(ll_entries.sum()), rel=1e-12)
+    expected_pen = (
+        float(design.cell_penalty(P.cell_block(idx)).sum())
+        + 20 / n * float(design.gene_penalty(P.gene_block()).sum())
+        + 20 / n * design.zeta_penalty(P.zeta, False)
+    )
+    assert ll_sub - pen_ll_sub == pytest.approx(expected_pen, rel=1e-12)
+
+
+def test_dispersion_prefit_on_a_subsample_is_close_to_the_full_one():
+    from skmixed.zinb._schedule import prefit_dispersion
+
+    sim = make_zinb_counts(3000, 40, n_clusters=2, dispersion=0.5, random_state=2)
+    Y = sp.csr_matrix(sim.counts)
+    Y = Y[np.asarray(Y.sum(1)).ravel() > 0]
+    n, J = Y.shape
+    X, V = np.ones((n, 1)), np.ones((J, 1))
+    design = Design(X, V, None, None, Penalty.zinbwave(X, V, n, J), 2)
+    counts = Counts(Y, np)
+    P = initialize(counts, design, 2, np.random.default_rng(0))
+    full, sub = P.copy(), P.copy()
+    prefit_dispersion(counts, design, full, common=True, rng=np.random.default_rng(1), size=n)
+    prefit_dispersion(counts, design, sub, common=True, rng=np.random.default_rng(1), size=600)
+    # common log-dispersion from 600 of 3,000 cells: within a few percent of theta
+    assert abs(sub.zeta[0] - full.zeta[0]) < 0.05
+    assert np.all(sub.zeta == sub.zeta[0])
+
+
+def test_threaded_positive_part_equals_serial(small_problem):
+    from skmixed.zinb import _evaluate
+
+    counts, design, P = small_problem
+    serial = _evaluate.evaluate(design, counts, P, slice(None), derivs=True, zeta=True)
+    c2 = Counts(counts.Y, np, batch_size=counts.batch_size)
+    c2.n_threads = 2
+    old = _evaluate.BLOCK_ENTRIES
+    _evaluate.BLOCK_ENTRIES = 16  # pieces even on this small matrix
+    try:
+        threaded = _evaluate.evaluate(design, c2, P, slice(None), derivs=True, zeta=True)
+    finally:
+        _evaluate.BLOCK_ENTRIES = old
+    for s, t in zip(serial, threaded):
+        np.testing.assert_array_equal(s, t)

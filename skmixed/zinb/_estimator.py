@@ -19,6 +19,7 @@ from ._init import initialize, initialize_cells
 from ._input import check_count_matrix, check_design, check_nonempty, check_offset, fingerprint
 from ._model import Design, Params, Penalty
 from ._optimize import Optimizer
+from ._schedule import prefit_dispersion
 
 _PARAM_NAMES = ("beta_mu", "beta_pi", "gamma_mu", "gamma_pi", "W", "alpha_mu", "alpha_pi", "zeta")
 
@@ -242,9 +243,10 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         design = Design(X, V, off_mu, off_pi, penalty, K)
         counts = self._counts(Ycsr, xp)
         rng = check_random_state(self.random_state)
-        P = initialize(counts, design, K, np.random.default_rng(rng.randint(2**31 - 1)))
+        gen = np.random.default_rng(rng.randint(2**31 - 1))
+        P = initialize(counts, design, K, gen)
+        prefit_dispersion(counts, design, P, common=self.common_dispersion, rng=gen)
         opt = Optimizer(counts, design, common_dispersion=self.common_dispersion)
-        opt.zeta_only(P)
         callback = None
         if self.verbose:
             def callback(it, ll, pll):

@@ -83,9 +83,32 @@ def evaluate(design, counts, P, rows, cols=None, *, derivs: bool = True, zeta: b
         if derivs and zeta:
             extra.update(dpsi=tab[1][yi], dtri=tab[2][yi])
     if derivs:
-        pos = ZINB.derivatives_positive(yv, af, bf, zf, zeta=zeta, **extra)
+        def pfn(yv_, af_, bf_, zf_, **kw):
+            return ZINB.derivatives_positive(yv_, af_, bf_, zf_, zeta=zeta, **kw)
     else:
-        pos = (ZINB.loglik_positive(yv, af, bf, zf, **extra),)
-    for o, v in zip(out, pos):
-        o.reshape(-1)[flat] = v
+        def pfn(yv_, af_, bf_, zf_, **kw):
+            return (ZINB.loglik_positive(yv_, af_, bf_, zf_, **kw),)
+
+    flat_out = [o.reshape(-1) for o in out]
+    _positive_part(xp, pfn, flat, flat_out, (yv, af, bf, zf), extra, counts.n_threads)
     return out
+
+
+def _positive_part(xp, fn, flat, flat_out, args, extra, n_threads):
+    """``flat_out[k][flat] = fn(*args, **extra)[k]``; on the CPU in contiguous pieces
+    of the non-zeros spread over threads (the formulas are elementwise)."""
+    nnz = flat.shape[0]
+    if xp is not np or n_threads <= 1 or nnz < 4 * BLOCK_ENTRIES:
+        for o, v in zip(flat_out, fn(*args, **extra)):
+            o[flat] = v
+        return
+    step = -(-nnz // (4 * n_threads))
+    pieces = [slice(s, min(s + step, nnz)) for s in range(0, nnz, step)]
+
+    def work(sl):
+        vals = fn(*(a[sl] for a in args), **{k: v[sl] for k, v in extra.items()})
+        idx = flat[sl]
+        for o, v in zip(flat_out, vals):
+            o[idx] = v
+
+    list(_pool(n_threads).map(work, pieces))

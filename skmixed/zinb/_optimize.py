@@ -152,9 +152,15 @@ class Optimizer:
         }
         cache = self._cache if update_cells else None
         self._cache = None
+        # with the genes and the dispersion fixed, the cells' statistics at the accepted
+        # values are the next pass's starting statistics (one evaluation per pass saved)
+        keep = update_cells and not self.fit_genes and not self.fit_zeta
+        new_cache = []
         for k, rows in enumerate(self.counts.chunks):
             if update_cells:
                 E = self._cell_newton_chunk(P, rows, None if cache is None else cache[k])
+                if keep:
+                    new_cache.append(self._cell_stats(P, E))
             else:
                 E = evaluate(self.design, self.counts, P, rows, derivs=True, zeta=True)
             acc["ll"] += E[0].sum(axis=0)
@@ -166,6 +172,8 @@ class Optimizer:
                 for S, part in zip(acc["S"], plan.pair_sums(Umu, Upi, *E[3:6], units_are_rows=False)):
                     S += part
         acc["H"] = plan.assemble(*acc.pop("S"))
+        if keep:
+            self._cache = new_cache
         return acc
 
     def _zeta_step(self, P, acc):
