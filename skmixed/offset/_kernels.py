@@ -31,6 +31,14 @@ from .._families import NegativeBinomial
 SIZE_MIN = 1e-8
 SIZE_MAX = 1e8
 _ELEMENT_BLOCK = 131072  # elements x genes per chunk: temporaries stay near L2 cache size
+# weights at least this dense (and at most this many entries) are also kept dense, so that
+# the linear sums and the information (by interpolation, :func:`information_dense`) are
+# matrix products
+DENSE_FRACTION = 0.25
+DENSE_MAX_ENTRIES = 1 << 24
+# relative error allowed to the interpolated information, and the most nodes used for it
+_INTERP_TOL = 1e-14
+_INTERP_MAX_NODES = 24
 
 
 _UNIT = np.ones(0)
@@ -65,6 +73,7 @@ class WeightColumns:
         self._chunks = {}
         self._dense = False
         self._unit = vals is None or (isinstance(vals, np.ndarray) and vals.base is _UNIT)
+        self.Wd = None  # (n, B) dense copy of mostly non-zero weights: BLAS products
 
     @property
     def count(self):
@@ -78,7 +87,10 @@ class WeightColumns:
         W.sort_indices()
         n, B = W.shape
         rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(W.indptr))
-        return cls(rows, W.indices, W.data, n, B, Wt=W.T.tocsc())
+        out = cls(rows, W.indices, W.data, n, B, Wt=W.T.tocsc())
+        if B > 1 and W.nnz >= DENSE_FRACTION * n * B and n * B <= DENSE_MAX_ENTRIES:
+            out.Wd = W.toarray()
+        return out
 
     @classmethod
     def from_dense(cls, W):
@@ -115,6 +127,8 @@ class WeightColumns:
 
     def linear(self, F):
         """``W.T @ F`` for ``F`` of shape (n, k): (B, k)."""
+        if self.Wd is not None:
+            return self.Wd.T @ F
         if self.Wt is not None:
             return np.asarray(self.Wt @ F)
         return self.map_reduce(lambda f: (f,), [F], [], 1)[0]
@@ -258,6 +272,78 @@ def _size_derivs(y, m, t, r):
     return NegativeBinomial(r).size_derivatives(y, t * m)
 
 
+def information_dense(Wd, M, t, phi):
+    """``sum_i W[i, b] t M_i / (1 + phi t M_i)`` for every (b, g), the NB information at
+    ``t`` (as :func:`_information` through :meth:`WeightColumns.map_reduce`), with dense
+    weights ``Wd`` (n, B), by polynomial interpolation and matrix products.
+
+    With ``Q_i = 1 / M_i`` and ``s = phi t`` the sum is ``t sum_i W[i, b] / (Q_i + s_b)``.
+    Per gene, ``1 / (Q_i + s)`` is interpolated in ``s`` at ``N`` Chebyshev points of
+    ``[min_b s_b, max_b s_b] = [lo, hi]``; then ``sum_i W[i, b] p_i(s_b)`` is
+    ``sum_k L_k(s_b) (W.T F)[b, k]`` with ``F[i, k] = 1 / (Q_i + s_k)``: one product of
+    (B, n) by (n, N) instead of a pass over the n x B weights. The interpolation error of
+    ``1 / (s + Q)`` is exactly ``omega(s) / (omega(-Q) (s + Q))`` with ``omega`` the node
+    polynomial, so every term's relative error is at most
+    ``2 (h / (2 (Q_min + lo)))^N`` (``h`` the half-width); ``N`` is chosen to make that
+    below 1e-14, and a gene that would need more than 24 nodes (very spread ``s``) is
+    summed directly. The terms are positive, so the sum has the same relative bound.
+
+    Parameters
+    ----------
+    Wd : ndarray (n, B)
+    M : ndarray (n, 1) or (n, G), ``exp(o - shift)`` in (0, 1]
+    t : ndarray (B, G), the estimates ``exp(beta + shift)``
+    phi : ndarray (1, G) or (B, G)
+    """
+    B, G = t.shape
+    phi = np.broadcast_to(phi, (B, G))
+    out = np.empty((B, G))
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        Q = 1.0 / M  # >= 1; inf where M underflows (those terms are 0)
+    for g in range(G):
+        q = Q[:, 0] if Q.shape[1] == 1 else Q[:, g]
+        tg, sg = t[:, g], phi[:, g] * t[:, g]
+        if not np.all(np.isfinite(sg)):
+            out[:, g] = _information_direct(Wd, q, tg, sg)
+            continue
+        lo, hi = float(sg.min()), float(sg.max())
+        c, h = 0.5 * (lo + hi), 0.5 * (hi - lo)
+        ratio = h / (2.0 * (float(q.min()) + lo))
+        if ratio <= 0.0:
+            nodes = 1
+        else:
+            nodes = int(np.ceil(np.log(0.5 * _INTERP_TOL) / np.log(ratio))) if ratio < 1.0 else _INTERP_MAX_NODES + 1
+        if nodes > _INTERP_MAX_NODES:
+            out[:, g] = _information_direct(Wd, q, tg, sg)
+            continue
+        k = np.arange(nodes)
+        theta = (2 * k + 1) * np.pi / (2 * nodes)
+        sk = c + h * np.cos(theta)
+        F = 1.0 / (q[:, None] + sk[None, :])  # (n, N)
+        S = Wd.T @ F  # (B, N)
+        if nodes == 1:
+            acc = S[:, 0]
+        else:
+            # barycentric interpolation at Chebyshev points of the first kind
+            lam = (-1.0) ** k * np.sin(theta)
+            diff = sg[:, None] - sk[None, :]
+            hit = diff == 0.0
+            with np.errstate(divide="ignore", invalid="ignore"):
+                Lk = lam[None, :] / diff
+            if hit.any():
+                rows = hit.any(axis=1)
+                Lk[rows] = hit[rows].astype(float)
+            acc = (Lk * S).sum(axis=1) / Lk.sum(axis=1)
+        out[:, g] = tg * acc
+    return out
+
+
+def _information_direct(Wd, q, t, s):
+    """The sum of :func:`information_dense` for one gene, term by term."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return t * np.einsum("nb,nb->b", Wd, 1.0 / (q[:, None] + s[None, :]))
+
+
 # ------------------------------------------------------------------------- results
 @dataclass
 class OffsetMeanResult:
@@ -351,7 +437,9 @@ def fit_offset_mean(Y, O, cols, *, family="negative_binomial", size=None, method
             a, phi_bg, converged, fallback, n_iter = _nb_fit(
                 cols, Yc, M, a, boundary, phi, method, max_iter, tol
             )
-            if wald:
+            if wald and getattr(cols, "Wd", None) is not None:
+                info = information_dense(cols.Wd, M, np.exp(a), phi_bg)
+            elif wald:
                 info = cols.map_reduce(_information, [M], [np.exp(a), phi_bg], 1)[0]
             else:
                 info = np.full(Sy.shape, np.nan, like=Y)
