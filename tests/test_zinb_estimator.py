@@ -276,3 +276,23 @@ def test_cupy_matches_numpy(sim):
     np.testing.assert_allclose(gpu.W_.get(), cpu.W_, atol=1e-6)
     dense = ZINBWaVE(3, random_state=0, max_iter=10).fit(cp.asarray(Y.toarray()), cell_covariates=sim.batch_design[:300])
     assert dense.penalized_loglik_ == pytest.approx(cpu.penalized_loglik_, rel=1e-8)
+
+
+def test_unsorted_sparse_indices_give_the_same_fit(sim):
+    import scipy.sparse as sp
+
+    Y = sp.csr_matrix(sim.counts)
+    shuffled = Y.copy()
+    rng = np.random.default_rng(0)
+    for i in range(shuffled.shape[0]):  # reverse-permute each row's column order
+        s, e = shuffled.indptr[i], shuffled.indptr[i + 1]
+        p = rng.permutation(e - s)
+        shuffled.indices[s:e] = shuffled.indices[s:e][p]
+        shuffled.data[s:e] = shuffled.data[s:e][p]
+    shuffled.has_sorted_indices = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        a = ZINBWaVE(2, random_state=0, max_iter=3).fit(Y)
+        b = ZINBWaVE(2, random_state=0, max_iter=3).fit(shuffled)
+    assert b.penalized_loglik_ == pytest.approx(a.penalized_loglik_, rel=1e-12)
+    assert not shuffled.has_sorted_indices  # the input is not modified

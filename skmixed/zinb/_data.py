@@ -46,6 +46,11 @@ class Counts:
     """A CSR count matrix (n cells x J genes) with its chunking."""
 
     def __init__(self, Y_csr, xp, batch_size=None):
+        if not getattr(Y_csr, "has_canonical_format", True):
+            # sorted, duplicate-free indices: the non-zeros are then in the order of
+            # :meth:`entries` (a copy: the caller's matrix is left as it was)
+            Y_csr = Y_csr.copy()
+            Y_csr.sum_duplicates()
         self.Y = Y_csr
         self.xp = xp
         self.n, self.J = Y_csr.shape

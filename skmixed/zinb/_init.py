@@ -52,8 +52,36 @@ def _offset_at(off, r, c):
 
 
 def _sparse_like(Y, data):
-    out = Y.copy()
-    out.data = data
+    """``Y``'s sparsity pattern with the values ``data`` (index arrays shared, not copied)."""
+    return type(Y)((data, Y.indices, Y.indptr), shape=Y.shape)
+
+
+def _entries(counts):
+    """Row, column and value of every non-zero, in the order of the (canonical) CSR
+    matrix's ``data``: the values and columns are views, the rows int32 where they fit
+    (the initialisation's memory is a few arrays of the non-zeros' size)."""
+    xp = counts.xp
+    Y = counts.Y
+    idx = xp.int32 if max(counts.n, counts.J, int(Y.nnz)) < 2**31 - 1 else xp.int64
+    if xp is np:
+        r = np.repeat(np.arange(counts.n, dtype=idx), np.diff(Y.indptr))
+    else:  # cupy.repeat takes no array of repeats
+        r = (xp.searchsorted(Y.indptr, xp.arange(int(Y.nnz)), side="right") - 1).astype(idx)
+    return r, Y.indices.astype(idx, copy=False), Y.data
+
+
+def _residual(L, fit):
+    """``L - fit``, written over ``fit`` (one array of the non-zeros' size less)."""
+    get_namespace(L).subtract(L, fit, out=fit)
+    return fit
+
+
+def _pair_dot(A, r, B, c, chunk=1 << 22):
+    """``(A[r] * B[c]).sum(axis=1)`` chunk by chunk (no non-zeros x width temporaries)."""
+    xp = get_namespace(A)
+    out = xp.empty(r.shape[0])
+    for s in range(0, r.shape[0], chunk):
+        out[s:s + chunk] = (A[r[s:s + chunk]] * B[c[s:s + chunk]]).sum(axis=1)
     return out
 
 
@@ -77,27 +105,33 @@ def initialize(counts, design, K: int, rng, *, n_repeat: int = 2, als_iter: int 
     n, J = counts.n, counts.J
     M, L = X.shape[1], V.shape[1]
     Y = counts.Y
-    r, c, y = counts.entries(slice(None))
+    r, c, y = _entries(counts)
     Pat = _sparse_like(Y, xp.ones_like(y))
-    PatT = Pat.T.tocsr()
-    Lv = xp.log(y) - _offset_at(design.off_mu, r, c)
+    PatT = Pat.T  # a CSC view: the per-gene sums are products with it
+    Lv = xp.log(y)
+    if design.off_mu is not None:
+        Lv -= _offset_at(design.off_mu, r, c)
 
     beta_mu = xp.zeros((M, J))
     gamma_mu = xp.zeros((L, n))
     for _ in range(n_repeat):
         if L:
-            res = Lv - (X[r] * beta_mu.T[c]).sum(axis=1)
+            res = _residual(Lv, _pair_dot(X, r, beta_mu.T, c))
             gamma_mu = _ridge_rows(Pat, _sparse_like(Y, res), V, pen.gamma_mu).T
+            del res
         if M:
-            res = Lv - (V[c] * gamma_mu.T[r]).sum(axis=1)
-            beta_mu = _ridge_rows(PatT, _sparse_like(Y, res).T.tocsr(), X, pen.beta_mu).T
+            res = _residual(Lv, _pair_dot(V, c, gamma_mu.T, r))
+            beta_mu = _ridge_rows(PatT, _sparse_like(Y, res).T, X, pen.beta_mu).T
+            del res
 
     W = xp.zeros((n, K))
     alpha_mu = xp.zeros((K, J))
     if K:
-        Dv = Lv - (X[r] * beta_mu.T[c]).sum(axis=1) - (V[c] * gamma_mu.T[r]).sum(axis=1)
+        Dv = _residual(Lv, _pair_dot(X, r, beta_mu.T, c))
+        Dv -= _pair_dot(V, c, gamma_mu.T, r)
+        del Lv, r, c
         D = _sparse_like(Y, Dv)
-        DT = D.T.tocsr()
+        DT = D.T
         lam = float(np.sqrt(pen.W * pen.alpha))
         U, s, Vt = _randomized_svd(D, K, rng, xp)
         W = U * xp.sqrt(s)
@@ -189,16 +223,16 @@ def initialize_cells(counts, design, fitted):
     X, V, pen = design.X, design.V, design.penalty
     n = counts.n
     L, K = V.shape[1], fitted.W.shape[1]
-    r, c, y = counts.entries(slice(None))
+    r, c, y = _entries(counts)
     Y = counts.Y
     Pat = _sparse_like(Y, xp.ones_like(y))
-    Lv = xp.log(y) - _offset_at(design.off_mu, r, c) - (X[r] * fitted.beta_mu.T[c]).sum(axis=1)
+    Lv = xp.log(y) - _offset_at(design.off_mu, r, c) - _pair_dot(X, r, fitted.beta_mu.T, c)
     gamma_mu = xp.zeros((L, n))
     if L:
         gamma_mu = _ridge_rows(Pat, _sparse_like(Y, Lv), V, pen.gamma_mu).T
     W = xp.zeros((n, K))
     if K:
-        Dv = Lv - (V[c] * gamma_mu.T[r]).sum(axis=1)
+        Dv = Lv - _pair_dot(V, c, gamma_mu.T, r)
         W = _ridge_rows(Pat, _sparse_like(Y, Dv), fitted.alpha_mu.T, np.full(K, max(pen.W, 1e-6)))
     P = Params(
         beta_mu=fitted.beta_mu, beta_pi=fitted.beta_pi, gamma_mu=gamma_mu, gamma_pi=xp.zeros((L, n)),
