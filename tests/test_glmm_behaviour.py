@@ -44,6 +44,10 @@ def test_length_mismatches(data):
         _fit(data, offset=np.zeros(10))
     with pytest.raises(ValueError, match="offset must be finite"):
         _fit(data, offset=np.where(data.index == 0, np.nan, data.offset))
+    with pytest.raises(ValueError, match="offset must be numeric values"):
+        _fit(data, offset=data.lt)  # a DataFrame method, not a column
+    with pytest.raises(ValueError, match="offset must be numeric values"):
+        _fit(data, offset=["a"] * len(data))
     with pytest.raises(ValueError, match="sample_weight"):
         _fit(data, sample_weight=-np.ones(len(data)))
 

@@ -91,9 +91,12 @@ def _check_weights(sample_weight, X):
 
 
 def _check_vector(values, n, name):
-    v = np.asarray(values, dtype=float).reshape(-1) if values is not None else None
-    if v is None:
+    if values is None:
         return None
+    try:
+        v = np.asarray(values, dtype=float).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be numeric values, one per row of X; got {type(values).__name__}.") from exc
     if v.shape[0] != n:
         raise ValueError(f"{name} has {v.shape[0]} entries but X has {n} rows.")
     if not np.all(np.isfinite(v)):
