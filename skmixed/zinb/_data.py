@@ -42,6 +42,14 @@ def namespace_of_counts(Y):
     return np
 
 
+def entry_rows(indptr, xp, dtype):
+    """The row of every stored entry of a CSR matrix with row pointers ``indptr``."""
+    if xp is np:  # a repeat is ~10x faster than the search
+        return np.repeat(np.arange(indptr.shape[0] - 1, dtype=dtype), np.diff(indptr))
+    # cupy.repeat takes no array of repeats
+    return (xp.searchsorted(indptr, xp.arange(int(indptr[-1])), side="right") - 1).astype(dtype)
+
+
 class Counts:
     """A CSR count matrix (n cells x J genes) with its chunking."""
 
@@ -72,12 +80,7 @@ class Counts:
         if cols is not None:
             sub = sub[:, cols]
         sub.sort_indices()
-        indptr = sub.indptr
-        if xp is np:  # a repeat is ~10x faster than the search
-            r = np.repeat(np.arange(indptr.shape[0] - 1), np.diff(indptr))
-        else:  # cupy.repeat takes no array of repeats
-            r = xp.searchsorted(indptr, xp.arange(int(indptr[-1])), side="right") - 1
-        return r, sub.indices.astype(xp.int64), sub.data
+        return entry_rows(sub.indptr, xp, xp.int64), sub.indices.astype(xp.int64), sub.data
 
     def n_rows(self, rows) -> int:
         if isinstance(rows, slice):

@@ -18,6 +18,7 @@ import numpy as np
 
 from .._backend import expit, get_namespace
 from ._blocks import BlockPlan, newton_direction
+from ._data import entry_rows
 from ._model import Params
 
 
@@ -63,11 +64,7 @@ def _entries(counts):
     xp = counts.xp
     Y = counts.Y
     idx = xp.int32 if max(counts.n, counts.J, int(Y.nnz)) < 2**31 - 1 else xp.int64
-    if xp is np:
-        r = np.repeat(np.arange(counts.n, dtype=idx), np.diff(Y.indptr))
-    else:  # cupy.repeat takes no array of repeats
-        r = (xp.searchsorted(Y.indptr, xp.arange(int(Y.nnz)), side="right") - 1).astype(idx)
-    return r, Y.indices.astype(idx, copy=False), Y.data
+    return entry_rows(Y.indptr, xp, idx), Y.indices.astype(idx, copy=False), Y.data
 
 
 def _residual(L, fit):
