@@ -27,6 +27,7 @@ from ._data import Counts
 from ._model import Design, Params
 from ._optimize import Optimizer
 
+
 def _sub_penalty(penalty, scale: float):
     """The penalty of a subsample problem: gene terms scaled by ``m / n``, cell terms kept."""
     return replace(
