@@ -1,0 +1,456 @@
+"""The scikit-learn shell of GLM-EIV: input checks, pairs, blocks, threads, tidy results."""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils.validation import check_is_fitted
+
+from .._backend import get_namespace, gpu_namespace, to_host
+from .._families import Poisson
+from ._fit import MIN_PERTURBED_CELLS, draw_guesses, fit_block
+from ._inference import delta_method
+from ._init import fit_pilot
+from ._model import base_eta, component_logliks, e_step, make_family, normaliser
+
+_FAMILIES = ("poisson", "negative_binomial")
+_INITS = ("accelerated", "random")
+# (n, pairs) arrays of one block stay below this many elements
+_BLOCK_ELEMENTS = 2**22
+
+
+def _as_counts(a, name, n=None):
+    names = list(map(str, a.columns)) if isinstance(a, pd.DataFrame) else None
+    if isinstance(a, pd.Series):
+        names = [str(a.name)] if a.name is not None else None
+    try:
+        arr = np.asarray(to_host(a), dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an array of counts.") from None
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 1-D or 2-D, got shape {arr.shape}.")
+    if n is not None and arr.shape[0] != n:
+        raise ValueError(f"{name} has {arr.shape[0]} rows but X has {n}: the lengths must match.")
+    Poisson.check_response(arr, name)
+    if names is None:
+        names = [str(j) for j in range(arr.shape[1])]
+    return arr, names
+
+
+def _as_offset(o, name, n, width):
+    if o is None:
+        return np.zeros((n, 1))
+    arr = np.asarray(to_host(o), dtype=float)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.shape[0] != n or arr.ndim != 2 or arr.shape[1] not in (1, width):
+        raise ValueError(f"{name} must have shape ({n},) or ({n}, {width}), got {np.shape(o)}.")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite.")
+    return arr
+
+
+class GLMEIV(BaseEstimator):
+    """GLM-EIV (Barry, Roeder and Katsevich, Biostatistics 2024) for CRISPR screens.
+
+    For one gene-perturbation pair and cells ``i``: a latent ``p_i ~ Bernoulli(pi)``,
+    ``pi <= 1/2``; mRNA ``m_i | p_i`` Poisson or NB with
+    ``log mu = b0_m + b1_m p_i + gamma_m' z_i + o_m_i``; gRNA ``g_i | p_i`` likewise with
+    its own coefficients; ``m`` and ``g`` independent given ``p``. The maximum-likelihood
+    estimate comes from the EM algorithm (glmeiv's), started by the accelerated
+    initialisation; standard errors from the observed information (Louis's formula).
+    Every pair of a screen is fitted in one vectorised call.
+
+    Parameters
+    ----------
+    mrna_family, grna_family : {"negative_binomial", "poisson"}
+    mrna_size, grna_size : float, array of shape (n_genes,) / (n_perturbations,), or None
+        NB sizes; None estimates each from the covariates-only NB GLM (``MASS::glm.nb``,
+        as glmeiv) and holds it fixed in the EM. Ignored for Poisson.
+    init : {"accelerated", "random"}, default="accelerated"
+        ``"accelerated"``: covariates-only pilot GLMs, a reduced EM with closed-form
+        M-steps from ``n_restarts`` random starts, one full EM from the best.
+        ``"random"``: ``n_restarts`` full EMs from glmeiv's random starts (15 iterations
+        each), the best continued to convergence.
+    n_restarts : int, default=15
+    tol : float, default=1e-10
+        EM stops when the relative change of the log-likelihood is below ``tol``
+        (glmeiv's criterion; glmeiv's default 1e-4 stops short of the MLE).
+    max_iter : int, default=500
+        EM iterations per pair.
+    n_jobs : int or None, default=None
+        Threads over blocks of pairs (results do not depend on it).
+    device : {None, "cpu", "gpu"}, default=None
+        None follows the inputs (CuPy arrays fit on the GPU), "gpu" moves them there.
+    random_state : int, Generator or None
+        Seeds the random starts, which every pair shares (a pair's fit does not depend on
+        the batch it is fitted in).
+
+    Attributes
+    ----------
+    results_ : DataFrame
+        Tidy: ``parameter`` (``pi``, ``m_intercept``, ``m_perturbation``, ``m_<covariate>``,
+        ``g_intercept``, ``g_perturbation``, ``g_<covariate>``; glmeiv's names), ``estimate``,
+        ``std_error``, ``z``, ``p_value``, ``confint_lower``, ``confint_upper`` and the fold
+        change ``fc_estimate``, ``fc_confint_lower``, ``fc_confint_upper`` (glmeiv's
+        ``run_delta_method``; NaN for ``pi``); ``gene`` and ``perturbation`` lead when
+        several pairs are fitted.
+    pairs_ : DataFrame
+        One row per pair: ``gene``, ``perturbation``, ``loglik``, ``n_iter``, ``converged``
+        and the flags ``grna_zero``, ``mrna_zero``, ``no_grna_signal`` (fitted gRNA effect
+        <= 0: the perturbed component is not above background), ``pi_at_bound`` (pi at 1/2),
+        ``too_few_cells`` (n pi < 10), ``singular_information`` (no standard errors), and
+        ``flagged`` (any of them, or not converged).
+    coef_ : ndarray of shape (n_pairs, n_parameters)
+    mrna_size_, grna_size_ : ndarray of shape (n_pairs,) or None
+    loglik_, n_iter_, loglik_path_ : per pair (scalars / one array for one pair)
+    converged_ : bool
+        Every pair converged.
+    n_features_in_, feature_names_in_ : as scikit-learn.
+
+    Examples
+    --------
+    >>> from skmixed.eiv import GLMEIV, make_glmeiv_data
+    >>> X, m, g, off, p = make_glmeiv_data(5000, pi=0.1, random_state=0)
+    >>> model = GLMEIV(mrna_family="poisson", random_state=0).fit(
+    ...     X, m, grna=g, offset=off["mrna"], grna_offset=off["grna"])
+    >>> row = model.results_.set_index("parameter").loc["m_perturbation"]
+    >>> round(float(row["estimate"]), 1), bool(model.converged_)
+    (-1.4, True)
+    """
+
+    def __init__(self, *, mrna_family="negative_binomial", grna_family="poisson", mrna_size=None, grna_size=None,
+                 init="accelerated", n_restarts=15, tol=1e-10, max_iter=500, n_jobs=None, device=None,
+                 random_state=None):
+        self.mrna_family = mrna_family
+        self.grna_family = grna_family
+        self.mrna_size = mrna_size
+        self.grna_size = grna_size
+        self.init = init
+        self.n_restarts = n_restarts
+        self.tol = tol
+        self.max_iter = max_iter
+        self.n_jobs = n_jobs
+        self.device = device
+        self.random_state = random_state
+
+    # ------------------------------------------------------------------ validation
+    def _validate_params(self):
+        for name in ("mrna_family", "grna_family"):
+            if getattr(self, name) not in _FAMILIES:
+                raise ValueError(f"{name} must be one of {_FAMILIES}, got {getattr(self, name)!r}.")
+        if self.init not in _INITS:
+            raise ValueError(f"init must be one of {_INITS}, got {self.init!r}.")
+        for name in ("n_restarts", "max_iter"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+        if not isinstance(self.tol, numbers.Real) or not self.tol > 0:
+            raise ValueError(f"tol must be a positive number, got {self.tol!r}.")
+        if self.n_jobs is not None and (not isinstance(self.n_jobs, numbers.Integral) or self.n_jobs == 0):
+            raise ValueError(f"n_jobs must be None or a non-zero integer, got {self.n_jobs!r}.")
+        if self.device not in (None, "cpu", "gpu"):
+            raise ValueError(f"device must be None, 'cpu' or 'gpu', got {self.device!r}.")
+        for name in ("mrna_size", "grna_size"):
+            v = getattr(self, name)
+            if v is not None:
+                r = np.asarray(v, dtype=float)
+                if r.ndim > 1 or r.size == 0 or not np.all(np.isfinite(r)) or np.any(r <= 0):
+                    raise ValueError(f"{name} must be None, a positive number or a 1-D array of them, got {v!r}.")
+
+    def _design(self, X, n=None, reset=True):
+        names = None
+        if isinstance(X, pd.DataFrame):
+            names = [str(c) for c in X.columns]
+            if any(not np.issubdtype(t, np.number) and t != bool for t in X.dtypes):
+                raise ValueError("X must hold numeric covariates (encode categories first, e.g. with a ColumnTransformer).")
+        try:
+            Xa = np.asarray(to_host(X), dtype=float)
+        except (TypeError, ValueError):
+            raise ValueError("X must be a numeric array of covariates.") from None
+        if Xa.ndim == 1:
+            raise ValueError("X must be 2-D (n_cells, n_covariates); use X.reshape(-1, 1) for one covariate.")
+        if Xa.ndim != 2:
+            raise ValueError(f"X must be 2-D, got shape {Xa.shape}.")
+        if not np.all(np.isfinite(Xa)):
+            raise ValueError("X must be finite (no NaN or infinite covariates).")
+        if n is not None and Xa.shape[0] != n:
+            raise ValueError(f"X has {Xa.shape[0]} rows but y has {n}: the lengths must match.")
+        if reset:
+            self.n_features_in_ = Xa.shape[1]
+            if names is not None:
+                self.feature_names_in_ = np.asarray(names, dtype=object)
+            elif hasattr(self, "feature_names_in_"):
+                del self.feature_names_in_
+            self._cov_names = names if names is not None else [f"x{j}" for j in range(Xa.shape[1])]
+            if "perturbation" in self._cov_names or "intercept" in self._cov_names:
+                raise ValueError("X may not have a column named 'perturbation' or 'intercept' (reserved).")
+        elif Xa.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {Xa.shape[1]} features, but GLMEIV was fitted with {self.n_features_in_}.")
+        Z = np.column_stack([np.ones(Xa.shape[0]), Xa])
+        if reset and np.linalg.matrix_rank(Z) < Z.shape[1]:
+            raise ValueError("X with an intercept is rank deficient: drop collinear or constant covariates.")
+        return Z
+
+    @staticmethod
+    def _pairs(pairs, gnames, pnames):
+        G, P = len(gnames), len(pnames)
+        if pairs is None:
+            return [(i, j) for i in range(G) for j in range(P)]
+        gi = {g: i for i, g in enumerate(gnames)}
+        pj = {p: j for j, p in enumerate(pnames)}
+        out = []
+        for pair in pairs:
+            try:
+                a, b = pair
+            except (TypeError, ValueError):
+                raise ValueError(f"pairs must list (gene, perturbation) pairs, got {pair!r}.") from None
+            i = gi.get(str(a), a if isinstance(a, numbers.Integral) and 0 <= a < G else None)
+            j = pj.get(str(b), b if isinstance(b, numbers.Integral) and 0 <= b < P else None)
+            if i is None or j is None:
+                raise ValueError(f"pairs: {pair!r} names a gene or perturbation that is not in y / grna.")
+            out.append((int(i), int(j)))
+        if not out:
+            raise ValueError("pairs is empty.")
+        return out
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X, y, *, grna, offset=None, grna_offset=None, pairs=None):
+        """Fit GLM-EIV to every pair.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_cells, n_covariates)
+            Technical covariates (an intercept is added); DataFrame columns name them.
+        y : array-like of shape (n_cells,) or (n_cells, n_genes)
+            mRNA counts.
+        grna : array-like of shape (n_cells,) or (n_cells, n_perturbations)
+            gRNA counts.
+        offset, grna_offset : array-like of shape (n_cells,) or (n_cells, n_genes/n_perturbations)
+            Offsets (log library sizes), shared or one per column.
+        pairs : list of (gene, perturbation) or None
+            Names (DataFrame columns) or column indices; None fits every combination.
+
+        Returns
+        -------
+        self
+        """
+        self._validate_params()
+        if grna is None:
+            raise ValueError("grna is required: the gRNA counts of the cells.")
+        Y, gnames = _as_counts(y, "y")
+        n = Y.shape[0]
+        Gr, pnames = _as_counts(grna, "grna", n)
+        Z = self._design(X, n)
+        Om = _as_offset(offset, "offset", n, Y.shape[1])
+        Og = _as_offset(grna_offset, "grna_offset", n, Gr.shape[1])
+        idx = self._pairs(pairs, gnames, pnames)
+        self._fit_arrays(Z, Y, Gr, Om, Og, idx, gnames, pnames)
+        return self
+
+    def _namespace(self, *arrays):
+        if self.device == "gpu":
+            return gpu_namespace()
+        if self.device == "cpu":
+            return np
+        return get_namespace(*arrays)
+
+    def _fit_arrays(self, Z, Y, Gr, Om, Og, idx, gnames, pnames):
+        xp = self._namespace()
+        n = Y.shape[0]
+        gi = np.array([i for i, _ in idx])
+        pj = np.array([j for _, j in idx])
+        ug, up = np.unique(gi), np.unique(pj)
+        zero_m = ~np.any(Y[:, ug] > 0, axis=0)
+        zero_g = ~np.any(Gr[:, up] > 0, axis=0)
+        if len(idx) == 1 and zero_g[0]:
+            raise ValueError("grna is zero in every cell: the perturbation cannot be detected.")
+        if len(idx) == 1 and zero_m[0]:
+            raise ValueError("y is zero in every cell: the mRNA model has no maximum-likelihood estimate.")
+        dev = (lambda a: a) if xp is np else xp.asarray
+        Zd = dev(Z)
+        # pilot fits, once per gene and per perturbation (the accelerated initialisation's
+        # precomputation; also where an NB size is estimated)
+        ok_g, ok_p = ug[~zero_m], up[~zero_g]
+        pm = self._pilot(Zd, dev(Y[:, ok_g]), dev(Om if Om.shape[1] == 1 else Om[:, ok_g]), self.mrna_family,
+                         self._size_for(self.mrna_size, ok_g, Y.shape[1], "mrna_size"))
+        pg = self._pilot(Zd, dev(Gr[:, ok_p]), dev(Og if Og.shape[1] == 1 else Og[:, ok_p]), self.grna_family,
+                         self._size_for(self.grna_size, ok_p, Gr.shape[1], "grna_size"))
+        gpos = {g: k for k, g in enumerate(ok_g)}
+        ppos = {p: k for k, p in enumerate(ok_p)}
+        good = np.array([(i in gpos) and (j in ppos) for i, j in idx])
+        rng = np.random.default_rng(self.random_state)
+        guesses = draw_guesses(rng, self.n_restarts, self.init, Z.shape[1])
+        B = int(good.sum())
+        k = 1 + 2 * (Z.shape[1] + 1)
+        est = np.full((len(idx), k), np.nan)
+        tables = {name: np.full((len(idx), k), np.nan) for name in ("se", "z", "p", "lo", "hi")}
+        loglik = np.full(len(idx), np.nan)
+        n_iter = np.zeros(len(idx), dtype=int)
+        converged = np.zeros(len(idx), dtype=bool)
+        paths = [np.array([])] * len(idx)
+        msize = np.full(len(idx), np.nan) if self.mrna_family == "negative_binomial" else None
+        gsize = np.full(len(idx), np.nan) if self.grna_family == "negative_binomial" else None
+        where = np.flatnonzero(good)
+        step = max(1, _BLOCK_ELEMENTS // max(n, 1))
+        blocks = [where[s:s + step] for s in range(0, B, step)]
+
+        def run(block):
+            bi = [gpos[gi[t]] for t in block]
+            bp = [ppos[pj[t]] for t in block]
+            bix = bi if xp is np else xp.asarray(bi)
+            bpx = bp if xp is np else xp.asarray(bp)
+            M = dev(Y[:, gi[block]])
+            G = dev(Gr[:, pj[block]])
+            om = dev(Om if Om.shape[1] == 1 else Om[:, gi[block]])
+            og = dev(Og if Og.shape[1] == 1 else Og[:, pj[block]])
+            return fit_block(
+                Zd, M, G, om, og, mrna_family=self.mrna_family, grna_family=self.grna_family,
+                mrna_size=None if pm[2] is None else pm[2][bix], grna_size=None if pg[2] is None else pg[2][bpx],
+                pilot_m=(pm[0][bix], pm[1][:, bix]), pilot_g=(pg[0][bpx], pg[1][:, bpx]),
+                guesses=guesses, init=self.init, tol=self.tol, max_iter=self.max_iter,
+            )
+
+        n_jobs = 1 if self.n_jobs is None else self.n_jobs
+        if n_jobs < 0:
+            import os  # noqa: PLC0415
+
+            n_jobs = max(1, (os.cpu_count() or 1) + 1 + n_jobs)
+        if n_jobs == 1 or len(blocks) <= 1:
+            results = [run(b) for b in blocks]
+        else:
+            with ThreadPoolExecutor(max_workers=n_jobs) as pool:
+                results = list(pool.map(run, blocks))
+        for block, r in zip(blocks, results):
+            est[block] = r.estimate
+            for name in tables:
+                tables[name][block] = getattr(r, name)
+            loglik[block] = r.loglik
+            n_iter[block] = r.n_iter
+            converged[block] = r.converged
+            for t, pth in zip(block, r.loglik_path):
+                paths[t] = pth
+        if msize is not None:
+            msize[good] = to_host(pm[2])[[gpos[gi[t]] for t in where]]
+        if gsize is not None:
+            gsize[good] = to_host(pg[2])[[ppos[pj[t]] for t in where]]
+        self._finish(idx, gnames, pnames, gi, pj, zero_m, zero_g, ug, up, est, tables, loglik, n_iter, converged,
+                     paths, msize, gsize, n)
+
+    def _size_for(self, size, cols, width, name):
+        if size is None:
+            return None
+        s = np.asarray(size, dtype=float)
+        if s.ndim == 0:
+            return np.full(len(cols), float(s))
+        if s.shape[0] != width:
+            raise ValueError(f"{name} has {s.shape[0]} entries for {width} columns.")
+        return s[cols]
+
+    @staticmethod
+    def _pilot(Z, Y, O, family, size):
+        xp = get_namespace(Y)
+        if Y.shape[1] == 0:
+            return xp.zeros((0, Z.shape[1])), xp.zeros((Z.shape[0], 0)), None, np.zeros(0, bool)
+        return fit_pilot(Z, Y, O, family, None if size is None else xp.asarray(size))
+
+    def _finish(self, idx, gnames, pnames, gi, pj, zero_m, zero_g, ug, up, est, tables, loglik, n_iter, converged,
+                paths, msize, gsize, n):
+        params = ["pi"] + [f"{m}_{c}" for m in ("m", "g") for c in ["intercept", "perturbation"] + self._cov_names]
+        zm = dict(zip(ug, zero_m))
+        zg = dict(zip(up, zero_g))
+        pi_hat = est[:, 0]
+        g_pert = est[:, 2 + len(self._cov_names) + 2]
+        with np.errstate(invalid="ignore"):
+            flags = pd.DataFrame({
+                "gene": [gnames[i] for i in gi],
+                "perturbation": [pnames[j] for j in pj],
+                "loglik": loglik,
+                "n_iter": n_iter,
+                "converged": converged,
+                "grna_zero": [bool(zg[j]) for j in pj],
+                "mrna_zero": [bool(zm[i]) for i in gi],
+                "no_grna_signal": ~(g_pert > 0),
+                "pi_at_bound": pi_hat >= 0.5 - 1e-6,
+                "too_few_cells": ~(n * pi_hat >= MIN_PERTURBED_CELLS),
+                "singular_information": ~np.all(np.isfinite(tables["se"]), axis=1),
+            })
+        flag_cols = ["grna_zero", "mrna_zero", "no_grna_signal", "pi_at_bound", "too_few_cells", "singular_information"]
+        flags["flagged"] = flags[flag_cols].any(axis=1) | ~flags["converged"]
+        self.pairs_ = flags
+        self.coef_ = est
+        self.parameter_names_ = params
+        self.mrna_size_ = msize
+        self.grna_size_ = gsize
+        fc, fl, fu = delta_method(est, tables["se"])
+        fc[:, 0] = fl[:, 0] = fu[:, 0] = np.nan
+        B, k = est.shape
+        res = pd.DataFrame({
+            "parameter": np.tile(params, B),
+            "estimate": est.ravel(), "std_error": tables["se"].ravel(), "z": tables["z"].ravel(),
+            "p_value": tables["p"].ravel(), "confint_lower": tables["lo"].ravel(), "confint_upper": tables["hi"].ravel(),
+            "fc_estimate": fc.ravel(), "fc_confint_lower": fl.ravel(), "fc_confint_upper": fu.ravel(),
+        })
+        if B > 1:
+            res.insert(0, "perturbation", np.repeat(flags["perturbation"].to_numpy(), k))
+            res.insert(0, "gene", np.repeat(flags["gene"].to_numpy(), k))
+        self.results_ = res
+        one = B == 1
+        self.loglik_ = float(loglik[0]) if one else loglik
+        self.n_iter_ = int(n_iter[0]) if one else n_iter
+        self.loglik_path_ = paths[0] if one else paths
+        self.converged_ = bool(np.all(converged))
+        self._pair_index = (gi, pj)
+        bad = flags.loc[~flags["converged"] & ~flags["grna_zero"] & ~flags["mrna_zero"]]
+        if len(bad):
+            warnings.warn(
+                f"GLM-EIV EM did not converge in max_iter={self.max_iter} iterations for {len(bad)} pair(s) "
+                f"(first: {bad['gene'].iloc[0]}, {bad['perturbation'].iloc[0]}); see pairs_.",
+                ConvergenceWarning, stacklevel=3,
+            )
+        if np.any(flags["grna_zero"] | flags["mrna_zero"]):
+            warnings.warn(f"{int(np.sum(flags['grna_zero'] | flags['mrna_zero']))} pair(s) with all-zero counts "
+                          "were not fitted (NaN results, flagged in pairs_).", UserWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------ predict
+    def predict_proba(self, X, y, *, grna, offset=None, grna_offset=None):
+        """Posterior probabilities ``[P(p_i = 0), P(p_i = 1)]`` of every cell at the fitted
+        parameters: shape (n_cells, 2) for one fitted pair, (n_cells, n_pairs, 2) otherwise.
+        ``y`` and ``grna`` have the columns used in ``fit``."""
+        check_is_fitted(self, "coef_")
+        Y, _ = _as_counts(y, "y")
+        n = Y.shape[0]
+        Gr, _ = _as_counts(grna, "grna", n)
+        Z = self._design(X, n, reset=False)
+        Om = _as_offset(offset, "offset", n, Y.shape[1])
+        Og = _as_offset(grna_offset, "grna_offset", n, Gr.shape[1])
+        gi, pj = self._pair_index
+        if gi.max() >= Y.shape[1] or pj.max() >= Gr.shape[1]:
+            raise ValueError("y and grna must have the columns used in fit.")
+        M, G = Y[:, gi], Gr[:, pj]
+        om = Om if Om.shape[1] == 1 else Om[:, gi]
+        og = Og if Og.shape[1] == 1 else Og[:, pj]
+        p1 = Z.shape[1] + 1
+        est = self.coef_
+        fm = make_family(self.mrna_family, self.mrna_size_)
+        fg = make_family(self.grna_family, self.grna_size_)
+        cm, cg = est[:, 1:1 + p1], est[:, 1 + p1:]
+        eta_m, eta_g = base_eta(Z, cm, om), base_eta(Z, cg, og)
+        k0, k1 = component_logliks(fm, fg, M, G, eta_m, cm[:, 1], eta_g, cg[:, 1])
+        T, _ = e_step(k0, k1, est[:, 0], normaliser(fm, M) + normaliser(fg, G))
+        out = np.stack([1.0 - T, T], axis=-1)
+        return out[:, 0, :] if out.shape[1] == 1 else out
+
+    def predict(self, X, y, *, grna, offset=None, grna_offset=None):
+        """1 for cells more likely perturbed than not (the gRNA assignment), else 0."""
+        P = self.predict_proba(X, y, grna=grna, offset=offset, grna_offset=grna_offset)
+        return (P[..., 1] > 0.5).astype(int)
+

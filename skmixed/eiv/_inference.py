@@ -1,0 +1,85 @@
+"""Inference for GLM-EIV: the observed information by Louis's formula, Wald statistics and
+glmeiv's delta-method fold changes.
+
+Louis (1982): the observed information of the marginal likelihood is
+``E[-H_c | data] - Var[S_c | data]``, with ``S_c``, ``H_c`` the complete-data score and
+Hessian. Cells are independent given the parameters, so the variance is a sum over cells:
+``sum_i T_i (1 - T_i) d_i d_i'`` with ``d_i`` the difference of cell i's complete-data
+score between ``p_i = 1`` and ``p_i = 0``. This is the matrix glmeiv assembles blockwise in
+``compute_info_matrix`` (its Delta, Delta', V, H pieces are the observed information terms
+of the log link).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import norm
+
+from .._backend import get_namespace, to_host
+from ._model import base_eta, join_coef, observed_info
+
+Z975 = float(norm.ppf(0.975))
+
+
+def louis_information(design, fm, fg, M, G, om, og, pi, coef_m, coef_g, T):
+    """Observed information (B, k, k) in glmeiv's parameter order
+    ``[pi, m_intercept, m_perturbation, m_covs..., g_intercept, g_perturbation, g_covs...]``."""
+    xp = get_namespace(M)
+    B = M.shape[1]
+    p1 = coef_m.shape[1]
+    k = 1 + 2 * p1
+    T0, T1 = 1.0 - T, T
+    info = xp.zeros((B, k, k))
+    dsc = {}
+    for sl, fam, y, off, coef, key in (
+        (slice(1, 1 + p1), fm, M, om, coef_m, "m"),
+        (slice(1 + p1, k), fg, G, og, coef_g, "g"),
+    ):
+        eta0 = base_eta(design.Z, coef, off)
+        a0, c0 = observed_info(fam, y, eta0)
+        a1, c1 = observed_info(fam, y, eta0 + coef[:, 1][None, :])
+        info[:, sl, sl] = design.stacked_gram(T0 * c0, T1 * c1)
+        dsc[key] = (a1 - a0, a1)
+    info[:, 0, 0] = xp.sum(T1, axis=0) / pi**2 + xp.sum(T0, axis=0) / (1.0 - pi) ** 2
+    # minus the conditional variance of the complete-data score, pair by pair
+    dpi = 1.0 / pi + 1.0 / (1.0 - pi)
+    w = T0 * T1
+    Z = design.Z
+    for b in range(B):
+        um, a1m = dsc["m"][0][:, b], dsc["m"][1][:, b]
+        ug, a1g = dsc["g"][0][:, b], dsc["g"][1][:, b]
+        D = xp.concatenate(
+            [
+                xp.full((Z.shape[0], 1), dpi[b]),
+                join_coef(Z * um[:, None], a1m),
+                join_coef(Z * ug[:, None], a1g),
+            ],
+            axis=1,
+        )
+        info[b] -= D.T @ (D * w[:, b][:, None])
+    return info
+
+
+def wald_table(estimate, info):
+    """Standard errors, z, two-sided p-values and 95% intervals from (B, k) estimates and
+    (B, k, k) information matrices (glmeiv's ``run_inference_on_em_fit``). Host arrays."""
+    estimate = to_host(estimate)
+    info = to_host(info)
+    B, k = estimate.shape
+    var = np.full((B, k), np.nan)
+    for b in range(B):
+        try:
+            var[b] = np.diag(np.linalg.inv(info[b]))
+        except np.linalg.LinAlgError:
+            pass
+    with np.errstate(invalid="ignore"):
+        se = np.sqrt(np.where(var > 0, var, np.nan))
+        z = estimate / se
+    p = 2.0 * norm.sf(np.abs(z))
+    return se, z, p, estimate - Z975 * se, estimate + Z975 * se
+
+
+def delta_method(estimate, se):
+    """glmeiv's ``run_delta_method``: ``exp(est)`` with the interval ``exp(est) (1 +- 1.96 se)``."""
+    fc = np.exp(estimate)
+    return fc, fc - Z975 * fc * se, fc + Z975 * fc * se
