@@ -340,3 +340,65 @@ def test_pairs_by_label_and_jobs_give_the_same_answer(small_screen):
                         n_jobs=2)
     pd.testing.assert_frame_equal(a, b)
     assert list(a.gene) == ["gene1", "gene3", "gene0"]
+
+
+# ------------------------------------------- untestable pairs (issue 10, point 1)
+@pytest.mark.parametrize("resampling", ["conditional", "permutation"])
+@pytest.mark.parametrize("statistic", ["wald", "score"])
+def test_pairs_without_treated_cells_get_nan_pvalues_and_a_flag(small_screen, resampling, statistic):
+    """A perturbation with no treated cell (or fewer than ``min_treated``) has no test:
+    NaN p-values and a flag, never the smallest p-value 2 / (B + 1)."""
+    counts, treatment, cov, _ = small_screen
+    T = treatment.copy()
+    T["pert0"] = 0
+    few = np.flatnonzero(T["pert1"].to_numpy())
+    T["pert1"] = 0
+    T.iloc[few[:3], T.columns.get_loc("pert1")] = 1  # 3 treated cells < min_treated = 7
+    with pytest.warns(UserWarning, match="were not tested"):
+        res = resampling_test(counts, T, cov, n_resamples=99, resampling=resampling, statistic=statistic,
+                              random_state=0)
+    none, low, ok = (res.perturbation == "pert0"), (res.perturbation == "pert1"), (res.perturbation == "pert2")
+    assert (res.flag[none] == "no_treated_cells").all() and (res.flag[low] == "too_few_treated_cells").all()
+    assert (res.flag[ok] == "").all()
+    for col in ("p_empirical", "p_skewnorm", "pvalue"):
+        assert res.loc[none | low, col].isna().all(), col
+    assert res.loc[ok, "pvalue"].notna().all() and (res.loc[ok, "pvalue"] > 0).all()
+    # a lower min_treated tests the 3-cell perturbation
+    res3 = resampling_test(counts, T[["pert1", "pert2"]], cov, n_resamples=99, resampling=resampling,
+                           statistic=statistic, random_state=0, min_treated=3)
+    assert (res3.flag == "").all() and res3.pvalue.notna().all()
+
+
+def test_pvalues_of_undefined_and_boundary_statistics():
+    """NaN observed: NaN p-values. NaN resamples (no treated cell): left out of the
+    count. -inf observed (treated counts all zero): the most extreme value on the
+    left, ties with -inf resamples counted as extreme, as documented."""
+    S = np.arange(1.0, 100.0)[None, :]
+    out = resampling_pvalues(np.array([np.nan]), S)
+    assert np.isnan(out.p_empirical[0]) and np.isnan(out.pvalue[0])
+    S_nan = np.concatenate([S, np.full((1, 50), np.nan)], axis=1)  # 99 defined of 149
+    for alt in ("less", "greater", "two-sided"):
+        a = resampling_pvalues(np.array([5.0]), S, alt).p_empirical[0]
+        b = resampling_pvalues(np.array([5.0]), S_nan, alt).p_empirical[0]
+        assert a == b, alt
+    assert np.isnan(resampling_pvalues(np.array([1.0]), np.full((1, 9), np.nan)).pvalue[0])
+    # observed -inf: with no -inf resample it is the most extreme (1 / (B + 1) on the left)
+    out = resampling_pvalues(np.array([-np.inf]), S, "less")
+    assert out.pvalue[0] == pytest.approx(1 / 100)
+    S_tie = S.copy()
+    S_tie[0, :9] = -np.inf  # 9 resamples with all treated counts zero too
+    assert resampling_pvalues(np.array([-np.inf]), S_tie, "less").pvalue[0] == pytest.approx(10 / 100)
+    assert resampling_pvalues(np.array([-np.inf]), S_tie).pvalue[0] == pytest.approx(20 / 100)
+    assert resampling_pvalues(np.array([-np.inf]), S_tie, "greater").pvalue[0] == pytest.approx(1.0)
+
+
+def test_all_zero_treated_counts_give_minus_inf_and_their_documented_pvalue(small_screen):
+    counts, treatment, cov, _ = small_screen
+    Y = counts.copy()
+    t = treatment["pert0"].to_numpy().astype(bool)
+    Y.loc[t, "gene0"] = 0
+    res, S = resampling_test(Y, treatment, cov, pairs=[("gene0", "pert0")], n_resamples=99, random_state=0,
+                             return_resampled=True)
+    assert res.statistic[0] == -np.inf and res.flag[0] == ""
+    n_tie = int(np.sum(S[0] == -np.inf))
+    assert res.pvalue[0] == pytest.approx(min(1.0, 2 * (1 + n_tie) / 100))

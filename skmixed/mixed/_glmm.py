@@ -18,6 +18,7 @@ from threadpoolctl import threadpool_limits
 
 from .._backend import get_namespace, is_cupy_array, to_host
 from .._families import Poisson, check_counts
+from .._inputs import is_anndata
 from ..glm._newton import fit_glm
 from ._design import RandomEffectsDesign, RandomTerm, distinct_rows
 from ._laplace import LaplaceProblem, warn_not_converged
@@ -28,7 +29,7 @@ _SINGULAR_TOL = 1e-4  # lme4's isSingular() tolerance on the diagonal of theta
 
 def _is_count_matrix(y) -> bool:
     """Several responses: a sparse matrix, AnnData, or a 2-D array with > 1 column."""
-    if sp.issparse(y) or (hasattr(y, "X") and hasattr(y, "var_names")):
+    if sp.issparse(y) or is_anndata(y):
         return True
     if isinstance(y, (list, tuple)):
         y = np.asarray(y)
@@ -137,6 +138,10 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         Poisson likelihood; large speed-up for categorical designs).
     max_iter : int, default=500
         Iterations of the outer optimiser.
+    layer : str or None, default=None
+        For an AnnData ``y`` (many genes): the layer holding the raw counts. None
+        reads ``layers["counts"]`` when present, else ``.X``; non-integer values read
+        from AnnData (e.g. log-normalised ``.X``) are an error naming the layer.
 
     Attributes
     ----------
@@ -193,6 +198,7 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         vcov="hessian",
         collapse=True,
         max_iter=500,
+        layer=None,
     ):
         self.fit_intercept = fit_intercept
         self.random_slopes = random_slopes
@@ -201,6 +207,7 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         self.vcov = vcov
         self.collapse = collapse
         self.max_iter = max_iter
+        self.layer = layer
 
     # ------------------------------------------------------------------ params
     def _validate_params(self):
@@ -212,6 +219,8 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
             raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}.")
         if self.random_slopes is not None and not isinstance(self.random_slopes, (list, tuple, dict)):
             raise ValueError(f"random_slopes must be None, a list or a dict, got {self.random_slopes!r}.")
+        if self.layer is not None and not isinstance(self.layer, str):
+            raise ValueError(f"layer must be None or the name of an AnnData layer, got {self.layer!r}.")
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -487,7 +496,7 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
     def _fit_many(self, X, Y, groups, offset, sample_weight):
         # CuPy input: the batched fits run on the GPU (the reduction runs on the host)
         xp = get_namespace(Y.data if hasattr(Y, "tocsr") else Y, X)
-        Y, names, integer = as_count_matrix(Y)
+        Y, names, integer = as_count_matrix(Y, self.layer)
         X = to_host(X) if is_cupy_array(X) else X
         X = validate_data(self, X, dtype=np.float64)
         n = X.shape[0]

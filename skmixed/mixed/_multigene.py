@@ -18,6 +18,7 @@ import scipy.stats
 
 from .._backend import to_device, to_host
 from .._families import Poisson
+from .._inputs import count_source, require_counts
 from ..glm._newton import fit_glm
 from ._batched import BatchedScalarLaplace, LevelDesign
 from ._design import distinct_rows
@@ -25,14 +26,15 @@ from ._design import distinct_rows
 CHUNK_GENES = 2_000  # genes fitted at once: the working arrays stay in cache
 
 
-def as_count_matrix(Y):
-    """(n, G) counts as CSC sparse or a 2-D float array, with gene names."""
-    names = None
-    if hasattr(Y, "X") and hasattr(Y, "var_names"):  # AnnData: cells x genes
-        names = [str(v) for v in Y.var_names]
-        Y = Y.X
-    elif isinstance(Y, pd.DataFrame):
-        names = [str(c) for c in Y.columns]
+def as_count_matrix(Y, layer=None):
+    """(n, G) counts as CSC sparse or a 2-D float array, with gene names.
+
+    AnnData and DataFrames are read by :func:`skmixed._inputs.count_source` (the
+    ``layer`` rule; unique gene names; non-integer values from AnnData an error).
+    """
+    src = count_source(Y, layer=layer, arg="y")
+    Y, names = src.values, src.names
+    if isinstance(Y, pd.DataFrame):
         Y = Y.to_numpy(dtype=float)
     if hasattr(Y, "get") and not sp.issparse(Y):  # a CuPy array or cupyx sparse matrix
         Y = Y.get()
@@ -40,18 +42,26 @@ def as_count_matrix(Y):
         Y = sp.csc_matrix(Y, dtype=float)
         values = Y.data
     else:
-        Y = np.asarray(Y, dtype=float)
+        Y = _numeric(Y, src.where)
         values = Y
     if Y.ndim != 2:
         raise ValueError(f"y must be 1-D or 2-D (cells x genes), got shape {Y.shape}.")
     if not np.all(np.isfinite(values)):
-        raise ValueError("y must be finite; it contains NaN or infinite values.")
+        raise ValueError(f"{src.where} must be finite; it contains NaN or infinite values.")
     if np.any(values < 0):
-        raise ValueError("y must be non-negative counts; it contains negative values.")
+        raise ValueError(f"{src.where} must be non-negative counts; it contains negative values.")
     integer = bool(np.all(values == np.round(values)))
+    require_counts(src, integer)
     if names is None:
-        names = [f"gene{j}" for j in range(Y.shape[1])]
-    return Y, names, integer
+        names = np.asarray([f"gene{j}" for j in range(Y.shape[1])], dtype=object)
+    return Y, list(names), integer
+
+
+def _numeric(Y, where):
+    try:
+        return np.asarray(Y, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where} must hold numeric counts; could not convert it to numbers ({exc}).") from exc
 
 
 def fit_many(fixed, Y, codes, levels, offset, weights, *, names, fixed_names, group_name, vcov, xp=np, integer=None):

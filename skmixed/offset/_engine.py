@@ -240,7 +240,7 @@ def block_statistics(parts, cols):
     cols : Columns
 
     Wald: ``(log t - shift) * sqrt(I(t))``, ``-inf`` where the treated counts are all
-    zero; score: ``U / sqrt(I)``.
+    zero; score: ``U / sqrt(I)``. NaN where a resample has no treated cell.
     """
     xp = get_namespace(cols.X)
     Gc = cols.X.shape[1] // 2
@@ -278,7 +278,8 @@ def block_statistics(parts, cols):
                 add_rows_at(acc, el.cols[e0:e1], V)
             info = t * acc
         z = (xp.log(t) - cols.shift[None, :]) * xp.sqrt(info)
-    return xp.where(A <= 0, -xp.inf, z)
+    # no treated cell in a resample (D = 0): undefined; treated counts all zero: -inf
+    return xp.where(D <= 0, xp.nan, xp.where(A <= 0, -xp.inf, z))
 
 
 def _expand(T, c0, c1, el, e0, e1):

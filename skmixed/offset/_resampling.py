@@ -50,6 +50,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from .._backend import gpu_namespace, is_cupy_array, is_device_sparse, to_device, to_host
 from .._families import Bernoulli, NegativeBinomial, Poisson, _trigamma
+from .._inputs import count_source, require_counts
 from ..glm._newton import fit_glm
 from ._engine import (
     Elements,
@@ -137,7 +138,7 @@ def _indicator_csc(T):
     return scipy.sparse.csc_matrix((np.ones(flat.size, bool), cells.astype(idx), indptr), shape=(n, P))
 
 
-def _gene_major_counts(counts, used=None):
+def _gene_major_counts(counts, used=None, src=None):
     """The columns ``used`` of a count matrix as a gene-major float array (G_used, n),
     with one copy (sparse input is densified one column selection at a time), the
     column labels and the number of cells. Raises ValueError for non-finite, negative
@@ -169,6 +170,8 @@ def _gene_major_counts(counts, used=None):
                 raise ValueError(f"counts must be non-negative counts; found {Yt.min()!r}.")
             return Yt, labels or list(range(G)), n
     if not Poisson.check_response(Yt, "counts"):
+        if src is not None:
+            require_counts(src, False)  # AnnData: the message names the layer
         raise ValueError("counts must be integers.")
     return Yt, labels or list(range(G)), n
 
@@ -593,7 +596,10 @@ def resampling_pvalues(observed, resampled, alternative="two-sided", ks_level=0.
 
     The skew-normal p-value is used (``pvalue``) where every resampled statistic is
     finite and a Kolmogorov-Smirnov test of the fit does not reject at ``ks_level``;
-    elsewhere ``pvalue`` is the empirical one.
+    elsewhere ``pvalue`` is the empirical one, ``(1 + #{resamples at least as
+    extreme}) / (1 + #{defined resamples})``: NaN resampled statistics are left out,
+    ``-inf`` ones (treated counts all zero) are the most extreme on the left, ties
+    count as extreme, and a NaN observed statistic gets NaN p-values.
 
     Returns
     -------
@@ -603,9 +609,13 @@ def resampling_pvalues(observed, resampled, alternative="two-sided", ks_level=0.
     obs = np.asarray(observed, dtype=np.float64)
     S = np.asarray(resampled, dtype=np.float64)
     K, B = S.shape
-    left = (1.0 + np.sum(S <= obs[:, None], axis=1)) / (B + 1.0)
-    right = (1.0 + np.sum(S >= obs[:, None], axis=1)) / (B + 1.0)
-    p_emp = _sided(left, right, alternative)
+    # NaN never counts as extreme: an undefined observed statistic has no p-value, and
+    # undefined resampled ones (no treated cell in that resample) are left out
+    n_valid = np.sum(~np.isnan(S), axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        left = (1.0 + np.sum(S <= obs[:, None], axis=1)) / (n_valid + 1.0)
+        right = (1.0 + np.sum(S >= obs[:, None], axis=1)) / (n_valid + 1.0)
+    p_emp = np.where(np.isnan(obs) | (n_valid == 0), np.nan, _sided(left, right, alternative))
     finite = np.all(np.isfinite(S), axis=1) & np.isfinite(obs)
     shape = np.full(K, np.nan)
     loc = np.full(K, np.nan)
@@ -651,6 +661,8 @@ def resampling_test(
     device=None,
     random_state=None,
     return_resampled=False,
+    min_treated=7,
+    layer=None,
 ):
     """SCEPTRE-style test of every (gene, perturbation) pair.
 
@@ -700,6 +712,12 @@ def resampling_test(
     random_state : int, numpy Generator or None
     return_resampled : bool
         Also return the resampled statistics, shape (n_pairs, n_resamples).
+    min_treated : int, default=7
+        Pairs whose perturbation has fewer treated cells are not tested (SCEPTRE's
+        quality control also asks for 7): their p-values are NaN and ``flag`` says why.
+    layer : str or None, default=None
+        For AnnData counts: the layer with the raw counts (None: ``layers["counts"]``
+        when present, else ``.X``). Gene names come from ``var_names``.
 
     Returns
     -------
@@ -707,7 +725,11 @@ def resampling_test(
         gene, perturbation, n_treated, coef (closed-form ``beta`` on the treated
         cells), statistic, p_empirical, p_skewnorm, pvalue (skew-normal where its fit
         passes a KS check, else empirical), skewnorm_ok, sn_shape, sn_loc, sn_scale,
-        size (of the gene).
+        size (of the gene), flag (``""`` for a tested pair, ``"no_treated_cells"`` or
+        ``"too_few_treated_cells"``: p-values NaN). A pair whose treated counts are all
+        zero has Wald statistic ``-inf``, the most extreme value on the left: its
+        empirical p-value counts the resamples that are also ``-inf`` (ties count as
+        extreme), and the skew-normal is not used.
     resampled : ndarray of shape (n_pairs, n_resamples)
         Only with ``return_resampled=True``.
 
@@ -729,16 +751,22 @@ def resampling_test(
         raise ValueError(f"alternative must be one of {_ALTERNATIVES}, got {alternative!r}.")
     if not isinstance(n_resamples, (int, np.integer)) or n_resamples < 2:
         raise ValueError(f"n_resamples must be an integer >= 2, got {n_resamples!r}.")
+    if not isinstance(min_treated, (int, np.integer)) or isinstance(min_treated, bool) or min_treated < 1:
+        raise ValueError(f"min_treated must be an integer >= 1, got {min_treated!r}.")
+    src = count_source(counts, layer=layer, arg="counts")
+    counts = src.values
     xp_dev = _device_namespace(device, counts)
     counts, treatment, covariates, propensity = (
         None if a is None else _host(a) for a in (counts, treatment, covariates, propensity))
     genes, n = _count_labels(counts)
+    if src.names is not None:
+        genes = list(src.names)
     G = len(genes)
     T, perts = _treatment_matrix(treatment, n)
     gi, pj = _pair_indices(pairs, genes, perts)
     used, gpos = np.unique(gi, return_inverse=True)  # genes in pairs; pair -> position
     # gene-major (genes in pairs only): a pair's counts are then contiguous rows
-    Yt, _, _ = _gene_major_counts(counts, used)
+    Yt, _, _ = _gene_major_counts(counts, used, src)
 
     if distillation is None:
         sub = distill(Yt.T, covariates, family=family, size=None if size is None else np.broadcast_to(size, (G,))[used])
@@ -804,13 +832,23 @@ def resampling_test(
         pool.shutdown()
     stats[n_treated == 0, 0] = np.nan
 
-    pv = resampling_pvalues(stats[:, 0], stats[:, 1:], alternative)
+    flag = np.where(n_treated == 0, "no_treated_cells", np.where(n_treated < min_treated, "too_few_treated_cells", ""))
+    untested = flag != ""
+    pv = resampling_pvalues(np.where(untested, np.nan, stats[:, 0]), stats[:, 1:], alternative)
     out = pd.DataFrame(
         {"gene": [genes[i] for i in gi], "perturbation": [perts[j] for j in pj], "n_treated": n_treated,
          "coef": coef, "statistic": stats[:, 0]}
     )
     out = pd.concat([out, pv], axis=1)
     out["size"] = sizes[gpos]
+    out["flag"] = flag
+    if untested.any():
+        warnings.warn(
+            f"{int(untested.sum())} of {K} pairs were not tested (fewer than min_treated={min_treated} "
+            f"treated cells; {int(np.sum(n_treated == 0))} with none): their p-values are NaN, see the 'flag' column.",
+            UserWarning,
+            stacklevel=2,
+        )
     if return_resampled:
         return out, stats[:, 1:]
     return out

@@ -82,6 +82,10 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         Seeds the randomised SVD of the initialisation.
     verbose : int, default=0
         Print the penalised log-likelihood at each iteration.
+    layer : str or None, default=None
+        For AnnData input: the layer holding the raw counts. None reads
+        ``layers["counts"]`` when present, else ``.X`` (as zinbwave reads the
+        ``"counts"`` assay). Non-integer values read from AnnData are an error.
 
     Attributes
     ----------
@@ -109,10 +113,13 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
     integer_counts_ : bool
         Whether ``Y`` held integers (non-integer values are fitted, with a warning).
     gene_names_ : ndarray of str or None
-        Gene names of an AnnData input.
+        Gene names of an AnnData (``var_names``) or DataFrame (columns) input.
     n_features_in_ : int
     feature_names_in_ : ndarray of str
-        Gene names of a DataFrame input.
+        Gene names of a DataFrame or AnnData input. Later AnnData inputs are matched
+        by ``var_names`` (reordered when they hold the same genes in another order, an
+        error when the genes differ); DataFrames follow scikit-learn's check (same
+        columns in the same order).
 
     See Also
     --------
@@ -149,6 +156,7 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         "n_jobs": [None, Interval(Integral, 1, None, closed="left")],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
+        "layer": [None, str],
     }
 
     def __init__(
@@ -163,6 +171,7 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         n_jobs=None,
         random_state=None,
         verbose=0,
+        layer=None,
     ):
         self.n_components = n_components
         self.common_dispersion = common_dispersion
@@ -173,6 +182,7 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
+        self.layer = layer
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -202,8 +212,9 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         Y : array-like, sparse matrix or AnnData of shape (n_cells, n_genes)
             Raw counts: a numpy array, DataFrame, ``scipy.sparse`` matrix, CuPy array or
             ``cupyx`` sparse matrix (the fit then runs on the GPU and the fitted
-            attributes are CuPy arrays), or an AnnData object (its ``"counts"`` layer if
-            present, else ``.X``; duck-typed, anndata need not be installed).
+            attributes are CuPy arrays), or an AnnData object (the ``layer``
+            parameter's layer; by default ``"counts"`` if present, else ``.X``;
+            duck-typed, anndata need not be installed).
         y : None
             Ignored (scikit-learn's signature).
         cell_covariates : array-like of shape (n_cells, M), default=None

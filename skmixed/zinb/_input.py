@@ -8,51 +8,44 @@ import warnings
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from sklearn.utils.validation import validate_data
+from sklearn.utils.validation import check_array, validate_data
 
 from .._backend import to_device, to_host
+from .._inputs import count_source, match_names, require_counts
 from ._data import _is_cupy_sparse, namespace_of_counts, to_csr
-
-
-def unwrap_anndata(Y):
-    """AnnData (duck-typed: ``.X`` and ``.var_names``) -> its counts and gene names.
-
-    As zinbwave does with a SummarizedExperiment, the layer ``"counts"`` is used when
-    present, else ``.X``.
-    """
-    if hasattr(Y, "X") and hasattr(Y, "var_names") and hasattr(Y, "obs_names"):
-        layers = getattr(Y, "layers", None)
-        names = np.asarray([str(v) for v in Y.var_names], dtype=object)
-        if layers is not None and "counts" in layers:
-            return layers["counts"], names
-        return Y.X, names
-    return Y, None
 
 
 def check_count_matrix(est, Y, *, reset: bool):
     """Validate ``Y`` (cells x genes) and return ``(csr, xp, integer, gene_names)``.
 
-    numpy / scipy inputs go through scikit-learn's ``validate_data`` (feature counts and
-    names, finiteness); CuPy inputs are checked on the device.
+    AnnData and DataFrames are read by :func:`skmixed._inputs.count_source` (the
+    ``layer`` rule, unique names); genes named at fit are matched by name later
+    (reordered when the same set, an error otherwise). numpy / scipy inputs go through
+    scikit-learn's validation (feature counts, finiteness); CuPy inputs are checked on
+    the device.
     """
-    Y, gene_names = unwrap_anndata(Y)
-    if hasattr(Y, "to_memory"):  # backed AnnData matrices
-        Y = Y.to_memory()
-    xp = namespace_of_counts(Y)
+    src = count_source(Y, layer=getattr(est, "layer", None), arg="Y")
+    Y, names = src.values, src.names
     name = type(est).__name__
+    if src.anndata:
+        # names are ours to check (scikit-learn only knows DataFrame columns)
+        order = match_names(est, names, reset=reset)
+        if order is not None:
+            Y = Y[:, order]
+            names = names[order]
+    xp = namespace_of_counts(Y)
     if xp is np:
-        Y = validate_data(est, Y, accept_sparse=("csr", "csc", "coo"), dtype=np.float64, reset=reset)
+        if src.anndata:
+            Y = check_array(Y, accept_sparse=("csr", "csc", "coo"), dtype=np.float64, input_name="Y")
+            _check_n_genes(est, Y.shape[1], reset)
+        else:
+            Y = validate_data(est, Y, accept_sparse=("csr", "csc", "coo"), dtype=np.float64, reset=reset)
         Ycsr = sp.csr_matrix(Y, dtype=np.float64)
     else:
         Ycsr = to_csr(Y, xp)
         if len(Ycsr.shape) != 2:
             raise ValueError(f"Y must be 2-D (cells x genes), got shape {Ycsr.shape}.")
-        if reset:
-            est.n_features_in_ = Ycsr.shape[1]
-        elif Ycsr.shape[1] != est.n_features_in_:
-            raise ValueError(
-                f"Y has {Ycsr.shape[1]} features, but {name} is expecting {est.n_features_in_} features as input."
-            )
+        _check_n_genes(est, Ycsr.shape[1], reset)
         if not bool(xp.all(xp.isfinite(Ycsr.data))):
             raise ValueError("Input Y contains NaN or infinity.")
     data = Ycsr.data
@@ -61,6 +54,7 @@ def check_count_matrix(est, Y, *, reset: bool):
         raise ValueError(f"Negative values in data passed to {name}: Y must hold non-negative counts; found {bad!r}.")
     Ycsr.eliminate_zeros()
     integer = bool(xp.all(Ycsr.data == xp.round(Ycsr.data))) if Ycsr.data.size else True
+    require_counts(src, integer)
     if not integer:
         warnings.warn(
             "Y contains non-integer values: the ZINB likelihood is extended to them through "
@@ -68,7 +62,16 @@ def check_count_matrix(est, Y, *, reset: bool):
             UserWarning,
             stacklevel=3,
         )
-    return Ycsr, xp, integer, gene_names
+    return Ycsr, xp, integer, names
+
+
+def _check_n_genes(est, J: int, reset: bool):
+    if reset:
+        est.n_features_in_ = J
+    elif J != est.n_features_in_:
+        raise ValueError(
+            f"Y has {J} features, but {type(est).__name__} is expecting {est.n_features_in_} features as input."
+        )
 
 
 def check_nonempty(Ycsr, xp, names=None, *, genes: bool = True):
