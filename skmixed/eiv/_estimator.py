@@ -15,7 +15,7 @@ from sklearn.utils.validation import check_is_fitted
 from .._backend import get_namespace, gpu_namespace, to_host
 from .._families import Poisson
 from ._fit import MIN_PERTURBED_CELLS, draw_guesses, fit_block
-from ._inference import delta_method
+from ._inference import Z975, delta_method
 from ._init import fit_pilot
 from ._model import base_eta, component_logliks, e_step, make_family, normaliser
 
@@ -105,8 +105,8 @@ class GLMEIV(BaseEstimator):
         several pairs are fitted.
     pairs_ : DataFrame
         One row per pair: ``gene``, ``perturbation``, ``loglik``, ``n_iter``, ``converged``
-        and the flags ``grna_zero``, ``mrna_zero``, ``no_grna_signal`` (fitted gRNA effect
-        <= 0: the perturbed component is not above background), ``pi_at_bound`` (pi at 1/2),
+        and the flags ``grna_zero``, ``mrna_zero``, ``no_grna_signal`` (the fitted gRNA effect is
+        not significantly above 0, Wald z < 1.96: the perturbed component is not above background), ``pi_at_bound`` (pi at 1/2),
         ``too_few_cells`` (n pi < 10), ``singular_information`` (no standard errors), and
         ``flagged`` (any of them, or not converged).
     coef_ : ndarray of shape (n_pairs, n_parameters)
@@ -368,7 +368,7 @@ class GLMEIV(BaseEstimator):
         zm = dict(zip(ug, zero_m))
         zg = dict(zip(up, zero_g))
         pi_hat = est[:, 0]
-        g_pert = est[:, 2 + len(self._cov_names) + 2]
+        g_z = tables["z"][:, 2 + len(self._cov_names) + 2]
         with np.errstate(invalid="ignore"):
             flags = pd.DataFrame({
                 "gene": [gnames[i] for i in gi],
@@ -378,7 +378,7 @@ class GLMEIV(BaseEstimator):
                 "converged": converged,
                 "grna_zero": [bool(zg[j]) for j in pj],
                 "mrna_zero": [bool(zm[i]) for i in gi],
-                "no_grna_signal": ~(g_pert > 0),
+                "no_grna_signal": ~(g_z > Z975),
                 "pi_at_bound": pi_hat >= 0.5 - 1e-6,
                 "too_few_cells": ~(n * pi_hat >= MIN_PERTURBED_CELLS),
                 "singular_information": ~np.all(np.isfinite(tables["se"]), axis=1),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._backend import expit, get_namespace
+from .._backend import expit, get_namespace, to_host
 from .._families import NegativeBinomial, Poisson
 from ..glm._newton import fit_glm
 from ._model import kernel
@@ -100,62 +100,116 @@ def _uniform(rng, lo_hi, shape):
     return rng.uniform(lo_hi[0], lo_hi[1], size=shape)
 
 
-def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_iter=3):
+def _ratio_pieces(fam, y, L):
+    """Per-pair pieces of the reduced E-step, so that each restart costs one pass.
+
+    Poisson: ``l(y; L + b) - l(y; L) = y b - e^L (e^b - 1)``. NB with size r:
+    ``y b - (y + r) (log1p(x e^b) - log1p(x))`` with ``x = e^L / r``.
+    """
+    xp = get_namespace(y)
+    E = xp.exp(L)
+    if isinstance(fam, Poisson):
+        return ("poisson", y, E, None, None)
+    r = fam.size[None, :] if fam.size.ndim else fam.size
+    x = E / r
+    return ("nb", y, E, x, (y + r, xp.log1p(x)))
+
+
+def _take(pieces, cols):
+    kind, y, E, x, extra = pieces
+    return (kind, y[:, cols], E[:, cols], None if x is None else x[:, cols],
+            None if extra is None else tuple(a[:, cols] for a in extra))
+
+
+def _log_ratio(pieces, b):
+    """``l(y; L + b) - l(y; L)`` per cell and column: (n, C)."""
+    kind, y, E, x, extra = pieces
+    xp = get_namespace(y)
+    if kind == "poisson":
+        return y * b[None, :] - E * xp.expm1(b)[None, :]
+    ypr, l0 = extra
+    return y * b[None, :] - ypr * (xp.log1p(x * xp.exp(b)[None, :]) - l0)
+
+
+def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_iter=3, merge=1e-6):
     """glmeiv's ``run_reduced_em_algo`` for B pairs x K restarts at once.
 
     ``Lm``, ``Lg`` (n, B) are the pilot linear predictors (offsets of the reduced model);
-    ``guesses`` = (pi, m_pert, g_pert), each (B, K). Returns the three parameters and the
-    log-likelihood (parameter-dependent part), each (B, K).
+    ``guesses`` = (pi, m_pert, g_pert), each (B, K). The (pair, restart) runs are the columns of
+    the work arrays; a run whose parameters come within ``merge`` of another run of the same
+    pair (EM is deterministic, so the two would go on together) is dropped, and finished runs
+    leave the work arrays. Returns pi, m_pert, g_pert and the log-likelihood (parameter-dependent
+    part; -inf for dropped and failed runs), each (B, K).
     """
     xp = get_namespace(M)
     n, B = M.shape
-    pi, bm, bg = (xp.asarray(a, dtype=float).copy() for a in guesses)
-    K = pi.shape[1]
-    # per-pair pieces that no restart changes
-    k0m, k0g = kernel(fm, M, Lm), kernel(fg, G, Lg)
-    base = xp.sum(k0m + k0g, axis=0)  # (B,)
-    Em, Eg = xp.exp(Lm), xp.exp(Lg)
-    ll = xp.full((B, K), -xp.inf)
-    prev = xp.full((B, K), -xp.inf)
-    active = xp.ones((B, K), dtype=bool)
+    pi0, bm0, bg0 = (xp.asarray(a, dtype=float) for a in guesses)
+    K = pi0.shape[1]
+    pm, pg = _ratio_pieces(fm, M, Lm), _ratio_pieces(fg, G, Lg)
+    base = xp.sum(kernel(fm, M, Lm) + kernel(fg, G, Lg), axis=0)  # (B,)
+    pair = np.repeat(np.arange(B), K)
+    pi, bm, bg = pi0.reshape(-1).copy(), bm0.reshape(-1).copy(), bg0.reshape(-1).copy()
+    ll = np.full(B * K, -np.inf)
+    prev = np.full(B * K, -np.inf)
+    active = np.arange(B * K)
+    cols = None
     for it in range(1, max_iter + 1):
-        d = _log_ratio(fm, M, Lm, k0m, Em, bm) + _log_ratio(fg, G, Lg, k0g, Eg, bg)  # (n, B, K)
-        with np.errstate(divide="ignore"):
-            d += (xp.log(pi) - xp.log1p(-pi))[None]
-            ll_new = xp.sum(xp.logaddexp(0.0, d), axis=0) + n * xp.log1p(-pi) + base[:, None]
+        if cols is None or len(cols) != len(active) or np.any(cols != pair[active]):
+            cols = pair[active]
+            cx = cols if xp is np else xp.asarray(cols)
+            am, ag = _take(pm, cx), _take(pg, cx)
+            Mc, Gc = M[:, cx], G[:, cx]
+            Emc, Egc = am[2], ag[2]
+            basec = base[cx]
+        ax = active if xp is np else xp.asarray(active)
+        pa, bma, bga = pi[ax], bm[ax], bg[ax]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = _log_ratio(am, bma) + _log_ratio(ag, bga) + (xp.log(pa) - xp.log1p(-pa))[None, :]
+            ll_new = xp.sum(xp.logaddexp(0.0, d), axis=0) + n * xp.log1p(-pa) + basec
         T = expit(d)
         pi_new = xp.mean(T, axis=0)
         flip = pi_new > 0.5
-        T = xp.where(flip[None], 1.0 - T, T)
-        pi_new = xp.where(flip, 1.0 - pi_new, pi_new)
-        bad = ~xp.isfinite(ll_new) | (pi_new <= 0)
-        ll_new = xp.where(bad, -xp.inf, ll_new)
-        ll = xp.where(active, ll_new, ll)
-        pi = xp.where(active, pi_new, pi)
+        if bool(xp.any(flip)):
+            T = xp.where(flip[None, :], 1.0 - T, T)
+            pi_new = xp.where(flip, 1.0 - pi_new, pi_new)
+        ll_h = np.asarray(to_host(ll_new), dtype=float)
+        bad = ~np.isfinite(ll_h) | (np.asarray(to_host(pi_new)) <= 0)
+        ll_h[bad] = -np.inf
+        ll[active] = ll_h
+        pi[ax] = pi_new
         with np.errstate(invalid="ignore"):
-            rel = xp.abs(ll_new - prev) / xp.minimum(xp.abs(ll_new), xp.abs(prev))
+            rel = np.abs(ll_h - prev[active]) / np.minimum(np.abs(ll_h), np.abs(prev[active]))
+        prev[active] = ll_h
         done = bad | ((rel < tol) & (it >= min_iter))
-        active = active & ~done
-        prev = ll_new
-        if not bool(xp.any(active)) or it == max_iter:
+        if it == max_iter or done.all():
             break
-        # closed-form M-step (mean-plus-offset MLE, Poisson form)
+        # closed-form M-step (mean-plus-offset MLE, Poisson form) on the runs that go on
+        keep = ~done
+        kx = keep if xp is np else xp.asarray(keep)
+        Tk = T[:, kx]
         with np.errstate(divide="ignore", invalid="ignore"):
-            bm_new = xp.log(xp.einsum("nbk,nb->bk", T, M)) - xp.log(xp.einsum("nbk,nb->bk", T, Em))
-            bg_new = xp.log(xp.einsum("nbk,nb->bk", T, G)) - xp.log(xp.einsum("nbk,nb->bk", T, Eg))
-        bm = xp.where(active, bm_new, bm)
-        bg = xp.where(active, bg_new, bg)
-    return pi, bm, bg, ll
+            bm[ax[kx]] = xp.log(xp.sum(Tk * Mc[:, kx], axis=0)) - xp.log(xp.sum(Tk * Emc[:, kx], axis=0))
+            bg[ax[kx]] = xp.log(xp.sum(Tk * Gc[:, kx], axis=0)) - xp.log(xp.sum(Tk * Egc[:, kx], axis=0))
+        active = active[keep]
+        active = _drop_duplicates(active, pair, to_host(pi), to_host(bm), to_host(bg), ll, merge)
+        if active.size == 0:
+            break
+    out = [np.asarray(to_host(a)).reshape(B, K) for a in (pi, bm, bg)]
+    return (*[xp.asarray(a) for a in out], xp.asarray(ll.reshape(B, K)))
 
 
-def _log_ratio(fam, y, L, k0, E, b):
-    """``l(y; L + b) - l(y; L)`` for every restart: (n, B, K)."""
-    xp = get_namespace(y)
-    if isinstance(fam, Poisson):
-        return y[:, :, None] * b[None] - E[:, :, None] * xp.expm1(b)[None]
-    size = fam.size
-    fam3 = NegativeBinomial(size[:, None] if size.ndim else size)
-    return fam3.loglik_kernel(y[:, :, None], L[:, :, None] + b[None]) - k0[:, :, None]
+def _drop_duplicates(active, pair, pi, bm, bg, ll, tol):
+    """Drop runs whose (pair, pi, m_pert, g_pert) match an earlier active run within ``tol``
+    (relative for pi); their log-likelihood is set to -inf so that the survivor stands for them."""
+    if active.size < 2:
+        return active
+    key = np.column_stack([pair[active], np.log(np.maximum(pi[active], 1e-300)), bm[active], bg[active]])
+    q = np.round(key[:, 1:] / tol)
+    _, first = np.unique(np.column_stack([key[:, :1], q]), axis=0, return_index=True)
+    keep = np.zeros(active.size, dtype=bool)
+    keep[first] = True
+    ll[active[~keep]] = -np.inf
+    return active[keep]
 
 
 def select_best(pi, bm, bg, ll, m_range=M_PERT_RANGE):

@@ -1,0 +1,200 @@
+"""GLMEIV as a scikit-learn estimator: parameters, pickling, pipelines, bad input, flags,
+predictions, convergence reporting and the EM's monotone log-likelihood."""
+
+import pickle
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.base import clone
+from sklearn.compose import ColumnTransformer
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+from skmixed.eiv import GLMEIV, make_glmeiv_data
+
+
+@pytest.fixture(scope="module")
+def screen():
+    X, m, g, off, p = make_glmeiv_data(4000, 3, pi=0.08, g_perturbation=np.log([3.0, 4.0, 6.0]), random_state=3)
+    return X, m, g, off, p
+
+
+def _fit(model, screen, j=0, **kw):
+    X, m, g, off, _ = screen
+    return model.fit(X, m[:, j], grna=g[:, j], offset=off["mrna"], grna_offset=off["grna"], **kw)
+
+
+def test_results_layout_and_flags(screen):
+    model = _fit(GLMEIV(mrna_family="poisson", random_state=0), screen)
+    res = model.results_
+    assert list(res["parameter"]) == ["pi", "m_intercept", "m_perturbation", "m_batch",
+                                      "g_intercept", "g_perturbation", "g_batch"]
+    assert list(res.columns[:7]) == ["parameter", "estimate", "std_error", "z", "p_value",
+                                     "confint_lower", "confint_upper"]
+    np.testing.assert_allclose(res["z"], res["estimate"] / res["std_error"])
+    np.testing.assert_allclose(res["confint_upper"] - res["confint_lower"], 2 * 1.959964 * res["std_error"], rtol=1e-6)
+    assert model.converged_ and isinstance(model.loglik_, float) and model.n_iter_ >= 1
+    assert not model.pairs_["flagged"].iloc[0]
+    fc = res.set_index("parameter").loc["m_perturbation"]
+    assert fc["fc_estimate"] == pytest.approx(np.exp(fc["estimate"]))
+    assert fc["fc_confint_lower"] < fc["fc_estimate"] < fc["fc_confint_upper"]
+
+
+def test_loglik_path_is_monotone(screen):
+    model = _fit(GLMEIV(random_state=0), screen, 1)
+    path = model.loglik_path_
+    assert len(path) == model.n_iter_ + 1
+    assert np.all(np.diff(path) >= -1e-12 * np.abs(path[1:]))
+    assert path[-1] == pytest.approx(model.loglik_)
+
+
+def test_random_init_reaches_the_same_mle(screen):
+    a = _fit(GLMEIV(mrna_family="poisson", random_state=0), screen, 2)
+    b = _fit(GLMEIV(mrna_family="poisson", init="random", random_state=0), screen, 2)
+    se = a.results_["std_error"].to_numpy()
+    assert np.max(np.abs(a.coef_[0] - b.coef_[0]) / se) < 1e-3
+    assert b.loglik_ == pytest.approx(a.loglik_, rel=1e-10)
+
+
+def test_clone_params_and_pickle(screen):
+    model = GLMEIV(mrna_family="poisson", n_restarts=5, random_state=0)
+    assert clone(model).get_params() == model.get_params()
+    model.set_params(tol=1e-8)
+    assert model.get_params()["tol"] == 1e-8
+    _fit(model, screen)
+    again = pickle.loads(pickle.dumps(model))
+    pd.testing.assert_frame_equal(again.results_, model.results_)
+    X, m, g, off, _ = screen
+    np.testing.assert_allclose(
+        again.predict_proba(X, m[:, 0], grna=g[:, 0], offset=off["mrna"], grna_offset=off["grna"]),
+        model.predict_proba(X, m[:, 0], grna=g[:, 0], offset=off["mrna"], grna_offset=off["grna"]),
+    )
+
+
+def test_pipeline_with_column_transformer(screen):
+    X, m, g, off, _ = screen
+    rng = np.random.default_rng(0)
+    Xd = pd.DataFrame({"batch": np.where(X["batch"] > 0, "b", "a"), "pmito": rng.uniform(0, 5, len(X))})
+    pre = ColumnTransformer([("cat", OneHotEncoder(drop="first", sparse_output=False), ["batch"]),
+                             ("num", StandardScaler(), ["pmito"])]).set_output(transform="pandas")
+    pipe = Pipeline([("pre", pre), ("eiv", GLMEIV(mrna_family="poisson", random_state=0))])
+    pipe.fit(Xd, m[:, 0], eiv__grna=g[:, 0], eiv__offset=off["mrna"], eiv__grna_offset=off["grna"])
+    params = list(pipe[-1].results_["parameter"])
+    assert params == ["pi", "m_intercept", "m_perturbation", "m_cat__batch_b", "m_num__pmito",
+                      "g_intercept", "g_perturbation", "g_cat__batch_b", "g_num__pmito"]
+    direct = GLMEIV(mrna_family="poisson", random_state=0).fit(
+        pre.fit_transform(Xd), m[:, 0], grna=g[:, 0], offset=off["mrna"], grna_offset=off["grna"])
+    np.testing.assert_allclose(pipe[-1].coef_, direct.coef_)
+
+
+def test_predict_assigns_cells(screen):
+    X, m, g, off, p = screen
+    model = _fit(GLMEIV(mrna_family="poisson", random_state=0), screen, 2)
+    P = model.predict_proba(X, m[:, 2], grna=g[:, 2], offset=off["mrna"], grna_offset=off["grna"])
+    assert P.shape == (len(X), 2)
+    np.testing.assert_allclose(P.sum(axis=1), 1.0)
+    labels = model.predict(X, m[:, 2], grna=g[:, 2], offset=off["mrna"], grna_offset=off["grna"])
+    assert np.mean(labels == p[:, 2]) > 0.99
+    # the posterior mean is the fitted pi at the MLE (the M-step's fixed point)
+    assert P[:, 1].mean() == pytest.approx(model.coef_[0, 0], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"mrna_family": "gaussian"}, "mrna_family"),
+        ({"grna_family": "binomial"}, "grna_family"),
+        ({"init": "kmeans"}, "init"),
+        ({"n_restarts": 0}, "n_restarts"),
+        ({"tol": -1.0}, "tol"),
+        ({"max_iter": 0}, "max_iter"),
+        ({"mrna_size": -2.0}, "mrna_size"),
+        ({"device": "tpu"}, "device"),
+        ({"n_jobs": 0}, "n_jobs"),
+    ],
+)
+def test_bad_parameters(screen, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _fit(GLMEIV(**kwargs), screen)
+
+
+def test_bad_input(screen):
+    X, m, g, off, _ = screen
+    model = GLMEIV(mrna_family="poisson")
+    y = m[:, 0].astype(float)
+    with pytest.raises(ValueError, match="y"):
+        model.fit(X, np.where(np.arange(len(y)) == 3, np.nan, y), grna=g[:, 0])
+    with pytest.raises(ValueError, match="y"):
+        model.fit(X, -y, grna=g[:, 0])
+    with pytest.raises(ValueError, match="grna"):
+        model.fit(X, y, grna=-g[:, 0])
+    with pytest.raises(ValueError, match="grna"):
+        model.fit(X, y, grna=g[:-1, 0])
+    with pytest.raises(ValueError, match="X"):
+        model.fit(X.iloc[:-1], y, grna=g[:, 0])
+    with pytest.raises(ValueError, match="offset"):
+        model.fit(X, y, grna=g[:, 0], offset=off["mrna"][:-1])
+    with pytest.raises(ValueError, match="grna"):
+        model.fit(X, y, grna=np.zeros(len(y)))
+    with pytest.raises(ValueError, match="grna"):
+        model.fit(X, y, grna=None)
+    with pytest.raises(ValueError, match="perturbation"):
+        model.fit(X.rename(columns={"batch": "perturbation"}), y, grna=g[:, 0])
+    with pytest.raises(ValueError, match="pairs"):
+        model.fit(X, m, grna=g, pairs=[("nope", 0)])
+
+
+def test_batch_flags_bad_pairs_and_goes_on(screen):
+    X, m, g, off, _ = screen
+    g2 = np.column_stack([g[:, 0], np.zeros(len(X)), np.ones(len(X))])
+    with pytest.warns(UserWarning, match="all-zero"):
+        model = GLMEIV(mrna_family="poisson", random_state=0).fit(
+            X, m[:, 0], grna=g2, offset=off["mrna"], grna_offset=off["grna"])
+    flags = model.pairs_.set_index("perturbation")
+    assert not flags.loc["0", "flagged"]
+    assert flags.loc["1", "grna_zero"] and flags.loc["1", "flagged"]
+    assert flags.loc["2", "flagged"]  # one gRNA per cell everywhere: no perturbed component
+    assert model.results_.query("perturbation == '1'")["estimate"].isna().all()
+    assert model.results_.query("perturbation == '0'")["estimate"].notna().all()
+
+
+def test_no_grna_signal_is_flagged():
+    X, m, g, off, _ = make_glmeiv_data(3000, 1, pi=0.05, g_perturbation=0.0, m_perturbation=0.0, random_state=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = GLMEIV(mrna_family="poisson", random_state=0).fit(
+            X, m, grna=g, offset=off["mrna"], grna_offset=off["grna"])
+    row = model.pairs_.iloc[0]
+    assert row["flagged"]
+    assert row["no_grna_signal"] or row["too_few_cells"] or row["pi_at_bound"] or not row["converged"]
+
+
+def test_non_convergence_warns(screen):
+    with pytest.warns(ConvergenceWarning, match="max_iter=1"):
+        model = _fit(GLMEIV(mrna_family="negative_binomial", max_iter=1, tol=1e-14, random_state=0), screen, 0)
+    assert model.converged_ is False
+    assert not model.pairs_["converged"].iloc[0] and model.pairs_["flagged"].iloc[0]
+
+
+def test_pairs_by_name(screen):
+    X, m, g, off, _ = screen
+    Y = pd.DataFrame(m, columns=["A", "B", "C"])
+    Gd = pd.DataFrame(g, columns=["gA", "gB", "gC"])
+    model = GLMEIV(mrna_family="poisson", random_state=0).fit(
+        X, Y, grna=Gd, offset=off["mrna"], grna_offset=off["grna"], pairs=[("A", "gA"), ("C", "gC")])
+    assert list(model.pairs_["gene"]) == ["A", "C"]
+    assert list(model.results_.columns[:3]) == ["gene", "perturbation", "parameter"]
+    assert len(model.results_) == 14
+    P = model.predict_proba(X, Y, grna=Gd, offset=off["mrna"], grna_offset=off["grna"])
+    assert P.shape == (len(X), 2, 2)
+
+
+def test_predict_before_fit_raises(screen):
+    from sklearn.exceptions import NotFittedError
+
+    X, m, g, _, _ = screen
+    with pytest.raises(NotFittedError):
+        GLMEIV().predict_proba(X, m[:, 0], grna=g[:, 0])
