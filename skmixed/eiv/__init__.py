@@ -2,5 +2,6 @@
 
 from ._estimator import GLMEIV
 from ._simulate import make_glmeiv_data
+from ._threshold import thresholding_estimator
 
-__all__ = ["GLMEIV", "make_glmeiv_data"]
+__all__ = ["GLMEIV", "make_glmeiv_data", "thresholding_estimator"]

@@ -57,6 +57,12 @@ def m_step_modality(design, family, y, offset, T, coef, *, max_newton=50, tol=1e
         dec = 0.5 * xp.sum(step * grad, axis=1)
         if bool(xp.all(dec < tol)):
             return coef + step, it
+        if bool(xp.all(dec < 1e-3)):
+            # inside the region of quadratic convergence of a concave objective: the full
+            # step increases it (the EM's monotone path is checked in the tests)
+            coef = coef + step
+            q_old = None
+            continue
         if q_old is None:
             q_old = q_value(coef)
         t = xp.ones(coef.shape[0])

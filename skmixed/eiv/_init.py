@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._backend import expit, get_namespace, to_host
+from .._backend import get_namespace, to_host
 from .._families import NegativeBinomial, Poisson
 from ..glm._newton import fit_glm
-from ._model import kernel
+from ._model import kernel, posterior_and_softplus
 
 # glmeiv's guess ranges
 PI_RANGE = (1e-5, 0.03)
@@ -121,25 +121,35 @@ def _take(pieces, cols):
             None if extra is None else tuple(a[:, cols] for a in extra))
 
 
+def _dense(pieces):
+    """The pieces as (n, B, 1): every restart of a pair broadcasts against them, no copies."""
+    kind, y, E, x, extra = pieces
+    return (kind, y[:, :, None], E[:, :, None], None if x is None else x[:, :, None],
+            None if extra is None else tuple(a[:, :, None] for a in extra))
+
+
 def _log_ratio(pieces, b):
-    """``l(y; L + b) - l(y; L)`` per cell and column: (n, C)."""
+    """``l(y; L + b) - l(y; L)`` per cell and run: (n, B, K) for dense pieces and b (B, K),
+    (n, C) for gathered pieces and b (C,)."""
     kind, y, E, x, extra = pieces
     xp = get_namespace(y)
     if kind == "poisson":
-        return y * b[None, :] - E * xp.expm1(b)[None, :]
+        return y * b[None] - E * xp.expm1(b)[None]
     ypr, l0 = extra
-    return y * b[None, :] - ypr * (xp.log1p(x * xp.exp(b)[None, :]) - l0)
+    return y * b[None] - ypr * (xp.log1p(x * xp.exp(b)[None]) - l0)
 
 
-def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_iter=3, merge=1e-6):
+def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_iter=3, merge=1e-2):
     """glmeiv's ``run_reduced_em_algo`` for B pairs x K restarts at once.
 
     ``Lm``, ``Lg`` (n, B) are the pilot linear predictors (offsets of the reduced model);
-    ``guesses`` = (pi, m_pert, g_pert), each (B, K). The (pair, restart) runs are the columns of
-    the work arrays; a run whose parameters come within ``merge`` of another run of the same
-    pair (EM is deterministic, so the two would go on together) is dropped, and finished runs
-    leave the work arrays. Returns pi, m_pert, g_pert and the log-likelihood (parameter-dependent
-    part; -inf for dropped and failed runs), each (B, K).
+    ``guesses`` = (pi, m_pert, g_pert), each (B, K). All runs are computed as one (n, B, K)
+    array (the per-pair pieces broadcast over the restarts) until fewer than half are still
+    running; the survivors are then gathered into (n, C) columns. A run that comes within
+    ``merge`` of another run of the same pair (in log pi and both coefficients) is dropped:
+    the two would end in the same basin, and only the best run is used. Returns pi, m_pert,
+    g_pert and the log-likelihood (parameter-dependent part; -inf for dropped and failed runs),
+    each (B, K).
     """
     xp = get_namespace(M)
     n, B = M.shape
@@ -152,46 +162,60 @@ def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_it
     ll = np.full(B * K, -np.inf)
     prev = np.full(B * K, -np.inf)
     active = np.arange(B * K)
-    cols = None
+    work = active  # the runs the arrays hold
+    am, ag = _dense(pm), _dense(pg)
+    basew = xp.repeat(base, K)
+    shape = (B, K)
     for it in range(1, max_iter + 1):
-        if cols is None or len(cols) != len(active) or np.any(cols != pair[active]):
-            cols = pair[active]
-            cx = cols if xp is np else xp.asarray(cols)
-            am, ag = _take(pm, cx), _take(pg, cx)
-            Mc, Gc = M[:, cx], G[:, cx]
-            Emc, Egc = am[2], ag[2]
-            basec = base[cx]
-        ax = active if xp is np else xp.asarray(active)
-        pa, bma, bga = pi[ax], bm[ax], bg[ax]
+        if shape is not None and active.size < 0.5 * work.size:
+            work = active
+            wx = pair[work] if xp is np else xp.asarray(pair[work])
+            am, ag = _take(pm, wx), _take(pg, wx)
+            basew = base[wx]
+            shape = None
+        wx = work if xp is np else xp.asarray(work)
+        pa, bma, bga = pi[wx], bm[wx], bg[wx]
+        if shape is not None:
+            pa3, bma3, bga3 = pa.reshape(shape), bma.reshape(shape), bga.reshape(shape)
+        else:
+            pa3, bma3, bga3 = pa, bma, bga
         with np.errstate(divide="ignore", invalid="ignore"):
-            d = _log_ratio(am, bma) + _log_ratio(ag, bga) + (xp.log(pa) - xp.log1p(-pa))[None, :]
-            ll_new = xp.sum(xp.logaddexp(0.0, d), axis=0) + n * xp.log1p(-pa) + basec
-        T = expit(d)
-        pi_new = xp.mean(T, axis=0)
+            d = _log_ratio(am, bma3)
+            d += _log_ratio(ag, bga3)
+            d += (xp.log(pa3) - xp.log1p(-pa3))[None]
+        T, sp = posterior_and_softplus(d)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ll_new = xp.sum(sp, axis=0).reshape(-1) + n * xp.log1p(-pa) + basew
+        pi_new = xp.mean(T, axis=0).reshape(-1)
         flip = pi_new > 0.5
         if bool(xp.any(flip)):
-            T = xp.where(flip[None, :], 1.0 - T, T)
+            fl = flip.reshape(T.shape[1:])
+            T = xp.where(fl[None], 1.0 - T, T)
             pi_new = xp.where(flip, 1.0 - pi_new, pi_new)
-        ll_h = np.asarray(to_host(ll_new), dtype=float)
-        bad = ~np.isfinite(ll_h) | (np.asarray(to_host(pi_new)) <= 0)
+        # bookkeeping on the host, for the runs still active
+        pos = np.searchsorted(work, active)
+        ll_h = np.asarray(to_host(ll_new), dtype=float)[pos]
+        bad = ~np.isfinite(ll_h) | (np.asarray(to_host(pi_new))[pos] <= 0)
         ll_h[bad] = -np.inf
         ll[active] = ll_h
-        pi[ax] = pi_new
+        pi[active] = to_host(pi_new)[pos] if xp is np else pi_new[xp.asarray(pos)]
         with np.errstate(invalid="ignore"):
             rel = np.abs(ll_h - prev[active]) / np.minimum(np.abs(ll_h), np.abs(prev[active]))
         prev[active] = ll_h
         done = bad | ((rel < tol) & (it >= min_iter))
         if it == max_iter or done.all():
             break
-        # closed-form M-step (mean-plus-offset MLE, Poisson form) on the runs that go on
-        keep = ~done
-        kx = keep if xp is np else xp.asarray(keep)
-        Tk = T[:, kx]
+        # closed-form M-step (mean-plus-offset MLE, Poisson form) for every held run
         with np.errstate(divide="ignore", invalid="ignore"):
-            bm[ax[kx]] = xp.log(xp.sum(Tk * Mc[:, kx], axis=0)) - xp.log(xp.sum(Tk * Emc[:, kx], axis=0))
-            bg[ax[kx]] = xp.log(xp.sum(Tk * Gc[:, kx], axis=0)) - xp.log(xp.sum(Tk * Egc[:, kx], axis=0))
-        active = active[keep]
-        active = _drop_duplicates(active, pair, to_host(pi), to_host(bm), to_host(bg), ll, merge)
+            bm_w = (xp.log(xp.sum(T * am[1], axis=0)) - xp.log(xp.sum(T * am[2], axis=0))).reshape(-1)
+            bg_w = (xp.log(xp.sum(T * ag[1], axis=0)) - xp.log(xp.sum(T * ag[2], axis=0))).reshape(-1)
+        keep = active[~done]
+        kpos = np.searchsorted(work, keep)
+        kx = kpos if xp is np else xp.asarray(kpos)
+        ax = keep if xp is np else xp.asarray(keep)
+        bm[ax] = bm_w[kx]
+        bg[ax] = bg_w[kx]
+        active = _drop_duplicates(keep, pair, to_host(pi), to_host(bm), to_host(bg), ll, merge)
         if active.size == 0:
             break
     out = [np.asarray(to_host(a)).reshape(B, K) for a in (pi, bm, bg)]
