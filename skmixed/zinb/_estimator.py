@@ -22,6 +22,7 @@ from ._optimize import Optimizer
 from ._schedule import prefit_dispersion
 
 _PARAM_NAMES = ("beta_mu", "beta_pi", "gamma_mu", "gamma_pi", "W", "alpha_mu", "alpha_pi", "zeta")
+_GENE_PARAMS = ("beta_mu", "beta_pi", "alpha_mu", "alpha_pi", "zeta")  # last axis: genes
 
 
 class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -302,11 +303,10 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
             alpha_mu=self.alpha_mu_, alpha_pi=self.alpha_pi_, zeta=self.zeta_,
         )
 
-    def _cells(self, Y, cell_covariates, offset, offset_pi, *, refit_training=False):
-        """Parameters of the cells of ``Y``: the fitted ones for the training cells,
-        otherwise fitted with the gene parameters fixed. Returns ``(P, design, counts)``."""
+    def _cell_inputs(self, Y, cell_covariates, offset, offset_pi):
+        """Validated counts (CSR), namespace, covariates and offsets of new cells."""
         check_is_fitted(self)
-        Ycsr, xp, _, names = check_count_matrix(self, Y, reset=False)
+        Ycsr, xp, _, _ = check_count_matrix(self, Y, reset=False)
         n, J = Ycsr.shape
         X = check_design(cell_covariates, n, "cell_covariates", xp)
         if X.shape[1] != self._n_cell_covariates:
@@ -315,15 +315,40 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
             )
         off_mu = check_offset(offset, n, J, "offset", xp)
         off_pi = check_offset(offset_pi, n, J, "offset_pi", xp)
-        design = Design(X, self._V, off_mu, off_pi, self._penalty, self.n_components)
-        counts = self._counts(Ycsr, xp)
-        if not refit_training and fingerprint(Ycsr, X, off_mu, off_pi) == self._train_key:
-            return self._params(), design, counts
-        check_nonempty(Ycsr, xp, genes=False)
-        P = initialize_cells(counts, design, self._params())
+        return Ycsr, xp, X, off_mu, off_pi
+
+    def _gene_part(self, Ycsr, xp, X, off_mu, off_pi, genes=None):
+        """Design, counts and fitted parameters restricted to the columns ``genes``."""
+        V, fitted = self._V, self._params()
+        if genes is not None:
+            cols = genes
+
+            def sub(off):
+                return off if off is None or off.ndim == 1 else off[:, cols]
+
+            Ycsr, V, off_mu, off_pi = Ycsr[:, cols], V[cols], sub(off_mu), sub(off_pi)
+            fitted = Params(**{
+                k: (getattr(fitted, k)[..., cols] if k in _GENE_PARAMS else getattr(fitted, k)) for k in _PARAM_NAMES
+            })
+        design = Design(X, V, off_mu, off_pi, self._penalty, self.n_components)
+        return design, self._counts(Ycsr, xp), fitted
+
+    def _fit_cells(self, design, counts, fitted):
+        """Cell parameters fitted by penalised ML with every gene parameter fixed."""
+        P = initialize_cells(counts, design, fitted)
         opt = Optimizer(counts, design, common_dispersion=self.common_dispersion, fit_genes=False, fit_zeta=False)
         opt.run(P, max_iter=self.max_iter, tol=min(self.tol, 1e-8))
-        return P, design, counts
+        return P
+
+    def _cells(self, Y, cell_covariates, offset, offset_pi):
+        """Parameters of the cells of ``Y``: the fitted ones for the training cells,
+        otherwise fitted with the gene parameters fixed. Returns ``(P, design, counts)``."""
+        Ycsr, xp, X, off_mu, off_pi = self._cell_inputs(Y, cell_covariates, offset, offset_pi)
+        design, counts, fitted = self._gene_part(Ycsr, xp, X, off_mu, off_pi)
+        if fingerprint(Ycsr, X, off_mu, off_pi) == self._train_key:
+            return fitted, design, counts
+        check_nonempty(Ycsr, xp, genes=False)
+        return self._fit_cells(design, counts, fitted), design, counts
 
     def transform(self, Y, *, cell_covariates=None, offset=None, offset_pi=None):
         """Latent factors ``W`` of the cells of ``Y``.
@@ -432,14 +457,50 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         """Per-entry log-likelihood ``log p(y_ij)`` (zinbwave's ``zinb.loglik.matrix``)."""
         return self._dense(Y, cell_covariates, offset, offset_pi, ZINB.loglik, with_counts=True)
 
-    def score(self, Y, y=None, *, cell_covariates=None, offset=None, offset_pi=None):
-        """Mean log-likelihood per matrix entry of the counts ``Y``.
+    def score(self, Y, y=None, *, cell_covariates=None, offset=None, offset_pi=None, n_gene_folds=5):
+        """Held-out log-likelihood per matrix entry, by bi-cross-validation over genes.
 
-        New cells get their cell parameters fitted with the gene parameters fixed (as in
-        :meth:`transform`), then the log-likelihood of every entry is averaged: the
-        held-out log-likelihood of the ZINB-Grad and scVI comparisons. For the training
-        data this is ``loglik_ / Y.size``.
+        The genes are split into ``n_gene_folds`` folds (a fixed random split). For each
+        fold, the cell parameters (``W``, ``gamma``) of the cells of ``Y`` are fitted on
+        the other genes, with every gene parameter fixed at the fit, and the
+        log-likelihood of the fold's entries is evaluated at them. The mean over all
+        entries is returned.
+
+        Every entry is thus predicted by parameters that did not see it: the cells'
+        own parameters come from other genes and the gene parameters from the training
+        cells (the spirit of Owen and Perry's bi-cross-validation). A model with too
+        many factors fits the cells' noise on the other genes and predicts the held
+        genes worse, so the score peaks near the true number of factors and
+        ``GridSearchCV(ZINBWaVE(), {"n_components": [...]})`` selects ``K``. (Fitting a
+        cell's parameters on all of its genes and scoring the same entries, as a plain
+        held-out-cells likelihood does, rewards every extra factor.) The training data
+        are scored the same way, so ``score(Y_train)`` is not ``loglik_ / Y.size``.
+
+        Parameters
+        ----------
+        Y : array-like, sparse matrix or AnnData of shape (n_cells, n_genes)
+        y : None
+            Ignored.
+        cell_covariates, offset, offset_pi : as in :meth:`fit`, for these cells.
+        n_gene_folds : int, default=5
+            Number of gene folds (at most the number of genes).
+
+        Returns
+        -------
+        float
         """
-        P, design, counts = self._cells(Y, cell_covariates, offset, offset_pi)
-        opt = Optimizer(counts, design, common_dispersion=self.common_dispersion, fit_genes=False, fit_zeta=False)
-        return float(to_host(opt.loglik_by_gene(P).sum())) / (counts.n * counts.J)
+        if not isinstance(n_gene_folds, Integral) or n_gene_folds < 2:
+            raise ValueError(f"n_gene_folds must be an integer >= 2, got {n_gene_folds!r}.")
+        Ycsr, xp, X, off_mu, off_pi = self._cell_inputs(Y, cell_covariates, offset, offset_pi)
+        n, J = Ycsr.shape
+        F = min(int(n_gene_folds), J)
+        fold = np.random.default_rng(0).permutation(J) % F
+        total = 0.0
+        for f in range(F):
+            held, keep = np.flatnonzero(fold == f), np.flatnonzero(fold != f)
+            P = self._fit_cells(*self._gene_part(Ycsr, xp, X, off_mu, off_pi, keep))
+            design, counts, fitted = self._gene_part(Ycsr, xp, X, off_mu, off_pi, held)
+            fitted.gamma_mu, fitted.gamma_pi, fitted.W = P.gamma_mu, P.gamma_pi, P.W
+            opt = Optimizer(counts, design, common_dispersion=self.common_dispersion, fit_genes=False, fit_zeta=False)
+            total += float(to_host(opt.loglik_by_gene(fitted).sum()))
+        return total / (n * J)
