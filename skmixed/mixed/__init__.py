@@ -1,5 +1,6 @@
-"""Generalised linear mixed models."""
+"""Generalised and linear mixed models."""
 
 from ._glmm import GLMMSummary, PoissonGLMM
+from ._lmm import LinearMixedModel
 
-__all__ = ["GLMMSummary", "PoissonGLMM"]
+__all__ = ["GLMMSummary", "LinearMixedModel", "PoissonGLMM"]
