@@ -180,3 +180,52 @@ def test_many_genes_on_gpu_equal_cpu(genes):
     gpu = PoissonGLMM(fit_intercept=False).fit(X, cp.asarray(Y, dtype=float), groups=d.patient_assignment, offset=lt)
     np.testing.assert_allclose(gpu.coef_, cpu.coef_, atol=1e-8, equal_nan=True)
     np.testing.assert_allclose(gpu.coef_se_, cpu.coef_se_, rtol=1e-7, equal_nan=True)
+
+
+# ------------------------------------------ summary and score per gene (issue 10, point 5)
+def test_many_gene_summary_score_and_qvalues(genes):
+    """``summary()`` gives tidy per-gene tables (it raised AttributeError); ``score``
+    works on sparse, DataFrame and AnnData counts (it raised InvalidParameterError /
+    numpy's dimension error) and is the mean of the per-gene Poisson D^2, each equal
+    to scikit-learn's ``d2_tweedie_score(power=1)``; ``results_`` carries BH q-values."""
+    from sklearn.metrics import d2_tweedie_score
+
+    d, X, Y, lt = genes
+    groups = d.patient_assignment
+    m = _single(X, Y, d, lt)
+    s = m.summary()
+    assert list(s.fixed.columns[:8]) == ["gene", "term", "estimate", "std_error", "z", "p_value", "q_value",
+                                          "ci_2.5%"]
+    assert len(s.fixed) == Y.shape[1] * X.shape[1] and len(s.fit) == Y.shape[1]
+    ok = s.fixed.std_error.notna()
+    np.testing.assert_allclose((s.fixed["ci_97.5%"] - s.fixed.estimate)[ok], 1.959964 * s.fixed.std_error[ok],
+                               rtol=1e-6)
+    assert "Fixed effects" in repr(s)
+    # q-values: BH over genes within each term
+    for term, t in m.results_.groupby("term"):
+        ok = t.p_value.notna()
+        np.testing.assert_allclose(t.q_value[ok], scipy.stats.false_discovery_control(t.p_value[ok]), rtol=1e-12)
+    # score: per-gene D^2, mean over genes with counts
+    mu = m.predict(X, groups=groups, offset=lt)
+    per_gene = m.score_genes(X, sp.csr_matrix(Y), groups=groups, offset=lt)
+    for g in (0, 3, 11):
+        assert per_gene.iloc[g] == pytest.approx(d2_tweedie_score(Y[:, g], mu[:, g], power=1), rel=1e-10)
+    assert np.isnan(per_gene.iloc[5])  # all-zero gene: no deviance to explain
+    expected = float(np.nanmean(per_gene))
+    assert m.score(X, sp.csr_matrix(Y), groups=groups, offset=lt) == pytest.approx(expected)
+    named = pd.DataFrame(Y, columns=m.gene_names_)
+    fitted_named = _single(X, named, d, lt)
+    assert fitted_named.score(X, named[named.columns[::-1]], groups=groups, offset=lt) == pytest.approx(expected)
+    anndata = pytest.importorskip("anndata")
+    ad = anndata.AnnData(sp.csr_matrix(Y.astype(float)), var=pd.DataFrame(index=m.gene_names_))
+    assert fitted_named.score(X, ad, groups=groups, offset=lt) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="genes of y differ"):
+        fitted_named.score(X, named.iloc[:, :5], groups=groups, offset=lt)
+
+
+def test_tiny_pvalues_print_as_lme4_does():
+    from skmixed.mixed._glmm import _format_pvalues
+
+    t = pd.DataFrame({"estimate": [1.0, 2.0], "p_value": [0.0, 0.0123456]})
+    out = _format_pvalues(t)
+    assert list(out.p_value) == ["< 2e-16", "0.01235"] and t.p_value[0] == 0.0

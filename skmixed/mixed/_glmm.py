@@ -22,7 +22,7 @@ from .._inputs import is_anndata
 from ..glm._newton import fit_glm
 from ._design import RandomEffectsDesign, RandomTerm, distinct_rows
 from ._laplace import LaplaceProblem, warn_not_converged
-from ._multigene import as_count_matrix, fit_many, wald_contrasts
+from ._multigene import as_count_matrix, fit_many, poisson_d2_by_column, wald_contrasts
 
 _SINGULAR_TOL = 1e-4  # lme4's isSingular() tolerance on the diagonal of theta
 
@@ -43,14 +43,29 @@ class GLMMSummary:
 
     fixed: pd.DataFrame
     random: pd.DataFrame
-    fit: pd.Series
+    fit: pd.Series | pd.DataFrame  # one fit; or, for many genes, one row per gene
 
     def __repr__(self) -> str:
+        rows = 40  # many-gene tables: head and tail only
         with pd.option_context("display.width", 120, "display.max_columns", 20):
             return (
-                f"{self.fit.to_string()}\n\nRandom effects:\n{self.random.to_string(index=False)}"
-                f"\n\nFixed effects:\n{self.fixed.to_string()}"
+                f"{self.fit.to_string(max_rows=rows)}\n\nRandom effects:\n"
+                f"{self.random.to_string(index=False, max_rows=rows)}"
+                f"\n\nFixed effects:\n{_format_pvalues(self.fixed).to_string(max_rows=rows)}"
             )
+
+
+def _format_pvalues(table: pd.DataFrame) -> pd.DataFrame:
+    """p- and q-values as lme4 prints them: below machine epsilon, ``< 2e-16``."""
+    out = table.copy()
+    for col in ("p_value", "q_value"):
+        if col in out:
+            p = out[col].to_numpy(dtype=float)
+            out[col] = np.where(
+                p < np.finfo(float).eps, "< 2e-16",
+                np.array([f"{v:.4g}" for v in p], dtype=object),
+            )
+    return out
 
 
 def _as_2d_groups(groups, n):
@@ -734,19 +749,57 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         return est._fit(parsed.X, parsed.y, parsed.terms, parsed.offset, sample_weight, parsed.fixed_names)
 
     def score(self, X, y, *, groups=None, offset=None, sample_weight=None):
-        """Poisson D^2: fraction of Poisson deviance explained."""
+        """Poisson D^2: the fraction of Poisson deviance explained.
+
+        With many genes (``y`` a count matrix: array, sparse, DataFrame or AnnData, its
+        genes matched by name when named), the mean over genes of each gene's D^2
+        (genes whose counts are all zero have none and are left out); per gene:
+        :meth:`score_genes`.
+        """
+        if getattr(self, "n_genes_", None) is not None:
+            return float(np.nanmean(self.score_genes(X, y, groups=groups, offset=offset, sample_weight=sample_weight)))
         y_pred = self.predict(X, groups=groups, offset=offset)
         return d2_tweedie_score(y, y_pred, sample_weight=sample_weight, power=1)
 
+    def score_genes(self, X, y, *, groups=None, offset=None, sample_weight=None):
+        """Per-gene Poisson D^2 of a many-gene fit: a Series indexed by gene (NaN for
+        genes whose counts are all zero in ``y``)."""
+        check_is_fitted(self)
+        if getattr(self, "n_genes_", None) is None:
+            raise ValueError("score_genes needs a many-gene fit (y a count matrix); use score.")
+        named = is_anndata(y) or isinstance(y, pd.DataFrame)
+        Y, names, _ = as_count_matrix(y, self.layer)
+        if named and list(names) != list(self.gene_names_):
+            order = pd.Index(names).get_indexer(self.gene_names_)
+            if len(names) != self.n_genes_ or np.any(order < 0):
+                raise ValueError(f"the genes of y differ from the {self.n_genes_} genes seen at fit.")
+            Y = Y[:, order]
+        if Y.shape[1] != self.n_genes_:
+            raise ValueError(f"y has {Y.shape[1]} genes; the model was fitted with {self.n_genes_}.")
+        mu = self.predict(X, groups=groups, offset=offset)
+        if Y.shape[0] != mu.shape[0]:
+            raise ValueError(f"y has {Y.shape[0]} rows but X has {mu.shape[0]}.")
+        w = _check_weights(sample_weight, mu)
+        return pd.Series(poisson_d2_by_column(Y, mu, w), index=pd.Index(self.gene_names_, name="gene"), name="d2")
+
     # ----------------------------------------------------------------- summary
     def summary(self, alpha: float = 0.05) -> GLMMSummary:
-        """Fixed-effects table (estimate, SE, z, p, CI), random-effects table and fit statistics."""
+        """Fixed-effects table (estimate, SE, z, p, CI), random-effects table and fit statistics.
+
+        For a many-gene fit the tables are tidy, one row per gene (and term):
+        ``fixed`` is ``results_`` with the confidence limits, ``random`` the
+        ``variance_components_`` and ``fit`` the per-gene ``genes_`` table.
+        """
         check_is_fitted(self)
+        zc = scipy.stats.norm.ppf(1 - alpha / 2)
+        lo, hi = f"ci_{100 * alpha / 2:g}%", f"ci_{100 * (1 - alpha / 2):g}%"
+        if getattr(self, "n_genes_", None) is not None:
+            t = self.results_
+            fixed = t.assign(**{lo: t.estimate - zc * t.std_error, hi: t.estimate + zc * t.std_error})
+            return GLMMSummary(fixed=fixed, random=self.variance_components_.copy(), fit=self.genes_.copy())
         est = self.fixed_effects_.to_numpy()
         se = np.sqrt(np.diag(self.coef_cov_))
         z = est / se
-        zc = scipy.stats.norm.ppf(1 - alpha / 2)
-        lo, hi = f"ci_{100 * alpha / 2:g}%", f"ci_{100 * (1 - alpha / 2):g}%"
         fixed = pd.DataFrame(
             {"estimate": est, "std_error": se, "z": z, "p_value": 2 * scipy.stats.norm.sf(np.abs(z)),
              lo: est - zc * se, hi: est + zc * se},

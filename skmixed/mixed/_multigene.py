@@ -137,6 +137,7 @@ def fit_many(fixed, Y, codes, levels, offset, weights, *, names, fixed_names, gr
 
     se = np.sqrt(np.diagonal(out["cov"], axis1=1, axis2=2))
     z = out["beta"] / se
+    pvals = 2 * scipy.stats.norm.sf(np.abs(z))
     out["table"] = pd.DataFrame(
         {
             "gene": np.repeat(names, p),
@@ -144,7 +145,8 @@ def fit_many(fixed, Y, codes, levels, offset, weights, *, names, fixed_names, gr
             "estimate": out["beta"].ravel(),
             "std_error": se.ravel(),
             "z": z.ravel(),
-            "p_value": (2 * scipy.stats.norm.sf(np.abs(z))).ravel(),
+            "p_value": pvals.ravel(),
+            "q_value": bh_columns(pvals).ravel(),  # over genes, within each term
         }
     )
     out["genes"] = pd.DataFrame(
@@ -205,6 +207,39 @@ def _column_sums_lgamma_saturated(Y, w=None, integer=None):
     return per_gene(lg_y), per_gene((ylogy - y) * wy - lg_y)
 
 
+def poisson_d2_by_column(Y, mu, w=None):
+    """Poisson D^2 of each column: ``1 - D(y, mu) / D(y, weighted mean of y)``.
+
+    ``Y`` (n, G) dense or sparse counts, ``mu`` (n, G) predictions; NaN for columns
+    without any count (no deviance to explain). The ``y log y`` terms are summed over
+    the non-zero counts only, so sparse ``Y`` is never densified.
+    """
+    Y = sp.csc_matrix(Y, dtype=float)
+    Y.eliminate_zeros()
+    n, G = Y.shape
+    w = np.ones(n) if w is None else np.asarray(w, dtype=float)
+    cols = np.repeat(np.arange(G), np.diff(Y.indptr))
+    rows, y = Y.indices, Y.data
+    wy = w[rows] * y
+    sum_wy = np.bincount(cols, weights=wy, minlength=G)
+    ybar = sum_wy / np.sum(w)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ylogy = np.bincount(cols, weights=wy * np.log(y), minlength=G)
+        dev = 2 * (ylogy - np.bincount(cols, weights=wy * np.log(mu[rows, cols]), minlength=G) - sum_wy + w @ mu)
+        dev0 = 2 * (ylogy - sum_wy * np.log(ybar))  # sum w (ybar - y) = 0
+        return np.where(sum_wy > 0, 1.0 - dev / dev0, np.nan)
+
+
+def bh_columns(p):
+    """Benjamini-Hochberg q-values of each column of ``p`` (genes x tests), NaN kept."""
+    q = np.full_like(p, np.nan)
+    for m in range(p.shape[1]):
+        ok = np.isfinite(p[:, m])
+        if ok.any():
+            q[ok, m] = scipy.stats.false_discovery_control(p[ok, m], method="bh")
+    return q
+
+
 def wald_contrasts(beta, cov, contrasts, names, *, contrast_names=None):
     """Wald tests of ``C beta`` for every gene, with Benjamini-Hochberg q-values.
 
@@ -228,11 +263,7 @@ def wald_contrasts(beta, cov, contrasts, names, *, contrast_names=None):
     se = np.sqrt(var)
     z = est / se
     p = 2 * scipy.stats.norm.sf(np.abs(z))
-    q = np.full_like(p, np.nan)
-    for m in range(C.shape[0]):
-        ok = np.isfinite(p[:, m])
-        if ok.any():
-            q[ok, m] = scipy.stats.false_discovery_control(p[ok, m], method="bh")
+    q = bh_columns(p)
     labels = contrast_names or [f"contrast{m}" for m in range(C.shape[0])]
     G = beta.shape[0]
     return pd.DataFrame(
