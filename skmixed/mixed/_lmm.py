@@ -166,6 +166,11 @@ class LinearMixedModel(RegressorMixin, BaseEstimator):
         if self.random_slopes is not None and not isinstance(self.random_slopes, (list, tuple, dict)):
             raise ValueError(f"random_slopes must be None, a list or a dict, got {self.random_slopes!r}.")
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags
+
     # --------------------------------------------------------------------- fit
     def fit(self, X, y, *, groups=None, sample_weight=None, offset=None):
         """Fit the model.
@@ -192,10 +197,14 @@ class LinearMixedModel(RegressorMixin, BaseEstimator):
         self._validate_params()
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True, multi_output=True,
                              ensure_all_finite=True)
-        if groups is None:
-            raise ValueError("groups is required: a linear mixed model needs at least one grouping factor.")
-        terms = self._build_terms(X, groups)
         self.formula_ = None
+        if groups is None:
+            warnings.warn("groups is None: fitting a linear model without random effects.", UserWarning,
+                          stacklevel=2)
+            self.group_names_, self.group_levels_ = [], {}
+            self._term_slopes, self._term_has_intercept = [], []
+            return self._fit(X, y, None, offset, sample_weight, self._feature_names())
+        terms = self._build_terms(X, groups)
         return self._fit(X, y, terms, offset, sample_weight, self._feature_names())
 
     @classmethod
@@ -242,13 +251,16 @@ class LinearMixedModel(RegressorMixin, BaseEstimator):
         keep = w > 0
         if not np.all(keep):
             fixed, Y, w = fixed[keep], Y[keep], w[keep]
-            terms = [t.subset(keep) for t in terms]
+            terms = None if terms is None else [t.subset(keep) for t in terms]
         nobs = int(keep.sum())
+        used = _drop_aliased(fixed, names)
+        Xu = fixed[:, used]
+        self.fixed_names_, self.nobs_, self._used = names, nobs, used
+        if terms is None:
+            return self._fit_lm(Xu, Y, w, used, names, many)
         if np.any(np.ptp(Y, axis=0) == 0):
             bad = int(np.flatnonzero(np.ptp(Y, axis=0) == 0)[0])
             raise ValueError(f"y is constant (response column {bad}): the variance components are not identifiable.")
-        used = _drop_aliased(fixed, names)
-        Xu = fixed[:, used]
         design = RandomEffectsDesign(terms)
         if design.q >= nobs:
             raise ValueError(
@@ -277,6 +289,55 @@ class LinearMixedModel(RegressorMixin, BaseEstimator):
             self._term_slopes = [[] for _ in terms]
             self._term_has_intercept = [t.names[0] == "(Intercept)" for t in terms]
         self._set_attributes(results, stats, design, terms, used, names, many)
+        return self
+
+    def _fit_lm(self, Xu, Y, w, used, names, many):
+        """No grouping factor: weighted least squares (R's ``lm``), logLik as lme4 would."""
+        n, p = Xu.shape
+        sw = np.sqrt(w)[:, None]
+        Q, R = np.linalg.qr(Xu * sw)
+        beta_u = scipy.linalg.solve_triangular(R, Q.T @ (Y * sw))
+        rss = np.sum((Y * sw - (Xu * sw) @ beta_u) ** 2, axis=0)
+        reml = bool(self.reml)
+        nn = n - p if reml else n
+        Ri = scipy.linalg.solve_triangular(R, np.eye(p))
+        with np.errstate(divide="ignore", invalid="ignore"):  # saturated fits: sigma 0 or undefined
+            sigma2 = np.where(nn > 0, rss / max(nn, 1), np.nan)
+            dev = nn * (1 + np.log(2 * np.pi * sigma2)) - np.sum(np.log(w))
+        if reml:
+            dev = dev + 2 * np.sum(np.log(np.abs(np.diag(R))))
+        pick = (lambda a: a) if many else (lambda a: a[0])
+        betas = np.full((Y.shape[1], len(names)), np.nan)
+        betas[:, used] = beta_u.T
+        covs = np.full((Y.shape[1], len(names), len(names)), np.nan)
+        covs[np.ix_(range(Y.shape[1]), used, used)] = sigma2[:, None, None] * (Ri @ Ri.T)[None]
+        ses = np.sqrt(np.diagonal(covs, axis1=1, axis2=2))
+        self.fixed_effects_ = (
+            pd.DataFrame(betas, columns=names) if many else pd.Series(betas[0], index=names, name="estimate")
+        )
+        self.coef_cov_ = pick(covs)
+        j0 = 1 if self.fit_intercept else 0
+        self.intercept_ = pick(betas[:, 0]) if self.fit_intercept else pick(np.zeros(Y.shape[1]))
+        self.intercept_se_ = pick(ses[:, 0]) if self.fit_intercept else pick(np.zeros(Y.shape[1]))
+        self.coef_, self.coef_se_ = pick(betas[:, j0:]), pick(ses[:, j0:])
+        if not many:
+            self.intercept_, self.intercept_se_ = float(self.intercept_), float(self.intercept_se_)
+        self.theta_ = pick(np.zeros((Y.shape[1], 0)))
+        self.sigma_ = pick(np.sqrt(sigma2))
+        self.loglik_ = pick(-0.5 * dev)
+        self.deviance_ = pick(dev)
+        self.n_params_ = len(used) + 1
+        self.aic_ = -2 * self.loglik_ + 2 * self.n_params_
+        self.bic_ = -2 * self.loglik_ + np.log(n) * self.n_params_
+        self.converged_, self.singular_ = pick(np.ones(Y.shape[1], bool)), pick(np.zeros(Y.shape[1], bool))
+        self.n_iter_ = self.n_eval_ = pick(np.ones(Y.shape[1], int))  # one least-squares solve
+        self.fit_time_ = 0.0
+        self.n_responses_ = Y.shape[1] if many else None
+        self.variance_components_ = pd.DataFrame(
+            {"grp": "Residual", "var1": np.nan, "var2": np.nan, "vcov": sigma2, "sdcor": np.sqrt(sigma2)}
+        )
+        self.random_effects_ = pd.DataFrame(columns=["grp", "level", "term", "condval", "condsd"])
+        self._b, self._b_many, self._terms_meta, self._stats = [], [[] for _ in range(Y.shape[1])], [], None
         return self
 
     # ---------------------------------------------------------------- solvers
@@ -433,7 +494,7 @@ class LinearMixedModel(RegressorMixin, BaseEstimator):
         coef = np.nan_to_num(self.coef_)
         if self.n_responses_ is not None:
             out = X @ coef.T + np.asarray(self.intercept_)[None, :] + off[:, None]
-            if groups is not None:
+            if groups is not None and self._terms_meta:
                 terms = self._new_terms(X, groups)
                 for g, bs in enumerate(self._b_many):
                     self._b = bs
@@ -441,7 +502,7 @@ class LinearMixedModel(RegressorMixin, BaseEstimator):
                 self._b = None
             return out
         out = X @ coef + self.intercept_ + off
-        if groups is not None:
+        if groups is not None and self._terms_meta:
             out += self._random_part(self._new_terms(X, groups), n)
         return out
 
