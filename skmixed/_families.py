@@ -56,6 +56,9 @@ class Poisson:
         by the likelihood through ``lgamma``, but callers decide whether to accept them).
         """
         yh = to_host(y)
+        if not (np.issubdtype(yh.dtype, np.number) or yh.dtype == bool):
+            first = yh.ravel()[0] if yh.size else None
+            raise ValueError(f"{name} must hold numeric counts; got values of dtype {yh.dtype} (e.g. {first!r}).")
         if not np.all(np.isfinite(yh)):
             bad = yh[~np.isfinite(yh)][0]
             raise ValueError(f"{name} must be finite; found {bad!r}.")

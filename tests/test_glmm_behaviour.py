@@ -176,3 +176,31 @@ def test_unused_categories_are_dropped_and_missing_levels_predict_population(dat
 def test_all_zero_counts_raise(data):
     with pytest.raises(ValueError, match="y is zero everywhere"):
         _fit(data.assign(y=0))
+
+
+# ----------------------------------------------------- consistency (issue 10, point 9)
+def test_string_response_is_a_clear_error():
+    X = np.random.default_rng(0).normal(size=(20, 2))
+    g = np.repeat([0, 1], 10)
+    for y in (np.array(["1"] * 20), np.array(["a"] * 20)):
+        with pytest.raises(ValueError, match="y must hold numeric counts"):
+            PoissonGLMM().fit(X, y, groups=g)
+
+
+def test_formula_model_predicts_and_scores_a_data_frame():
+    from sklearn.metrics import d2_tweedie_score
+
+    from skmixed.datasets import make_zeb2_like
+
+    data = make_zeb2_like(4000, random_state=3)
+    m = PoissonGLMM.from_formula(
+        "ZEB2 ~ 0 + cell_group + offset(log(total_count)) + (1 | patient_assignment)", data
+    )
+    np.testing.assert_allclose(m.predict(data), m.predict_frame(data))
+    expected = d2_tweedie_score(data.ZEB2, m.predict_frame(data), power=1)
+    assert m.score(data) == pytest.approx(expected)
+    assert m.score(data, data.ZEB2) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="pass the data frame itself"):
+        m.predict(data[["total_count"]].to_numpy())
+    with pytest.raises(ValueError, match="no response column"):
+        m.score(data.drop(columns="ZEB2"))

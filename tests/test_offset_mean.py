@@ -306,3 +306,37 @@ def test_clone_and_grid_search_with_weights():
     search = GridSearchCV(NegBinOffsetMean(), {"family": ["poisson", "negative_binomial"]}, cv=3)
     search.fit(o[:, None], Y[:, 0], sample_weight=w)
     assert search.best_estimator_.coef_ is not None
+
+
+# ------------------------------------------------------ score (issue 10, point 9)
+def test_score_is_the_family_deviance_d2():
+    """``score`` is D^2 of the family's deviance (it was R^2), as scikit-learn's
+    Poisson regressors score: Poisson D^2 equals ``d2_tweedie_score(power=1)``; NB D^2
+    uses the deviance of ``scipy.stats.nbinom`` at the fitted size."""
+    from sklearn.metrics import d2_tweedie_score
+
+    rng = np.random.default_rng(3)
+    o = rng.normal(0, 0.7, 500)
+    mu = np.exp(0.5 + o)
+    y = rng.negative_binomial(3.0, 3.0 / (3.0 + mu)).astype(float)
+    X = o[:, None]
+    pois = NegBinOffsetMean(family="poisson").fit(X, y)
+    assert pois.score(X, y) == pytest.approx(d2_tweedie_score(y, pois.predict(X), power=1), rel=1e-12)
+    nb = NegBinOffsetMean().fit(X, y)
+    r, m = nb.size_, nb.predict(X)
+
+    def dev(mean):
+        ll = scipy.stats.nbinom.logpmf(y, r, r / (r + mean))
+        sat = scipy.stats.nbinom.logpmf(y, r, r / (r + np.maximum(y, 1e-300)))
+        return 2 * np.sum(sat - ll)
+
+    assert nb.score(X, y) == pytest.approx(1 - dev(m) / dev(np.full_like(y, y.mean())), rel=1e-9)
+    with pytest.raises(ValueError, match="single fit"):
+        NegBinOffsetMean().fit(X, np.column_stack([y, y + 1])).score(X, y)
+
+
+def test_string_response_is_a_clear_error():
+    X = np.zeros((20, 1))
+    for y in (np.array(["1"] * 20), np.array(["a"] * 20)):
+        with pytest.raises(ValueError, match="y must hold numeric counts"):
+            NegBinOffsetMean().fit(X, y)

@@ -667,13 +667,23 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
     def predict(self, X, *, groups=None, offset=None):
         """Expected counts ``exp(eta)``.
 
+        For a model fitted with :meth:`from_formula`, ``X`` is a data frame (the
+        formula builds the design, the groups and the offset): ``predict(data)`` is
+        :meth:`predict_frame`.
+
         Conditional on the random effects of levels seen in training; population-level
         (random effect 0) for unseen or missing levels and when ``groups`` is None
         (lme4's ``predict(..., allow.new.levels = TRUE)``).
         """
         check_is_fitted(self)
         if getattr(self, "formula_", None) is not None:
-            raise ValueError("this model was fitted from a formula: use predict_frame(data).")
+            if isinstance(X, pd.DataFrame) and groups is None and offset is None:
+                return self.predict_frame(X)
+            raise ValueError(
+                "this model was fitted from a formula: pass the data frame itself, predict(data) "
+                "(or predict_frame(data, re_form=False) for population-level predictions); the "
+                "formula builds X, the groups and the offset from it."
+            )
         X = validate_data(self, X, dtype=np.float64, reset=False)
         if getattr(self, "n_genes_", None) is not None:
             eta = X @ self.coef_.T + self.intercept_[None, :]
@@ -748,8 +758,11 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
                 raise ValueError(f"grouping factor {t.group!r} has a single level; a variance cannot be estimated.")
         return est._fit(parsed.X, parsed.y, parsed.terms, parsed.offset, sample_weight, parsed.fixed_names)
 
-    def score(self, X, y, *, groups=None, offset=None, sample_weight=None):
+    def score(self, X, y=None, *, groups=None, offset=None, sample_weight=None):
         """Poisson D^2: the fraction of Poisson deviance explained.
+
+        For a model fitted with :meth:`from_formula`, ``X`` is a data frame and ``y``
+        may be omitted (the formula's response column is used).
 
         With many genes (``y`` a count matrix: array, sparse, DataFrame or AnnData, its
         genes matched by name when named), the mean over genes of each gene's D^2
@@ -758,6 +771,10 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         """
         if getattr(self, "n_genes_", None) is not None:
             return float(np.nanmean(self.score_genes(X, y, groups=groups, offset=offset, sample_weight=sample_weight)))
+        if getattr(self, "formula_", None) is not None and isinstance(X, pd.DataFrame) and y is None:
+            y = self._parsed.transform(X).y
+            if y is None:
+                raise ValueError(f"the data frame has no response column for the formula {self.formula_!r}.")
         y_pred = self.predict(X, groups=groups, offset=offset)
         return d2_tweedie_score(y, y_pred, sample_weight=sample_weight, power=1)
 

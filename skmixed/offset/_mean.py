@@ -14,7 +14,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .._backend import get_namespace, is_device_sparse, ndtr, nonzero_entries, safe_exp, to_host
-from .._families import check_counts
+from .._families import NegativeBinomial, Poisson, check_counts
 from ._kernels import DeviceWeightColumns, WeightColumns, fit_offset_mean
 
 _FAMILIES = ("poisson", "negative_binomial")
@@ -288,6 +288,30 @@ class NegBinOffsetMean(RegressorMixin, BaseEstimator):
                 stacklevel=3,
             )
         return self
+
+    def score(self, X, y, sample_weight=None):
+        """D^2: the fraction of the family's deviance explained, as scikit-learn's
+        Poisson regressors score (Poisson deviance for ``family="poisson"`` or an
+        infinite ``size_``, else the NB deviance at ``size_``), against the constant
+        (weighted) mean of ``y``. Defined for a single fit (1-D ``y`` and weights).
+        """
+        check_is_fitted(self)
+        if np.ndim(to_host(self.coef_)) != 0:
+            raise ValueError("score is defined for a single fit (1-D y and sample_weight); this model holds several.")
+        mu = to_host(self.predict(X))
+        y = np.asarray(to_host(y))
+        Poisson.check_response(y, "y")
+        y = y.astype(np.float64).reshape(-1)
+        if y.shape != mu.shape:
+            raise ValueError(f"y has {y.shape[0]} values but X has {mu.shape[0]} rows.")
+        w = np.ones_like(y) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64).reshape(-1)
+        if w.shape != y.shape or not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise ValueError(f"sample_weight must be {y.shape[0]} finite non-negative weights.")
+        size = float(to_host(self.size_))
+        family = Poisson if self.family == "poisson" or not np.isfinite(size) else NegativeBinomial(size)
+        dev = float(np.sum(w * family.unit_deviance(y, mu)))
+        dev0 = float(np.sum(w * family.unit_deviance(y, np.full_like(y, np.average(y, weights=w)))))
+        return 1.0 - dev / dev0
 
     def predict(self, X):
         """Expected counts ``exp(coef_ + o)``, of shape ``(n_samples,) + coef_.shape``."""
