@@ -22,7 +22,7 @@ from ._model import base_eta, component_logliks, e_step, make_family, normaliser
 _FAMILIES = ("poisson", "negative_binomial")
 _INITS = ("accelerated", "random")
 # (n, pairs) arrays of one block stay below this many elements
-_BLOCK_ELEMENTS = 2**22
+_BLOCK_ELEMENTS = 2**17
 
 
 def _as_counts(a, name, n=None):

@@ -50,7 +50,35 @@ class _Res:
         self.coef, self.loglik, self.converged = coef, loglik, converged
 
 
-def fit_pilot(Z, Y, offset, family, size=None, *, max_outer=50):
+# columns per pilot block: fit_glm holds (columns, p, n) arrays
+_PILOT_ELEMENTS = 2**21
+
+
+def fit_pilot(Z, Y, offset, family, size=None):
+    """Covariates-only GLM of every column of Y (n, C), in blocks of columns.
+
+    Returns ``(coef (C, q), eta (n, C), size (C,) or None, converged (C,))``. For
+    ``family="negative_binomial"`` with ``size=None`` the size is the joint maximum-likelihood
+    estimate with the coefficients (``MASS::glm.nb``): Poisson start, then alternate a
+    fixed-size Newton fit and Newton steps on ``log(size)``.
+    """
+    xp = get_namespace(Y)
+    n, C = Y.shape
+    step = max(1, _PILOT_ELEMENTS // max(n * Z.shape[1], 1))
+    if C <= step:
+        return _fit_pilot(Z, Y, offset, family, size)
+    parts = []
+    for s in range(0, C, step):
+        sl = slice(s, min(s + step, C))
+        o = offset if offset.shape[1] == 1 else offset[:, sl]
+        parts.append(_fit_pilot(Z, Y[:, sl], o, family, None if size is None else size[sl]))
+    coef = xp.concatenate([p[0] for p in parts])
+    eta = xp.concatenate([p[1] for p in parts], axis=1)
+    sz = None if parts[0][2] is None else xp.concatenate([p[2] for p in parts])
+    return coef, eta, sz, np.concatenate([p[3] for p in parts])
+
+
+def _fit_pilot(Z, Y, offset, family, size=None, *, max_outer=50):
     """Covariates-only GLM of every column of Y (n, C).
 
     Returns ``(coef (C, q), eta (n, C), size (C,) or None, converged (C,))``. For
@@ -179,18 +207,17 @@ def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_it
             pa3, bma3, bga3 = pa.reshape(shape), bma.reshape(shape), bga.reshape(shape)
         else:
             pa3, bma3, bga3 = pa, bma, bga
+        sums = _reduced_pass(am, ag, pa3, bma3, bga3)
+        sp_sum, T_sum, Tym, TEm, Tyg, TEg = (a.reshape(-1) for a in sums)
         with np.errstate(divide="ignore", invalid="ignore"):
-            d = _log_ratio(am, bma3)
-            d += _log_ratio(ag, bga3)
-            d += (xp.log(pa3) - xp.log1p(-pa3))[None]
-        T, sp = posterior_and_softplus(d)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ll_new = xp.sum(sp, axis=0).reshape(-1) + n * xp.log1p(-pa) + basew
-        pi_new = xp.mean(T, axis=0).reshape(-1)
+            ll_new = sp_sum + n * xp.log1p(-pa) + basew
+        pi_new = T_sum / n
         flip = pi_new > 0.5
         if bool(xp.any(flip)):
-            fl = flip.reshape(T.shape[1:])
-            T = xp.where(fl[None], 1.0 - T, T)
+            # swap the labels: sums of (1 - T) from the column totals
+            tot = [xp.sum(a, axis=0).reshape(-1) if shape is None else
+                   xp.broadcast_to(xp.sum(a, axis=0), shape).reshape(-1) for a in (am[1], am[2], ag[1], ag[2])]
+            Tym, TEm, Tyg, TEg = (xp.where(flip, t - v, v) for t, v in zip(tot, (Tym, TEm, Tyg, TEg)))
             pi_new = xp.where(flip, 1.0 - pi_new, pi_new)
         # bookkeeping on the host, for the runs still active
         pos = np.searchsorted(work, active)
@@ -207,8 +234,8 @@ def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_it
             break
         # closed-form M-step (mean-plus-offset MLE, Poisson form) for every held run
         with np.errstate(divide="ignore", invalid="ignore"):
-            bm_w = (xp.log(xp.sum(T * am[1], axis=0)) - xp.log(xp.sum(T * am[2], axis=0))).reshape(-1)
-            bg_w = (xp.log(xp.sum(T * ag[1], axis=0)) - xp.log(xp.sum(T * ag[2], axis=0))).reshape(-1)
+            bm_w = xp.log(Tym) - xp.log(TEm)
+            bg_w = xp.log(Tyg) - xp.log(TEg)
         keep = active[~done]
         kpos = np.searchsorted(work, keep)
         kx = kpos if xp is np else xp.asarray(kpos)
@@ -220,6 +247,42 @@ def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_it
             break
     out = [np.asarray(to_host(a)).reshape(B, K) for a in (pi, bm, bg)]
     return (*[xp.asarray(a) for a in out], xp.asarray(ll.reshape(B, K)))
+
+
+# cells per block of the reduced E-step: its (cells, runs) temporaries stay in cache
+_BLOCK = 2**16
+
+
+def _reduced_pass(am, ag, pa, bma, bga):
+    """One reduced E-step over blocks of cells: the sums the convergence check and the
+    closed-form M-step need, ``sum softplus(d)``, ``sum T``, ``sum T y`` and ``sum T e^L`` for
+    both modalities, per run (shape of ``pa``)."""
+    xp = get_namespace(pa)
+    n = am[1].shape[0]
+    width = int(np.prod(pa.shape))
+    rows = max(64, _BLOCK // max(width, 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logit = (xp.log(pa) - xp.log1p(-pa))[None]
+    out = [xp.zeros(pa.shape) for _ in range(6)]
+    for s in range(0, n, rows):
+        bm_, bg_ = _rows(am, s, s + rows), _rows(ag, s, s + rows)
+        d = _log_ratio(bm_, bma)
+        d += _log_ratio(bg_, bga)
+        d += logit
+        T, sp = posterior_and_softplus(d)
+        out[0] += xp.sum(sp, axis=0)
+        out[1] += xp.sum(T, axis=0)
+        out[2] += xp.sum(T * bm_[1], axis=0)
+        out[3] += xp.sum(T * bm_[2], axis=0)
+        out[4] += xp.sum(T * bg_[1], axis=0)
+        out[5] += xp.sum(T * bg_[2], axis=0)
+    return out
+
+
+def _rows(pieces, s, e):
+    kind, y, E, x, extra = pieces
+    return (kind, y[s:e], E[s:e], None if x is None else x[s:e],
+            None if extra is None else tuple(a[s:e] for a in extra))
 
 
 def _drop_duplicates(active, pair, pi, bm, bg, ll, tol):
