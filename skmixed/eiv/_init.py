@@ -32,14 +32,37 @@ M_INT_RANGE = G_INT_RANGE = (np.log(1e-4), np.log(1e-1))
 COV_RANGE = (np.log(0.25), np.log(2.0))
 
 
+class _KernelFamily:
+    """A family whose ``loglik`` is only the parameter-dependent kernel: ``fit_glm``'s line
+    search compares log-likelihoods, and the NB normaliser (a ``betaln`` per count) would be
+    recomputed at every trial point for nothing. The pilot does not use the returned value."""
+
+    def __init__(self, family):
+        self.family = family
+        self.size = getattr(family, "size", None)
+
+    def loglik(self, y, eta, weights=None):
+        ll = kernel(self.family, y, eta)
+        return ll if weights is None else weights * ll
+
+    def mean(self, eta):
+        return self.family.mean(eta)
+
+    def score(self, y, mu, weights=None):
+        return self.family.score(y, mu, weights)
+
+    def information(self, mu, weights=None):
+        return self.family.information(mu, weights)
+
+
 def _fit_columns(Z, Y, family, offset, coef0=None):
     """``fit_glm`` over the columns of Y; offsets shared (n, 1) or one per column (n, C)."""
     if offset.shape[1] == 1:
-        return fit_glm(Z, Y, family, offset=offset[:, 0], coef0=coef0)
+        return fit_glm(Z, Y, _KernelFamily(family), offset=offset[:, 0], coef0=coef0)
     coefs, lls, conv = [], [], []
     for j in range(Y.shape[1]):
         fam = family if not isinstance(family, NegativeBinomial) or family.size.ndim == 0 else NegativeBinomial(family.size[j])
-        r = fit_glm(Z, Y[:, j], fam, offset=offset[:, j], coef0=None if coef0 is None else coef0[j])
+        r = fit_glm(Z, Y[:, j], _KernelFamily(fam), offset=offset[:, j], coef0=None if coef0 is None else coef0[j])
         coefs.append(r.coef[0]); lls.append(r.loglik[0]); conv.append(r.converged[0])
     xp = get_namespace(Y)
     return _Res(xp.stack(coefs), xp.stack(lls), np.array(conv))
