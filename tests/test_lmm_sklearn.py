@@ -13,17 +13,7 @@ from skmixed.datasets import load_sleepstudy
 from skmixed.mixed import LinearMixedModel
 
 
-EXPECTED_FAILED_CHECKS = {
-    "check_sample_weight_equivalence_on_dense_data": (
-        "the check's design has more columns than distinct rows with non-zero weight: the "
-        "fixed-effect matrix is rank deficient, aliased columns are dropped as lme4 does, and "
-        "which ones the pivoted QR drops depends on the row multiplicities, so predictions at "
-        "the removed rows are not identified (they agree on the rows that were fitted)."
-    ),
-}
-
-
-@parametrize_with_checks([LinearMixedModel()], expected_failed_checks=lambda est: EXPECTED_FAILED_CHECKS)
+@parametrize_with_checks([LinearMixedModel()])
 def test_sklearn_compatible(estimator, check):
     # Without groups the model is a linear model (warned about: the documented behaviour).
     with warnings.catch_warnings():

@@ -24,14 +24,15 @@ _SOLVERS = ("profiled", "em", "mackay")
 
 
 def _drop_aliased(fixed, names):
-    """Columns kept (lme4 drops aliased fixed-effect columns with a warning)."""
+    """Columns kept: as R's ``qr`` (dqrdc2, tol 1e-7) used by lme4, later columns aliased with
+    earlier ones are dropped, with a warning."""
     if fixed.shape[1] == 0:
         return np.zeros(0, dtype=int)
-    _, R, piv = scipy.linalg.qr(fixed, mode="economic", pivoting=True)
+    R = scipy.linalg.qr(fixed, mode="r")[0]
+    norms = np.linalg.norm(fixed, axis=0)
     diag = np.abs(np.diag(R))
-    rank = int(np.sum(diag > diag[0] * max(fixed.shape) * np.finfo(float).eps * 1e2))
-    used = np.sort(piv[:rank])
-    if rank < fixed.shape[1]:
+    used = np.flatnonzero(diag[: fixed.shape[1]] > 1e-7 * np.maximum(norms[: diag.size], 1e-300))
+    if used.size < fixed.shape[1]:
         dropped = [names[j] for j in sorted(set(range(fixed.shape[1])) - set(used))]
         warnings.warn(
             f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} column(s): {dropped}",
@@ -195,8 +196,14 @@ class LinearMixedModel(RegressorMixin, BaseEstimator):
         self : LinearMixedModel
         """
         self._validate_params()
-        X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True, multi_output=True,
-                             ensure_all_finite=True)
+        try:
+            X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True, multi_output=True,
+                                 ensure_all_finite=True)
+        except ValueError as exc:
+            if "could not convert" in str(exc) or "numeric" in str(exc):
+                raise ValueError(f"X and y must be numeric ({exc}); encode categorical columns first, "
+                                 "or use LinearMixedModel.from_formula.") from exc
+            raise
         self.formula_ = None
         if groups is None:
             warnings.warn("groups is None: fitting a linear model without random effects.", UserWarning,
@@ -262,18 +269,18 @@ class LinearMixedModel(RegressorMixin, BaseEstimator):
             bad = int(np.flatnonzero(np.ptp(Y, axis=0) == 0)[0])
             raise ValueError(f"y is constant (response column {bad}): the variance components are not identifiable.")
         design = RandomEffectsDesign(terms)
-        if design.q >= nobs:
-            raise ValueError(
-                f"number of observations ({nobs}) <= number of random effects ({design.q}): the "
-                "random-effects parameters and the residual variance are probably unidentifiable "
-                "(lme4's check.nobs.vs.nRE)."
-            )
         for t in terms:
             if len(t.levels) >= nobs:
                 raise ValueError(
                     f"number of levels of grouping factor {t.group!r} ({len(t.levels)}) must be "
                     f"< number of observations ({nobs}) (lme4's check.nlev.gtr.1 / nobs check)."
                 )
+        if design.q >= nobs:
+            raise ValueError(
+                f"number of observations ({nobs}) <= number of random effects ({design.q}): the "
+                "random-effects parameters and the residual variance are probably unidentifiable "
+                "(lme4's check.nobs.vs.nRE)."
+            )
         if self.reml and nobs <= Xu.shape[1]:
             raise ValueError(f"REML needs more observations ({nobs}) than fixed effects ({Xu.shape[1]}).")
         t0 = time.perf_counter()

@@ -479,7 +479,28 @@ def optimize_theta(stats, reml, col=0, theta0=None, max_iter=500, tol=1e-12):
         fg, x0, jac=True, method="L-BFGS-B", bounds=bounds,
         options={"maxiter": max_iter, "ftol": tol, "gtol": 1e-8, "maxls": 50},
     )
-    theta = res.x
+    theta, nit = res.x, int(res.nit)
+    # theta_j = 0 is a stationary point of the profiled deviance (its gradient vanishes there
+    # by symmetry), where a projected-gradient method can stop although the deviance falls
+    # away from it: probe along each zero diagonal and restart from the best probe
+    for _ in range(3):
+        f0 = dev(theta)
+        zero = [m for m, b in enumerate(bounds) if b[0] == 0.0 and theta[m] == 0.0]
+        best = None
+        for m in zero:
+            for step in (0.05, 0.3, 1.0):
+                trial = theta.copy()
+                trial[m] = step
+                ft = dev(trial)
+                if ft < f0 - 1e-10 * max(1.0, abs(f0)) and (best is None or ft < best[0]):
+                    best = (ft, trial)
+        if best is None:
+            break
+        res = scipy.optimize.minimize(
+            fg, best[1], jac=True, method="L-BFGS-B", bounds=bounds,
+            options={"maxiter": max_iter, "ftol": tol, "gtol": 1e-8, "maxls": 50},
+        )
+        theta, nit = res.x, nit + int(res.nit)
     # L-BFGS-B's stopping rules are on f and the projected gradient; a tiny or
     # ABNORMAL line search at the optimum is success when the gradient is small
     g = fg(theta)[1]
@@ -488,4 +509,4 @@ def optimize_theta(stats, reml, col=0, theta0=None, max_iter=500, tol=1e-12):
     f = dev(theta)
     converged = bool(res.success or gmax < 1e-4 * max(1.0, abs(f)) ** 0.5)
     message = "" if converged else f"L-BFGS-B: {res.message} (|gradient| {gmax:.2g})"
-    return theta, f, int(res.nit), n_eval[0], converged, message
+    return theta, f, nit, n_eval[0], converged, message
