@@ -20,7 +20,21 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "numpydoc",
+    "sphinx_gallery.gen_gallery",
 ]
+
+# The examples are a sphinx-gallery: every examples/plot_*.py runs during the build
+# and its printed output and figures appear in the HTML; other scripts are not shown.
+sphinx_gallery_conf = {
+    "examples_dirs": "../examples",
+    "gallery_dirs": "auto_examples",
+    "filename_pattern": r"/plot_",
+    "ignore_pattern": r"^(?!plot_).*\.py$",
+    "within_subsection_order": "FileNameSortKey",
+    "download_all_examples": False,
+    "remove_config_comments": True,
+    "abort_on_example_error": True,
+}
 
 # Set to True to resolve links to numpy/scipy/pandas/scikit-learn (needs network).
 use_intersphinx = False
@@ -35,7 +49,8 @@ if use_intersphinx:
     }
 
 templates_path = ["_templates"]
-exclude_patterns = ["_build", "benchmarks_table.rst"]
+exclude_patterns = ["_build", "benchmarks_table.rst", "auto_examples/*.ipynb", "auto_examples/*.py",
+                    "auto_examples/*.zip", "auto_examples/*.json", "auto_examples/*.md5"]
 source_suffix = {".rst": "restructuredtext"}
 root_doc = "index"
 

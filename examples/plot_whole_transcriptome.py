@@ -15,22 +15,21 @@ change in 10% of the genes), fits
 to every gene at once, tests the contrast "T : R : diseased" minus
 "T : R : healthy" with Benjamini-Hochberg q-values, and draws a volcano plot.
 
-Run: ``python examples/plot_whole_transcriptome.py [n_genes]`` (default 2,000).
+Run: ``python examples/plot_whole_transcriptome.py [n_genes]`` (default 2,000); the
+volcano plot is saved next to the script as ``plot_whole_transcriptome.png``.
 """
 
 # %%
 import sys
 import time
+from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from skmixed import PoissonGLMM  # noqa: E402
-from skmixed.datasets import make_boland_like_counts  # noqa: E402
+from skmixed import PoissonGLMM
+from skmixed.datasets import make_boland_like_counts
 
 n_genes = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 2000
 cells, counts, truth = make_boland_like_counts(n_genes, random_state=0)
@@ -66,11 +65,21 @@ print(table.sort_values("p_value").head(10)[["gene", "estimate", "std_error", "q
 # %%
 # Volcano plot
 # ------------
-fig, ax = plt.subplots(figsize=(6, 4.5))
+# Each point is a gene: the estimated log fold change and its p-value. Red genes pass
+# 5% FDR (Benjamini-Hochberg); the dashed line is the p-value at which that cut falls.
+fig, ax = plt.subplots(figsize=(6.5, 5))
 ok = np.isfinite(table.p_value)
 ax.scatter(table.estimate[ok & ~hits], -np.log10(table.p_value[ok & ~hits]), s=4, c="0.6", label="q >= 0.05")
-ax.scatter(table.estimate[hits], -np.log10(np.maximum(table.p_value[hits], 1e-300)), s=6, c="C3", label="q < 0.05")
+ax.scatter(table.estimate[hits], -np.log10(np.maximum(table.p_value[hits], 1e-300)), s=6, c="C3",
+           label="q < 0.05 (5% FDR)")
+if hits.any():
+    ax.axhline(-np.log10(table.p_value[hits].max()), ls="--", lw=0.8, c="C3")
+ax.axvline(0.0, lw=0.6, c="0.3")
 ax.set_xlabel("log fold change, rectal T cells, UC vs healthy")
 ax.set_ylabel("-log10 p")
-ax.legend(frameon=False)
+ax.set_title(f"Differential expression in rectal T cells: {n_genes:,} genes,\n"
+             "Poisson GLMM with a random intercept per patient")
+ax.legend(frameon=False, loc="upper left")
 fig.tight_layout()
+if "__file__" in globals():  # run as a script: keep the figure next to it
+    fig.savefig(Path(__file__).with_suffix(".png"), dpi=120)

@@ -10,6 +10,8 @@ batches mix and k-means on ``W`` finds the cell types.
 """
 
 # %%
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.cluster import KMeans
@@ -31,15 +33,26 @@ for name, model in (("without batch", plain), ("with batch", batch)):
           f"penalised log-likelihood {model.penalized_loglik_:.1f}, {model.n_iter_} iterations")
 
 # %%
-fig, axes = plt.subplots(2, 2, figsize=(9, 8), sharex="col", sharey="col")
+# Top row: cells coloured by their simulated cell type; bottom row: by batch. Without
+# the batch covariate each type splits into two batch clouds; with it, the batches mix.
+fig, axes = plt.subplots(2, 2, figsize=(10, 8.5), sharex="col", sharey="col")
+types = np.unique(sim.cells.cluster)
 for col, (name, model) in enumerate((("without batch", plain), ("with batch", batch))):
     W = model.W_
-    axes[0, col].scatter(W[:, 0], W[:, 1], c=sim.cells.cluster, cmap="tab10", s=4)
+    for k in types:
+        sel = sim.cells.cluster.to_numpy() == k
+        axes[0, col].scatter(W[sel, 0], W[sel, 1], s=4, color=plt.cm.tab10(int(k) % 10), label=f"type {k}")
     axes[0, col].set_title(f"{name}: coloured by cell type")
-    axes[1, col].scatter(W[:, 0], W[:, 1], c=sim.cells.batch, cmap="coolwarm", s=4)
+    for b, colour in zip(np.unique(sim.cells.batch), ("C0", "C3")):
+        sel = sim.cells.batch.to_numpy() == b
+        axes[1, col].scatter(W[sel, 0], W[sel, 1], s=4, color=colour, alpha=0.6, label=f"batch {b}")
     axes[1, col].set_title(f"{name}: coloured by batch")
 for ax in axes.ravel():
-    ax.set_xlabel("W1")
-    ax.set_ylabel("W2")
+    ax.set_xlabel("W1 (ZINB-WaVE factor 1)")
+    ax.set_ylabel("W2 (ZINB-WaVE factor 2)")
+axes[0, 1].legend(title="cell type", markerscale=3, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+axes[1, 1].legend(title="batch", markerscale=3, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+fig.suptitle("ZINB-WaVE latent factors of 1,500 simulated cells (6 types, 2 batches)")
 fig.tight_layout()
-plt.show()
+if "__file__" in globals():  # run as a script: keep the figure next to it
+    fig.savefig(Path(__file__).with_suffix(".png"), dpi=120)
