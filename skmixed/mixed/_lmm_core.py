@@ -143,12 +143,9 @@ class SufficientStats:
         )
 
     def schur_product(self, d):
-        """``C21 diag(d) C21'`` (dense, q2 x q2) for scalar terms."""
+        """Lower triangle (upper part zero) of ``C21 diag(d) C21'`` (q2 x q2), scalar terms."""
         target, col, prod = self._pairs
-        K = np.bincount(target, prod * d[col], minlength=self.q2 * self.q2).reshape(self.q2, self.q2)
-        K = K + K.T
-        K[np.diag_indices_from(K)] *= 0.5
-        return K
+        return np.bincount(target, prod * d[col], minlength=self.q2 * self.q2).reshape(self.q2, self.q2)
 
     def lambda_blocks(self, theta):
         """``T`` of each term, internal order."""
@@ -405,13 +402,16 @@ def deviance_and_gradient(stats: SufficientStats, theta, reml: bool, col: int = 
     diag_minv = np.empty(stats.q)
     diag_minv[:q1] = 1.0 / m11
     if stats.q2:
+        # lower triangles only: sum(S^-1 * K2) = 2 sum(lower) - sum(diag)
         Sinv = scipy.linalg.lapack.dpotri(fac.L22, lower=1)[0]
-        Sinv = np.tril(Sinv) + np.tril(Sinv, -1).T
         t1 = float(fac.Ts[0][0, 0])
         lam2 = np.concatenate([np.full(stats.nlev[i], float(fac.Ts[i][0, 0])) for i in range(1, len(fac.Ts))])
-        K2 = stats.schur_product(t1 * t1 / m11**2) * lam2[:, None] * lam2[None, :]
-        first_extra = float(np.sum(Sinv * K2))
-        diag_minv[q1:] = np.diag(Sinv)
+        K2 = stats.schur_product(t1 * t1 / m11**2)
+        K2 *= lam2[:, None]
+        K2 *= lam2[None, :]
+        dS = np.diag(Sinv)
+        first_extra = 2.0 * float(np.einsum("ij,ij->", Sinv, K2)) - float(dS @ np.diag(K2))
+        diag_minv[q1:] = dS
     else:
         first_extra = 0.0
     tr = _term_sums(stats, diag_minv)
@@ -475,16 +475,42 @@ def optimize_theta(stats, reml, col=0, theta0=None, max_iter=500, tol=1e-12):
         def fg(th):
             return dev(th), numerical_gradient(dev, th)
 
-    res = scipy.optimize.minimize(
-        fg, x0, jac=True, method="L-BFGS-B", bounds=bounds,
-        options={"maxiter": max_iter, "ftol": tol, "gtol": 1e-8, "maxls": 50},
-    )
-    theta, nit = res.x, int(res.nit)
+    def bounded(start):
+        r = scipy.optimize.minimize(
+            fg, start, jac=True, method="L-BFGS-B", bounds=bounds,
+            options={"maxiter": max_iter, "ftol": tol, "gtol": 1e-8, "maxls": 50},
+        )
+        return r.x, float(r.fun), np.asarray(r.jac), bool(r.success), int(r.nit), str(r.message)
+
+    if stats.scalar and np.all(x0 > 0):
+        # scalar terms: BFGS on log(theta) (scale-free: fewer evaluations than a bounded
+        # search from theta = 1); if a theta heads for zero, or BFGS stops on precision
+        # loss, the bounded L-BFGS-B in theta finishes
+        def fg_log(phi):
+            th = np.exp(phi)
+            f, g = fg(th)
+            return f, g * th
+
+        def stop_near_zero(intermediate_result):
+            if np.any(intermediate_result.x < np.log(1e-4)):
+                raise StopIteration
+
+        pre = scipy.optimize.minimize(
+            fg_log, np.log(x0), jac=True, method="BFGS", callback=stop_near_zero,
+            options={"maxiter": max_iter, "gtol": 1e-6},
+        )
+        theta, nit = np.exp(pre.x), int(pre.nit)
+        f, g, success, message = float(pre.fun), pre.jac / theta, bool(pre.success), str(pre.message)
+        # near zero the log-scale gradient g * theta is small whatever g: finish bounded
+        if not success or np.any(theta < 1e-2):
+            theta, f, g, success, it, message = bounded(theta)
+            nit += it
+    else:
+        theta, f, g, success, nit, message = bounded(x0)
     # theta_j = 0 is a stationary point of the profiled deviance (its gradient vanishes there
     # by symmetry), where a projected-gradient method can stop although the deviance falls
     # away from it: probe along each zero diagonal and restart from the best probe
     for _ in range(3):
-        f0 = dev(theta)
         zero = [m for m, b in enumerate(bounds) if b[0] == 0.0 and theta[m] == 0.0]
         best = None
         for m in zero:
@@ -492,21 +518,16 @@ def optimize_theta(stats, reml, col=0, theta0=None, max_iter=500, tol=1e-12):
                 trial = theta.copy()
                 trial[m] = step
                 ft = dev(trial)
-                if ft < f0 - 1e-10 * max(1.0, abs(f0)) and (best is None or ft < best[0]):
+                if ft < f - 1e-10 * max(1.0, abs(f)) and (best is None or ft < best[0]):
                     best = (ft, trial)
         if best is None:
             break
-        res = scipy.optimize.minimize(
-            fg, best[1], jac=True, method="L-BFGS-B", bounds=bounds,
-            options={"maxiter": max_iter, "ftol": tol, "gtol": 1e-8, "maxls": 50},
-        )
-        theta, nit = res.x, nit + int(res.nit)
-    # L-BFGS-B's stopping rules are on f and the projected gradient; a tiny or
-    # ABNORMAL line search at the optimum is success when the gradient is small
-    g = fg(theta)[1]
+        theta, f, g, success, it, message = bounded(best[1])
+        nit += it
+    # the stopping rules are on f and the (projected) gradient; an ABNORMAL line search at
+    # the optimum (deviance flat to rounding) is success when the gradient is small
     free = ~((theta <= 0) & np.array([b[0] == 0.0 for b in bounds]) & (g > 0))
     gmax = float(np.max(np.abs(g[free]))) if np.any(free) else 0.0
-    f = dev(theta)
-    converged = bool(res.success or gmax < 1e-4 * max(1.0, abs(f)) ** 0.5)
-    message = "" if converged else f"L-BFGS-B: {res.message} (|gradient| {gmax:.2g})"
+    converged = bool(success or gmax < 1e-4 * max(1.0, abs(f)) ** 0.5)
+    message = "" if converged else f"{message} (|gradient| {gmax:.2g})"
     return theta, f, nit, n_eval[0], converged, message
