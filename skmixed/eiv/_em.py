@@ -35,28 +35,40 @@ def m_step_modality(design, family, y, offset, T, coef, *, max_newton=50, tol=1e
     """Maximise ``sum_i (1 - T_i) l(y_i, eta0_i) + T_i l(y_i, eta0_i + b)`` for every pair.
 
     Newton (Fisher scoring for NB, as ``glm``) with a per-pair backtracking line search,
-    started at ``coef`` (B, q + 1). Returns the new coefficients and the number of steps.
+    started at ``coef`` (B, q + 1). With ``T=None`` the plain GLM of ``y`` on the design (the
+    covariates-only pilot fit; ``coef`` of shape (B, q)). Returns the new coefficients and
+    whether every pair reached the tolerance.
     """
     xp = get_namespace(y)
-    w0, w1 = 1.0 - T, T
+    plain = T is None
+    if plain:
+        def q_value(c):
+            return xp.sum(kernel(family, y, design.Z @ c.T + offset), axis=0)
+    else:
+        w0, w1 = 1.0 - T, T
 
-    def q_value(c):
-        eta0 = base_eta(design.Z, c, offset)
-        return xp.sum(w0 * kernel(family, y, eta0) + w1 * _shifted(family, y, eta0, c[:, 1]), axis=0)
+        def q_value(c):
+            eta0 = base_eta(design.Z, c, offset)
+            return xp.sum(w0 * kernel(family, y, eta0) + w1 * _shifted(family, y, eta0, c[:, 1]), axis=0)
 
     q_old = None
     eye = xp.eye(coef.shape[1])[None]
-    for it in range(1, max_newton + 1):
-        eta0 = base_eta(design.Z, coef, offset)
-        s0, i0 = score_info(family, y, eta0)
-        s1, i1 = score_info(family, y, eta0 + coef[:, 1][None, :])
-        grad = design.stacked_grad(w0 * s0, w1 * s1)
-        H = design.stacked_gram(w0 * i0, w1 * i1)
+    for _ in range(max_newton):
+        if plain:
+            s0, i0 = score_info(family, y, design.Z @ coef.T + offset)
+            grad = s0.T @ design.Z
+            H = design.gram(i0)
+        else:
+            eta0 = base_eta(design.Z, coef, offset)
+            s0, i0 = score_info(family, y, eta0)
+            s1, i1 = score_info(family, y, eta0 + coef[:, 1][None, :])
+            grad = design.stacked_grad(w0 * s0, w1 * s1)
+            H = design.stacked_gram(w0 * i0, w1 * i1)
         scale = xp.maximum(xp.max(xp.abs(xp.diagonal(H, axis1=1, axis2=2)), axis=1), 1.0)
         step = xp.linalg.solve(H + 1e-12 * scale[:, None, None] * eye, grad[:, :, None])[:, :, 0]
         dec = 0.5 * xp.sum(step * grad, axis=1)
         if bool(xp.all(dec < tol)):
-            return coef + step, it
+            return coef + step, True
         if bool(xp.all(dec < 1e-3)):
             # inside the region of quadratic convergence of a concave objective: the full
             # step increases it (the EM's monotone path is checked in the tests)
@@ -74,7 +86,7 @@ def m_step_modality(design, family, y, offset, T, coef, *, max_newton=50, tol=1e
                 break
             t = xp.where(ok, t, 0.5 * t)
         coef, q_old = trial, q_new
-    return coef, max_newton
+    return coef, False
 
 
 @dataclass

@@ -21,8 +21,8 @@ import numpy as np
 
 from .._backend import get_namespace, to_host
 from .._families import NegativeBinomial, Poisson
-from ..glm._newton import fit_glm
-from ._model import kernel, posterior_and_softplus
+from ._em import m_step_modality
+from ._model import Design, kernel, posterior_and_softplus
 
 # glmeiv's guess ranges
 PI_RANGE = (1e-5, 0.03)
@@ -32,52 +32,11 @@ M_INT_RANGE = G_INT_RANGE = (np.log(1e-4), np.log(1e-1))
 COV_RANGE = (np.log(0.25), np.log(2.0))
 
 
-class _KernelFamily:
-    """A family whose ``loglik`` is only the parameter-dependent kernel: ``fit_glm``'s line
-    search compares log-likelihoods, and the NB normaliser (a ``betaln`` per count) would be
-    recomputed at every trial point for nothing. The pilot does not use the returned value."""
-
-    def __init__(self, family):
-        self.family = family
-        self.size = getattr(family, "size", None)
-
-    def loglik(self, y, eta, weights=None):
-        ll = kernel(self.family, y, eta)
-        return ll if weights is None else weights * ll
-
-    def mean(self, eta):
-        return self.family.mean(eta)
-
-    def score(self, y, mu, weights=None):
-        return self.family.score(y, mu, weights)
-
-    def information(self, mu, weights=None):
-        return self.family.information(mu, weights)
+# (cells x columns) per pilot block: small enough to stay in cache and to share among threads
+_PILOT_ELEMENTS = 2**17
 
 
-def _fit_columns(Z, Y, family, offset, coef0=None):
-    """``fit_glm`` over the columns of Y; offsets shared (n, 1) or one per column (n, C)."""
-    if offset.shape[1] == 1:
-        return fit_glm(Z, Y, _KernelFamily(family), offset=offset[:, 0], coef0=coef0)
-    coefs, lls, conv = [], [], []
-    for j in range(Y.shape[1]):
-        fam = family if not isinstance(family, NegativeBinomial) or family.size.ndim == 0 else NegativeBinomial(family.size[j])
-        r = fit_glm(Z, Y[:, j], _KernelFamily(fam), offset=offset[:, j], coef0=None if coef0 is None else coef0[j])
-        coefs.append(r.coef[0]); lls.append(r.loglik[0]); conv.append(r.converged[0])
-    xp = get_namespace(Y)
-    return _Res(xp.stack(coefs), xp.stack(lls), np.array(conv))
-
-
-class _Res:
-    def __init__(self, coef, loglik, converged):
-        self.coef, self.loglik, self.converged = coef, loglik, converged
-
-
-# columns per pilot block: fit_glm holds (columns, p, n) arrays
-_PILOT_ELEMENTS = 2**21
-
-
-def fit_pilot(Z, Y, offset, family, size=None):
+def fit_pilot(Z, Y, offset, family, size=None, *, map=map):  # noqa: A002
     """Covariates-only GLM of every column of Y (n, C), in blocks of columns.
 
     Returns ``(coef (C, q), eta (n, C), size (C,) or None, converged (C,))``. For
@@ -87,14 +46,15 @@ def fit_pilot(Z, Y, offset, family, size=None):
     """
     xp = get_namespace(Y)
     n, C = Y.shape
-    step = max(1, _PILOT_ELEMENTS // max(n * Z.shape[1], 1))
+    step = max(1, _PILOT_ELEMENTS // max(n, 1))
     if C <= step:
         return _fit_pilot(Z, Y, offset, family, size)
-    parts = []
-    for s in range(0, C, step):
-        sl = slice(s, min(s + step, C))
+
+    def one(sl):
         o = offset if offset.shape[1] == 1 else offset[:, sl]
-        parts.append(_fit_pilot(Z, Y[:, sl], o, family, None if size is None else size[sl]))
+        return _fit_pilot(Z, Y[:, sl], o, family, None if size is None else size[sl])
+
+    parts = list(map(one, [slice(s, min(s + step, C)) for s in range(0, C, step)]))
     coef = xp.concatenate([p[0] for p in parts])
     eta = xp.concatenate([p[1] for p in parts], axis=1)
     sz = None if parts[0][2] is None else xp.concatenate([p[2] for p in parts])
@@ -102,49 +62,107 @@ def fit_pilot(Z, Y, offset, family, size=None):
 
 
 def _fit_pilot(Z, Y, offset, family, size=None, *, max_outer=50):
-    """Covariates-only GLM of every column of Y (n, C).
-
-    Returns ``(coef (C, q), eta (n, C), size (C,) or None, converged (C,))``. For
-    ``family="negative_binomial"`` with ``size=None`` the size is the joint maximum-likelihood
-    estimate with the coefficients (``MASS::glm.nb``): Poisson start, then alternate a
-    fixed-size Newton fit and Newton steps on ``log(size)``.
-    """
+    """Covariates-only GLM of every column of Y (n, C) (see :func:`fit_pilot`)."""
     xp = get_namespace(Y)
-    C = Y.shape[1]
+    n, C = Y.shape
+    design = Design(Z)
+    # start: the intercept-only Poisson MLE log(sum y / sum e^o)
+    coef = xp.zeros((C, Z.shape[1]))
+    coef[:, 0] = xp.log(xp.sum(Y, axis=0)) - xp.log(xp.sum(xp.exp(offset), axis=0))
+    if family == "poisson" or size is None:
+        coef, conv = m_step_modality(design, Poisson(), Y, offset, None, coef)
     if family == "poisson":
-        r = _fit_columns(Z, Y, Poisson(), offset)
-        return r.coef, Z @ r.coef.T + offset, None, np.asarray(r.converged)
+        return coef, Z @ coef.T + offset, None, np.full(C, bool(conv))
     if size is not None:
         s = xp.broadcast_to(xp.asarray(size, dtype=float), (C,)).copy()
-        r = _fit_columns(Z, Y, NegativeBinomial(s), offset)
-        return r.coef, Z @ r.coef.T + offset, s, np.asarray(r.converged)
-    r = _fit_columns(Z, Y, Poisson(), offset)
-    coef = r.coef
+        coef, conv = m_step_modality(design, NegativeBinomial(s), Y, offset, None, coef)
+        return coef, Z @ coef.T + offset, s, np.full(C, bool(conv))
     mu = xp.exp(Z @ coef.T + offset)
     # moment start: var = mu + mu^2 / size
     excess = xp.sum((Y - mu) ** 2 - Y, axis=0)
     u = xp.log(xp.clip(xp.sum(mu**2, axis=0) / xp.maximum(excess, 1e-8), 1e-3, 1e8))
-    converged = np.zeros(C, dtype=bool)
+    tables = _count_tables(Y)
+    converged = False
     for _ in range(max_outer):
         fam = NegativeBinomial(xp.exp(u))
-        r = _fit_columns(Z, Y, fam, offset, coef0=coef)
-        coef = r.coef
+        coef, conv = m_step_modality(design, fam, Y, offset, None, coef)
         mu = fam.mean(Z @ coef.T + offset)
-        u_old = u.copy()
-        for _ in range(50):
-            g, h = NegativeBinomial(xp.exp(u)).size_derivatives(Y, mu)
-            g, h = xp.sum(g, axis=0), xp.sum(h, axis=0)
-            step = xp.where(h < 0, -g / xp.where(h < 0, h, -1.0), xp.sign(g))
-            u = xp.clip(u + xp.clip(step, -2.0, 2.0), np.log(1e-4), np.log(1e10))
-            if bool(xp.all(xp.abs(step) < 1e-12)):
-                break
-        if bool(xp.all(xp.abs(u - u_old) < 1e-10)):
-            converged[:] = True
+        u_old = u
+        u = _size_newton(Y, mu, u, tables)
+        if conv and bool(xp.all(xp.abs(u - u_old) < 1e-9)):
+            converged = True
             break
     fam = NegativeBinomial(xp.exp(u))
-    r = _fit_columns(Z, Y, fam, offset, coef0=coef)
-    converged &= np.asarray(r.converged)
-    return r.coef, Z @ r.coef.T + offset, xp.exp(u), converged
+    coef, conv = m_step_modality(design, fam, Y, offset, None, coef)
+    return coef, Z @ coef.T + offset, xp.exp(u), np.full(C, bool(converged and conv))
+
+
+def _count_tables(Y):
+    """Counts of each value per column, (C, V), when Y holds integers (else None): the
+    digamma sums of the NB size score over n cells become sums over the V values."""
+    xp = get_namespace(Y)
+    Yh = np.asarray(to_host(Y))
+    if not np.all(Yh == np.round(Yh)) or Yh.max() > 1e5:
+        return None
+    V = int(Yh.max()) + 1
+    C = Yh.shape[1]
+    flat = (Yh.astype(np.int64) + V * np.arange(C)[None, :]).ravel()
+    return xp.asarray(np.bincount(flat, minlength=V * C).reshape(C, V).astype(float))
+
+
+def _size_newton(Y, mu, u, tables, *, max_iter=50):
+    """Newton steps on ``u = log(size)`` at fixed means, every column at once: the NB size
+    MLE of ``MASS::theta.ml``. The digamma/trigamma sums come from the count tables; columns
+    with size >= 100 (where those differences cancel) use the family's asymptotic forms."""
+    xp = get_namespace(Y)
+    n = Y.shape[0]
+    sp = _special_ns(xp)
+    done = xp.zeros(u.shape, dtype=bool)
+    for _ in range(max_iter):
+        r = xp.exp(u)
+        big = (r >= 100.0) if tables is not None else xp.ones(u.shape, dtype=bool)
+        g = xp.zeros(u.shape)
+        h = -xp.ones(u.shape)
+        if tables is not None and not bool(xp.all(big)):
+            g, h = _table_derivs(Y, mu, r, tables, n, sp)
+        idx = xp.flatnonzero(big & ~done)
+        if idx.size:
+            # only the columns that need it: the elementwise asymptotic forms
+            gb, hb = NegativeBinomial(r[idx]).size_derivatives(Y[:, idx], mu[:, idx])
+            g[idx], h[idx] = xp.sum(gb, axis=0), xp.sum(hb, axis=0)
+        g = xp.where(done, 0.0, g)
+        step = xp.where(h < 0, -g / xp.where(h < 0, h, -1.0), xp.sign(g))
+        step = xp.clip(step, -2.0, 2.0)
+        u = xp.clip(u + step, np.log(1e-4), np.log(1e10))
+        # a column at the cap has no overdispersion to estimate (the Poisson limit)
+        done = done | (xp.abs(step) < 1e-12) | (u >= np.log(1e10))
+        if bool(xp.all(done)):
+            break
+    return u
+
+
+def _table_derivs(Y, mu, r, tables, n, sp):
+    """First and second derivatives of the NB log-likelihood in ``log(size)``."""
+    xp = get_namespace(Y)
+    v = xp.arange(tables.shape[1], dtype=float)[None, :]
+    rc = r[:, None]
+    A = xp.sum(tables * (sp.digamma(v + rc) - sp.digamma(rc)), axis=1)
+    B = xp.sum(tables * (sp.polygamma(1, v + rc) - sp.polygamma(1, rc)), axis=1)
+    rm = r[None, :] + mu
+    ypr = Y + r[None, :]
+    d1 = A + n * (xp.log(r) + 1.0) - xp.sum(xp.log(rm) + ypr / rm, axis=0)
+    d2 = B + n / r - xp.sum((2.0 - ypr / rm) / rm, axis=0)
+    return r * d1, r * r * d2 + r * d1
+
+
+def _special_ns(xp):
+    if xp is np:
+        import scipy.special  # noqa: PLC0415
+
+        return scipy.special
+    import cupyx.scipy.special  # noqa: PLC0415
+
+    return cupyx.scipy.special
 
 
 def _uniform(rng, lo_hi, shape):

@@ -140,6 +140,10 @@ class Design:
         self.xp = xp
         self.zi = z_index(self.q)
 
+    def gram(self, w):
+        """``Z' diag(w[:, b]) Z`` for every column b: (B, q, q)."""
+        return (w.T @ self.ZZ).reshape(w.shape[1], self.q, self.q)
+
     def stacked_gram(self, w0, w1):
         """``X0' diag(w0) X0 + X1' diag(w1) X1`` for every pair: (B, q + 1, q + 1).
 
