@@ -88,7 +88,7 @@ def screen(pairs: int, cells: int, n_jobs: int) -> None:
     from skmixed.eiv import GLMEIV, make_glmeiv_data
 
     t = time.perf_counter()
-    X, m, g, off, _ = make_glmeiv_data(cells, pairs, pi=0.01, random_state=0)
+    X, m, g, off, _ = make_glmeiv_data(cells, pairs, pi=0.01, mrna_size=20.0, random_state=0)
     sim = time.perf_counter() - t
     model = GLMEIV(n_jobs=n_jobs, random_state=0)
     t, c = time.perf_counter(), time.process_time()

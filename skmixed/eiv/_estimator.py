@@ -19,7 +19,7 @@ from .._families import Poisson
 from ._fit import MIN_PERTURBED_CELLS, draw_guesses, fit_block
 from ._inference import Z975, delta_method
 from ._init import fit_pilot
-from ._model import base_eta, component_logliks, e_step, make_family, normaliser
+from ._model import Design, base_eta, component_logliks, e_step, make_family, normaliser
 
 _FAMILIES = ("poisson", "negative_binomial")
 _INITS = ("accelerated", "random")
@@ -281,7 +281,7 @@ class GLMEIV(BaseEstimator):
         if len(idx) == 1 and zero_m[0]:
             raise ValueError("y is zero in every cell: the mRNA model has no maximum-likelihood estimate.")
         dev = (lambda a: a) if xp is np else xp.asarray
-        Zd = dev(Z)
+        Zd = Design(dev(Z))  # the z z' table, built once for the pilot fits and every block
         n_jobs = 1 if self.n_jobs is None else self.n_jobs
         if n_jobs < 0:
             n_jobs = max(1, (os.cpu_count() or 1) + 1 + n_jobs)
@@ -371,7 +371,7 @@ class GLMEIV(BaseEstimator):
     def _pilot(pool, Z, Y, O, family, size):
         xp = get_namespace(Y)
         if Y.shape[1] == 0:
-            return xp.zeros((0, Z.shape[1])), xp.zeros((Z.shape[0], 0)), None, np.zeros(0, bool)
+            return xp.zeros((0, Z.q)), xp.zeros((Z.n, 0)), None, np.zeros(0, bool)
         return fit_pilot(Z, Y, O, family, None if size is None else xp.asarray(size),
                          map=map if pool is None else pool.map)
 

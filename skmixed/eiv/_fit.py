@@ -15,7 +15,7 @@ from ._inference import louis_information, wald_table
 from ._init import (
     COV_RANGE, G_INT_RANGE, G_PERT_RANGE, M_INT_RANGE, M_PERT_RANGE, PI_RANGE, reduced_em, select_best,
 )
-from ._model import Design, join_coef, make_family, normaliser
+from ._model import as_design, join_coef, make_family, normaliser
 
 # a pair whose fit puts fewer perturbed cells than this (n * pi) is flagged
 MIN_PERTURBED_CELLS = 10.0
@@ -62,7 +62,8 @@ def fit_block(Z, M, G, om, og, *, mrna_family, grna_family, mrna_size, grna_size
     ``mrna_size``/``grna_size`` (B,) or None; ``pilot_m``/``pilot_g`` = (coef (B, q), eta (n, B))
     from the covariates-only fits (None for ``init="random"``)."""
     xp = get_namespace(M)
-    design = Design(Z)
+    design = as_design(Z)
+    Z = design.Z
     n, B = M.shape
     q = design.q
     fm = make_family(mrna_family, mrna_size)

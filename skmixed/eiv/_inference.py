@@ -16,7 +16,7 @@ import numpy as np
 from scipy.stats import norm
 
 from .._backend import get_namespace, to_host
-from ._model import base_eta, join_coef, observed_info
+from ._model import base_eta, observed_info, z_index
 
 Z975 = float(norm.ppf(0.975))
 
@@ -45,17 +45,15 @@ def louis_information(design, fm, fg, M, G, om, og, pi, coef_m, coef_g, T):
     dpi = 1.0 / pi + 1.0 / (1.0 - pi)
     w = T0 * T1
     Z = design.Z
+    q = Z.shape[1]
+    zi = z_index(q)
+    D = xp.empty((Z.shape[0], k))
     for b in range(B):
-        um, a1m = dsc["m"][0][:, b], dsc["m"][1][:, b]
-        ug, a1g = dsc["g"][0][:, b], dsc["g"][1][:, b]
-        D = xp.concatenate(
-            [
-                xp.full((Z.shape[0], 1), dpi[b]),
-                join_coef(Z * um[:, None], a1m),
-                join_coef(Z * ug[:, None], a1g),
-            ],
-            axis=1,
-        )
+        D[:, 0] = dpi[b]
+        for off, key in ((1, "m"), (1 + p1, "g")):
+            u, a1 = dsc[key][0][:, b], dsc[key][1][:, b]
+            D[:, off + zi] = Z * u[:, None]
+            D[:, off + 1] = a1
         info[b] -= D.T @ (D * w[:, b][:, None])
     return info
 

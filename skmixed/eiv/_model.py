@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._backend import get_namespace, safe_exp
+from .._backend import get_namespace, safe_exp, to_host
 from .._families import NegativeBinomial, Poisson
 
 
@@ -59,8 +59,23 @@ def kernel(family, y, eta):
 
 
 def normaliser(family, y):
-    """Sum over cells of the parameter-free part of the log-likelihood, per column: (B,)."""
+    """Sum over cells of the parameter-free part of the log-likelihood, per column: (B,).
+
+    For integer counts the per-value terms are summed over a count table (the normaliser of a
+    value is computed once, not once per cell)."""
     xp = get_namespace(y)
+    yh = to_host(y)
+    if yh.size and np.all(yh == np.round(yh)) and yh.max() < 1e5 and yh.min() >= 0:
+        V = int(yh.max()) + 1
+        C = yh.shape[1]
+        flat = (yh.astype(np.int64) + V * np.arange(C)[None, :]).ravel()
+        table = xp.asarray(np.bincount(flat, minlength=V * C).reshape(C, V).astype(float))
+        v = xp.arange(V, dtype=float)[:, None]
+        if isinstance(family, Poisson):
+            per = family.log_normaliser(v)[None, :, 0]
+        else:
+            per = NegativeBinomial(family.size if family.size.ndim else family.size[None]).log_normaliser(v).T
+        return xp.sum(table * per, axis=1)
     return xp.sum(family.log_normaliser(y), axis=0)
 
 
@@ -88,10 +103,10 @@ def posterior_and_softplus(d):
     Beyond ``d = 35`` both are 1 and ``d`` to within 1e-15 relative.
     """
     xp = get_namespace(d)
-    x = xp.exp(xp.minimum(d, 35.0))
-    T = x / (1.0 + x)
+    x = xp.exp(xp.minimum(d, d.dtype.type(35.0)))
+    T = x / (1 + x)
     sp = xp.log1p(x)
-    big = d > 35.0
+    big = d > 35
     if bool(xp.any(big)):
         sp = xp.where(big, d, sp)
     return T, sp
@@ -123,6 +138,11 @@ def observed_info(family, y, eta):
     if isinstance(family, Poisson):
         return family.score(y, mu), mu
     return family.score(y, mu), family.observed_information(y, mu)
+
+
+def as_design(Z):
+    """``Z`` itself if already a :class:`Design` (built once per fit and shared by every block)."""
+    return Z if isinstance(Z, Design) else Design(Z)
 
 
 class Design:
