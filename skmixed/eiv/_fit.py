@@ -78,16 +78,17 @@ def fit_block(Z, M, G, om, og, *, mrna_family, grna_family, mrna_size, grna_size
             bk = sl.stop - sl.start
             fms = make_family(mrna_family, None if mrna_size is None else mrna_size[sl])
             fgs = make_family(grna_family, None if grna_size is None else grna_size[sl])
-            gs = tuple(xp.broadcast_to(xp.asarray(guesses[k])[None, :], (bk, K)) for k in ("pi", "m_pert", "g_pert"))
+            gs = tuple(np.broadcast_to(guesses[k][None, :], (bk, K)) for k in ("pi", "m_pert", "g_pert"))
             r = reduced_em(fms, fgs, M[:, sl], G[:, sl], pilot_m[1][:, sl], pilot_g[1][:, sl], gs)
             best = select_best(*r)
             for lst, v in zip((pis, bms, bgs, lls), best):
                 lst.append(v)
-        pi0, bm0, bg0, pilot_ll = (xp.concatenate(v) for v in (pis, bms, bgs, lls))
-        coef_m0 = join_coef(pilot_m[0], bm0)
-        coef_g0 = join_coef(pilot_g[0], bg0)
-        em = run_full_em(design, fm, fg, M, G, om, og, const, pi0, coef_m0, coef_g0, tol=tol, max_iter=max_iter)
-        extra = {"pilot_pi": to_host(pi0), "pilot_m_perturbation": to_host(bm0), "pilot_g_perturbation": to_host(bg0)}
+        pi0, bm0, bg0, pilot_ll = (np.concatenate(v) for v in (pis, bms, bgs, lls))
+        coef_m0 = join_coef(pilot_m[0], xp.asarray(bm0))
+        coef_g0 = join_coef(pilot_g[0], xp.asarray(bg0))
+        em = run_full_em(design, fm, fg, M, G, om, og, const, xp.asarray(pi0), coef_m0, coef_g0, tol=tol,
+                         max_iter=max_iter)
+        extra = {"pilot_pi": pi0, "pilot_m_perturbation": bm0, "pilot_g_perturbation": bg0}
     else:
         # glmeiv's random restarts of the full EM (15 iterations, tol 1e-5), pairs x restarts as columns
         rep = np.repeat(np.arange(B), K)

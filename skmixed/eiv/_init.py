@@ -220,10 +220,11 @@ def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_it
     """
     xp = get_namespace(M)
     n, B = M.shape
-    pi0, bm0, bg0 = (xp.asarray(a, dtype=float) for a in guesses)
+    # the run parameters and all bookkeeping live on the host; the cells on M's device
+    pi0, bm0, bg0 = (np.asarray(to_host(a), dtype=float) for a in guesses)
     K = pi0.shape[1]
     pm, pg = _ratio_pieces(fm, M, Lm), _ratio_pieces(fg, G, Lg)
-    base = xp.sum(kernel(fm, M, Lm) + kernel(fg, G, Lg), axis=0)  # (B,)
+    base = np.asarray(to_host(xp.sum(kernel(fm, M, Lm) + kernel(fg, G, Lg), axis=0)))  # (B,)
     pair = np.repeat(np.arange(B), K)
     pi, bm, bg = pi0.reshape(-1).copy(), bm0.reshape(-1).copy(), bg0.reshape(-1).copy()
     ll = np.full(B * K, -np.inf)
@@ -231,61 +232,55 @@ def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_it
     active = np.arange(B * K)
     work = active  # the runs the arrays hold
     am, ag = _dense(pm), _dense(pg)
-    basew = xp.repeat(base, K)
     shape = (B, K)
+
+    def dev(a):
+        return xp.asarray(a.astype(np.float32))
+
     for it in range(1, max_iter + 1):
         if shape is not None and active.size < 0.5 * work.size:
             work = active
             wx = pair[work] if xp is np else xp.asarray(pair[work])
             am, ag = _take(pm, wx), _take(pg, wx)
-            basew = base[wx]
             shape = None
-        wx = work if xp is np else xp.asarray(work)
-        pa, bma, bga = pi[wx], bm[wx], bg[wx]
+        pa, bma, bga = pi[work], bm[work], bg[work]
         if shape is not None:
-            pa3, bma3, bga3 = pa.reshape(shape), bma.reshape(shape), bga.reshape(shape)
-        else:
-            pa3, bma3, bga3 = pa, bma, bga
-        sums = _reduced_pass(am, ag, *(a.astype(np.float32) for a in (pa3, bma3, bga3)))
-        sp_sum, T_sum, Tym, TEm, Tyg, TEg = (a.reshape(-1) for a in sums)
+            pa, bma, bga = pa.reshape(shape), bma.reshape(shape), bga.reshape(shape)
+        sums = _reduced_pass(am, ag, dev(pa), dev(bma), dev(bga))
+        sp_sum, T_sum, Tym, TEm, Tyg, TEg = (np.asarray(to_host(a), dtype=float).reshape(-1) for a in sums)
+        pa = pa.reshape(-1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            ll_new = sp_sum + n * xp.log1p(-pa) + basew
+            ll_new = sp_sum + n * np.log1p(-pa) + base[pair[work]]
         pi_new = T_sum / n
         flip = pi_new > 0.5
-        if bool(xp.any(flip)):
+        if flip.any():
             # swap the labels: sums of (1 - T) from the column totals
-            tot = [xp.sum(a, axis=0).reshape(-1) if shape is None else
-                   xp.broadcast_to(xp.sum(a, axis=0), shape).reshape(-1) for a in (am[1], am[2], ag[1], ag[2])]
-            Tym, TEm, Tyg, TEg = (xp.where(flip, t - v, v) for t, v in zip(tot, (Tym, TEm, Tyg, TEg)))
-            pi_new = xp.where(flip, 1.0 - pi_new, pi_new)
-        # bookkeeping on the host, for the runs still active
+            tot = [np.asarray(to_host(xp.sum(a, axis=0)), dtype=float) for a in (am[1], am[2], ag[1], ag[2])]
+            tot = [np.broadcast_to(t, shape).reshape(-1) if shape is not None else t.reshape(-1) for t in tot]
+            Tym, TEm, Tyg, TEg = (np.where(flip, t - v, v) for t, v in zip(tot, (Tym, TEm, Tyg, TEg)))
+            pi_new = np.where(flip, 1.0 - pi_new, pi_new)
         pos = np.searchsorted(work, active)
-        ll_h = np.asarray(to_host(ll_new), dtype=float)[pos]
-        bad = ~np.isfinite(ll_h) | (np.asarray(to_host(pi_new))[pos] <= 0)
+        ll_h = ll_new[pos]
+        bad = ~np.isfinite(ll_h) | (pi_new[pos] <= 0)
         ll_h[bad] = -np.inf
         ll[active] = ll_h
-        pi[active] = to_host(pi_new)[pos] if xp is np else pi_new[xp.asarray(pos)]
+        pi[active] = pi_new[pos]
         with np.errstate(invalid="ignore"):
             rel = np.abs(ll_h - prev[active]) / np.minimum(np.abs(ll_h), np.abs(prev[active]))
         prev[active] = ll_h
         done = bad | ((rel < tol) & (it >= min_iter))
         if it == max_iter or done.all():
             break
-        # closed-form M-step (mean-plus-offset MLE, Poisson form) for every held run
-        with np.errstate(divide="ignore", invalid="ignore"):
-            bm_w = xp.log(Tym) - xp.log(TEm)
-            bg_w = xp.log(Tyg) - xp.log(TEg)
+        # closed-form M-step (mean-plus-offset MLE, Poisson form) for the runs that go on
         keep = active[~done]
         kpos = np.searchsorted(work, keep)
-        kx = kpos if xp is np else xp.asarray(kpos)
-        ax = keep if xp is np else xp.asarray(keep)
-        bm[ax] = bm_w[kx]
-        bg[ax] = bg_w[kx]
-        active = _drop_duplicates(keep, pair, to_host(pi), to_host(bm), to_host(bg), ll, merge)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bm[keep] = np.log(Tym[kpos]) - np.log(TEm[kpos])
+            bg[keep] = np.log(Tyg[kpos]) - np.log(TEg[kpos])
+        active = _drop_duplicates(keep, pair, pi, bm, bg, ll, merge)
         if active.size == 0:
             break
-    out = [np.asarray(to_host(a)).reshape(B, K) for a in (pi, bm, bg)]
-    return (*[xp.asarray(a) for a in out], xp.asarray(ll.reshape(B, K)))
+    return pi.reshape(B, K), bm.reshape(B, K), bg.reshape(B, K), ll.reshape(B, K)
 
 
 # cells per block of the reduced E-step: its (cells, runs) temporaries stay in cache
@@ -341,8 +336,8 @@ def _drop_duplicates(active, pair, pi, bm, bg, ll, tol):
 
 def select_best(pi, bm, bg, ll, m_range=M_PERT_RANGE):
     """glmeiv's ``select_best_em_run``: largest log-likelihood among the runs whose
-    m_perturbation lies in ``m_range`` (all runs if none does). Returns (B,) arrays."""
-    xp = get_namespace(ll)
+    m_perturbation lies in ``m_range`` (all runs if none does). Host arrays in, (B,) out."""
+    xp = np
     ok = (bm >= m_range[0]) & (bm <= m_range[1]) & xp.isfinite(ll)
     any_ok = xp.any(ok, axis=1, keepdims=True)
     score = xp.where(ok | ~any_ok, ll, -xp.inf)
