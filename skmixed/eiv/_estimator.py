@@ -106,7 +106,9 @@ class GLMEIV(BaseEstimator):
         ``run_delta_method``; NaN for ``pi``); ``gene`` and ``perturbation`` lead when
         several pairs are fitted.
     pairs_ : DataFrame
-        One row per pair: ``gene``, ``perturbation``, ``loglik``, ``n_iter``, ``converged``
+        One row per pair: ``gene``, ``perturbation``, ``loglik``, ``n_iter`` (full-EM iterations
+        from the chosen start), ``n_iter_init`` (full-EM iterations spent on the random
+        restarts of ``init="random"``; 0 for the accelerated start), ``converged``
         and the flags ``grna_zero``, ``mrna_zero``, ``no_grna_signal`` (the fitted gRNA effect is
         not significantly above 0, Wald z < 1.96: the perturbed component is not above background), ``pi_at_bound`` (pi at 1/2),
         ``too_few_cells`` (n pi < 10), ``singular_information`` (no standard errors), and
@@ -316,6 +318,7 @@ class GLMEIV(BaseEstimator):
         tables = {name: np.full((len(idx), k), np.nan) for name in ("se", "z", "p", "lo", "hi")}
         loglik = np.full(len(idx), np.nan)
         n_iter = np.zeros(len(idx), dtype=int)
+        init_iter = np.zeros(len(idx), dtype=int)
         converged = np.zeros(len(idx), dtype=bool)
         paths = [np.array([])] * len(idx)
         msize = np.full(len(idx), np.nan) if self.mrna_family == "negative_binomial" else None
@@ -347,6 +350,7 @@ class GLMEIV(BaseEstimator):
                 tables[name][block] = getattr(r, name)
             loglik[block] = r.loglik
             n_iter[block] = r.n_iter
+            init_iter[block] = r.extra["init_em_iter"]
             converged[block] = r.converged
             for t, pth in zip(block, r.loglik_path):
                 paths[t] = pth
@@ -356,6 +360,7 @@ class GLMEIV(BaseEstimator):
             gsize[good] = to_host(pg[2])[[ppos[pj[t]] for t in where]]
         self._finish(idx, gnames, pnames, gi, pj, zero_m, zero_g, ug, up, est, tables, loglik, n_iter, converged,
                      paths, msize, gsize, n)
+        self.pairs_.insert(4, "n_iter_init", init_iter)
 
     def _size_for(self, size, cols, width, name):
         if size is None:

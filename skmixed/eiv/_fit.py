@@ -88,7 +88,7 @@ def fit_block(Z, M, G, om, og, *, mrna_family, grna_family, mrna_size, grna_size
         coef_g0 = join_coef(pilot_g[0], xp.asarray(bg0))
         em = run_full_em(design, fm, fg, M, G, om, og, const, xp.asarray(pi0), coef_m0, coef_g0, tol=tol,
                          max_iter=max_iter)
-        extra = {"pilot_pi": pi0, "pilot_m_perturbation": bm0, "pilot_g_perturbation": bg0}
+        extra = {"init_em_iter": np.zeros(B, dtype=int)}
     else:
         # glmeiv's random restarts of the full EM (15 iterations, tol 1e-5), pairs x restarts as columns
         rep = np.repeat(np.arange(B), K)
@@ -116,7 +116,7 @@ def fit_block(Z, M, G, om, og, *, mrna_family, grna_family, mrna_size, grna_size
         em = run_full_em(design, fm, fg, M, G, om, og, const, r.pi[selx], r.coef_m[selx], r.coef_g[selx],
                          tol=tol, max_iter=max_iter)
         pilot_ll = ll[np.arange(B), j]
-        extra = {"restart_n_iter": r.n_iter.reshape(B, K)}
+        extra = {"init_em_iter": r.n_iter.reshape(B, K).sum(axis=1)}
     info = louis_information(design, fm, fg, M, G, om, og, em.pi, em.coef_m, em.coef_g, em.T)
     est = np.concatenate([to_host(em.pi)[:, None], to_host(em.coef_m), to_host(em.coef_g)], axis=1)
     se, z, p, lo, hi = wald_table(est, info)
