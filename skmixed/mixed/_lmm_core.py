@@ -333,13 +333,6 @@ def spherical_modes(stats, sol: Solution):
     return u, lambda_times(stats, sol.factor.Ts, u)
 
 
-def m_inverse(stats, fac: Factorization):
-    """Dense ``(Lambda'C Lambda + I)^-1`` (small q only: EM, MacKay, conditional variances)."""
-    I = np.eye(stats.q)
-    X = fac.solve_L(stats, I)
-    return X.T @ X
-
-
 def cond_var_blocks(stats, fac: Factorization):
     """Diagonal blocks of ``M^-1`` per term (internal order): list of (levels, k, k)."""
     k1, L1, q1 = stats.k1, stats.L1, stats.q1

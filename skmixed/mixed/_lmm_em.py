@@ -74,27 +74,31 @@ def fit_em(stats, g, *, reml, mackay=False, covariance="diagonal", max_iter=1000
         e2 = _residual_ss(stats, beta, b[:, 0], g)
         if mackay:
             new_sigma2 = e2 / n
-            cond = None
         else:
-            Minv = core.m_inverse(stats, sol.factor)
+            # diagonal blocks of H^-1_uu (= M^-1, plus V V' for REML with V = L^-T RZX RX^-1),
+            # per term and level: all EM needs, without forming a q x q inverse
+            blocks = core.cond_var_blocks(stats, sol.factor)
             if reml:
                 V = sol.factor.solve_Lt(stats, scipy.linalg.solve_triangular(sol.RX, sol.RZX.T, trans="T").T)
-                Huu = Minv + V @ V.T
-            else:
-                Huu = Minv
-            new_sigma2 = (e2 + sigma2 * (stats.q + (p if reml else 0) - np.trace(Huu))) / n
-            # Var(b | y) = sigma^2 Lambda Huu Lambda', diagonal blocks per level
-            LH = core.lambda_times(stats, sol.factor.Ts, Huu)
-            cond = core.lambda_times(stats, sol.factor.Ts, LH.T.copy()).T * sigma2
+            tr_huu = 0.0
+            for pos in range(len(blocks)):
+                s, e_ = stats.col_start[pos], stats.col_start[pos + 1]
+                k, L = stats.ks[pos], stats.nlev[pos]
+                if reml:
+                    Vl = V[s:e_].reshape(L, k, -1)
+                    blocks[pos] = blocks[pos] + np.einsum("lap,lbp->lab", Vl, Vl)
+                tr_huu += float(np.einsum("laa->", blocks[pos]))
+            new_sigma2 = (e2 + sigma2 * (stats.q + (p if reml else 0) - tr_huu)) / n
         new_Sigmas = [None] * len(Sigmas)
         for pos, j in enumerate(stats.order):
             s, e_ = stats.col_start[pos], stats.col_start[pos + 1]
             k, L = stats.ks[pos], stats.nlev[pos]
             bl = b[s:e_, 0].reshape(L, k)
             S = bl.T @ bl / L
-            if cond is not None:
-                idx = s + np.arange(L)[:, None] * k + np.arange(k)[None, :]
-                S = S + cond[idx[:, :, None], idx[:, None, :]].mean(axis=0)
+            if not mackay:
+                # mean over levels of Var(b_l | y) = sigma^2 T H^-1_uu[l] T'
+                T = sol.factor.Ts[pos]
+                S = S + sigma2 * T @ blocks[pos].mean(axis=0) @ T.T
             if mackay and covariance == "diagonal":
                 S = np.diag(np.diag(S))
             new_Sigmas[j] = S
