@@ -141,7 +141,7 @@ def main(argv=None):
     load2 = _load()
 
     header = ["model", "skmixed median (best) s", "skmixed CPU s", "lmer median (best) s",
-              "speed-up", "|logLik - lme4 tight|"]
+              "speed-up", "logLik vs lme4 (abs. diff.)"]
     rows = []
     for mid, _, _, _, _ in MODELS:
         model, walls, cpus, ll_ref = results[mid]
