@@ -19,8 +19,7 @@ import pandas as pd
 import pytest
 
 from skmixed.datasets._lme4_data import load_insteval, load_pastes, load_penicillin, load_sleepstudy
-from skmixed.mixed import LinearMixedModel
-from skmixed.mixed._lmm_inference import lrt
+from skmixed.mixed import LinearMixedModel, anova
 
 REF = Path(__file__).parent / "reference" / "lmm"
 
@@ -115,10 +114,10 @@ def test_likelihood_ratio_test_matches_anova(fits):
     data = load_sleepstudy()
     m0 = LinearMixedModel.from_formula(CASES["sleep_indep"][0], data, reml=False)
     m1 = LinearMixedModel.from_formula(CASES["sleep_corr"][0], data, reml=False)
-    table = lrt(m1, m0)
+    table = anova(m1, m0)
     np.testing.assert_allclose(table.npar, ref.npar)
     np.testing.assert_allclose(table.logLik, ref.logLik, rtol=1e-9)
     np.testing.assert_allclose(table.Chisq.iloc[1], ref.Chisq.iloc[1], rtol=1e-4)
     np.testing.assert_allclose(table.p_value.iloc[1], ref.p.iloc[1], rtol=1e-4)
     with pytest.raises(ValueError, match="reml=False"):
-        lrt(fits("sleep_corr_reml"), m0)
+        anova(fits("sleep_corr_reml"), m0)

@@ -2,5 +2,6 @@
 
 from ._glmm import GLMMSummary, PoissonGLMM
 from ._lmm import LinearMixedModel
+from ._lmm_inference import anova
 
-__all__ = ["GLMMSummary", "LinearMixedModel", "PoissonGLMM"]
+__all__ = ["GLMMSummary", "LinearMixedModel", "PoissonGLMM", "anova"]

@@ -422,6 +422,11 @@ class LinearMixedModel(RegressorMixin, BaseEstimator):
         self.singular_ = pick(np.array(singular))
         self.n_iter_ = pick(np.array([r["n_iter"] for r in results]))
         self.n_eval_ = pick(np.array([r["n_eval"] for r in results]))
+        if not many:  # one response: Python scalars, as lme4 prints them
+            self.sigma_, self.loglik_, self.deviance_ = float(self.sigma_), float(self.loglik_), float(self.deviance_)
+            self.aic_, self.bic_ = float(self.aic_), float(self.bic_)
+            self.converged_, self.singular_ = bool(self.converged_), bool(self.singular_)
+            self.n_iter_, self.n_eval_ = int(self.n_iter_), int(self.n_eval_)
         self._b = b_store[0] if not many else None
         self._b_many = b_store
         self._results = results

@@ -104,20 +104,37 @@ def _satterthwaite(model, L, response):
     return df
 
 
-def lrt(*models):
-    """Likelihood-ratio tests between nested fits, lme4's ``anova(m0, m1, ...)``.
+def anova(*models):
+    """Likelihood-ratio tests between nested linear mixed models, as lme4's ``anova(m0, m1)``.
 
-    REML fits are compared on their ML log-likelihood, as lme4 does (``refit = TRUE``):
-    each REML model is refitted with ``reml=False``.
+    Parameters
+    ----------
+    *models : LinearMixedModel
+        Two or more fitted models of the same data, nested in order of their number of
+        parameters, fitted by ML (``reml=False``). REML likelihoods of models with
+        different fixed effects are not comparable; lme4 refits them by ML, skmixed asks
+        for the ML fits.
 
     Returns
     -------
     DataFrame
         One row per model, sorted by number of parameters: npar, AIC, BIC, logLik,
-        deviance, Chisq, Df, p_value.
-    """
-    from sklearn.base import clone  # noqa: F401, PLC0415
+        deviance, Chisq, Df, p_value (each row against the one above).
 
+    Examples
+    --------
+    >>> from skmixed.datasets import load_sleepstudy
+    >>> from skmixed.mixed import LinearMixedModel, anova
+    >>> data = load_sleepstudy()
+    >>> m0 = LinearMixedModel.from_formula("Reaction ~ Days + (Days || Subject)", data, reml=False)
+    >>> m1 = LinearMixedModel.from_formula("Reaction ~ Days + (Days | Subject)", data, reml=False)
+    >>> anova(m0, m1)[["npar", "Chisq", "p_value"]].round(3)
+            npar  Chisq  p_value
+    model0     5    NaN      NaN
+    model1     6  0.064      0.8
+    """
+    if len(models) < 2:
+        raise ValueError(f"anova needs at least two models, got {len(models)}.")
     fits = [_ml_version(m) for m in models]
     order = np.argsort([f.n_params_ for f in fits], kind="stable")
     rows, prev = [], None
@@ -135,11 +152,9 @@ def lrt(*models):
 
 
 def _ml_version(model):
-    if not model.reml:
-        return model
-    params = model.get_params()
-    params["reml"] = False
-    if getattr(model, "formula_", None) is not None:
-        raise ValueError("refit REML formula fits with reml=False before calling lrt (the data are not kept).")
-    raise ValueError("lrt needs ML fits (reml=False): REML likelihoods of models with different fixed "
-                     "effects are not comparable.")
+    if getattr(model, "n_responses_", None) is not None:
+        raise ValueError("anova compares fits of one response; this model has several.")
+    if model.reml:
+        raise ValueError("anova needs ML fits (reml=False): REML likelihoods of models with different "
+                         "fixed effects are not comparable (lme4 refits them by ML).")
+    return model
