@@ -432,6 +432,56 @@ def deviance_and_gradient(stats: SufficientStats, theta, reml: bool, col: int = 
     return dev, grad
 
 
+def _cb(stats, b):
+    """``C b`` (q,) in the internal order."""
+    q1 = stats.q1
+    Cb = np.empty(stats.q)
+    Cb[:q1] = np.einsum("lab,lb->la", stats.C11, b[:q1].reshape(stats.L1, stats.k1)).reshape(-1)
+    if stats.q2:
+        Cb[:q1] += stats.C21.T @ b[q1:]
+        Cb[q1:] = stats.C21 @ b[:q1] + stats.C22 @ b[q1:]
+    return Cb
+
+
+def deviance_and_gradient_blocks(stats: SufficientStats, theta, reml: bool, col: int = 0):
+    """Profiled deviance and exact gradient for any terms, ``T`` of every term invertible.
+
+    With ``D = diag(Lambda, I)``, ``H = D' K D + diag(I, 0)`` and ``dLambda = E_m`` (entry
+    ``(r, c)`` of ``T_j`` on every level), ``d log|H| = 2 tr(H^-1 [Lambda'C; X'WZ] E_m)`` and
+    ``H^-1 [Lambda'C; X'WZ] Lambda = [I; 0] - H^-1[:, u]``, so only the diagonal blocks of
+    ``H^-1_uu`` are needed: ``d log|H| / d theta_m = 2 sum_l ((I - H^-1_uu[l]) T_j^-1)[c, r]``.
+    The envelope theorem gives ``d r2 / d theta_m = -2 sum_l (Z'W e)_(l, r) u_(l, c)``.
+    """
+    sol = solve(stats, theta, cols=[col])
+    dev = float(deviance_from(stats, sol, reml)[0])
+    fac = sol.factor
+    blocks = cond_var_blocks(stats, fac)
+    if reml:
+        V = fac.solve_Lt(stats, scipy.linalg.solve_triangular(sol.RX, sol.RZX.T, trans="T").T)
+    u, b = spherical_modes(stats, sol)
+    u, b = u[:, 0], b[:, 0]
+    zte = stats.ZtY[:, col] - stats.ZtX @ sol.beta[:, 0] - _cb(stats, b)
+    nn = stats.n - stats.p if reml else stats.n
+    design = stats.design
+    grad = np.zeros(design.n_theta)
+    per_term = {}
+    for pos, j in enumerate(stats.order):
+        s, e = stats.col_start[pos], stats.col_start[pos + 1]
+        k, L = stats.ks[pos], stats.nlev[pos]
+        Huu = blocks[pos]
+        if reml:
+            Vl = V[s:e].reshape(L, k, -1)
+            Huu = Huu + np.einsum("lap,lbp->lab", Vl, Vl)
+        Tinv = np.linalg.inv(fac.Ts[pos])
+        B = np.einsum("lab,bc->ac", np.eye(k)[None] - Huu, Tinv)  # sum over levels
+        R = zte[s:e].reshape(L, k).T @ u[s:e].reshape(L, k)  # [r, c] = sum_l zte_(l,r) u_(l,c)
+        per_term[j] = (B, R)
+    for m, (j, r, c) in enumerate(design.theta_index):
+        B, R = per_term[j]
+        grad[m] = 2.0 * B[c, r] - 2.0 * nn / sol.r2[0] * R[r, c]
+    return dev, grad
+
+
 def numerical_gradient(fun, x, rel=1e-6):
     g = np.empty_like(x)
     for i in range(x.size):
@@ -460,12 +510,21 @@ def optimize_theta(stats, reml, col=0, theta0=None, max_iter=500, tol=1e-12):
         except np.linalg.LinAlgError:
             return np.inf
 
+    diag_m = np.array([r == c for _, r, c in design.theta_index])
+
     if stats.scalar:
         def fg(th):
             n_eval[0] += 1
             return deviance_and_gradient(stats, th, reml, col)
     else:
         def fg(th):
+            # exact gradient while every T is invertible; central differences on the boundary
+            if np.all(np.abs(th[diag_m]) > 1e-6):
+                n_eval[0] += 1
+                try:
+                    return deviance_and_gradient_blocks(stats, th, reml, col)
+                except np.linalg.LinAlgError:
+                    return np.inf, np.zeros_like(th)
             return dev(th), numerical_gradient(dev, th)
 
     def bounded(start):
