@@ -538,10 +538,21 @@ def optimize_theta(stats, reml, col=0, theta0=None, max_iter=500, tol=1e-12):
         # scalar terms: BFGS on log(theta) (scale-free: fewer evaluations than a bounded
         # search from theta = 1); if a theta heads for zero, or BFGS stops on precision
         # loss, the bounded L-BFGS-B in theta finishes
+        cache = {}
+
         def fg_log(phi):
-            th = np.exp(phi)
-            f, g = fg(th)
-            return f, g * th
+            key = phi.tobytes()
+            if key not in cache:  # the first point is evaluated twice otherwise
+                th = np.exp(phi)
+                f, g = fg(th)
+                cache.clear()
+                cache[key] = (f, g * th)
+            return cache[key]
+
+        # the gradient's rounding noise grows with the size of the terms (~ n, |deviance|):
+        # an absolute gtol below it ends in "precision loss" after wasted line searches
+        f0 = fg_log(np.log(x0))[0]
+        gtol = 1e-8 * max(float(stats.n), abs(f0)) if np.isfinite(f0) else 1e-6
 
         def stop_near_zero(intermediate_result):
             if np.any(intermediate_result.x < np.log(1e-4)):
@@ -549,7 +560,7 @@ def optimize_theta(stats, reml, col=0, theta0=None, max_iter=500, tol=1e-12):
 
         pre = scipy.optimize.minimize(
             fg_log, np.log(x0), jac=True, method="BFGS", callback=stop_near_zero,
-            options={"maxiter": max_iter, "gtol": 1e-6},
+            options={"maxiter": max_iter, "gtol": gtol},
         )
         theta, nit = np.exp(pre.x), int(pre.nit)
         f, g, success, message = float(pre.fun), pre.jac / theta, bool(pre.success), str(pre.message)
