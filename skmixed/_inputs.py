@@ -131,3 +131,120 @@ def match_names(est, names, *, reset: bool, arg: str = "Y"):
             f"missing {missing}, unexpected {unexpected} (at most 5 of each shown)."
         )
     return order
+
+
+# ------------------------------------------------------------------ AnnData out
+_DE_COLUMNS = ("gene", "contrast", "estimate", "std_error", "z", "p_value", "q_value")
+
+
+def _require_anndata(adata, arg):
+    if not is_anndata(adata):
+        raise ValueError(f"{arg} must be an AnnData object to store results in; got {type(adata).__name__}.")
+
+
+def check_obsm_key(adata, key_added, *, arg: str = "Y") -> None:
+    """``ValueError`` naming the argument unless ``adata.obsm[key_added]`` can be written."""
+    if not isinstance(key_added, str) or not key_added:
+        raise ValueError(f"key_added must be a non-empty string (an obsm key such as 'X_zinbwave'), got {key_added!r}.")
+    if not is_anndata(adata) or not hasattr(adata, "obsm"):
+        raise ValueError(
+            f"key_added={key_added!r} stores the result in {arg}.obsm, so {arg} must be an AnnData object; "
+            f"got {type(adata).__name__}."
+        )
+
+
+def write_obsm(adata, key_added, values, *, arg: str = "Y") -> None:
+    """Store a (cells x k) embedding in ``adata.obsm[key_added]``, as scanpy does
+    (CuPy values are copied to the host)."""
+    check_obsm_key(adata, key_added, arg=arg)
+    values = np.asarray(values.get() if hasattr(values, "get") and not isinstance(values, np.ndarray) else values)
+    if values.shape[0] != len(adata.obs_names):
+        raise ValueError(f"{values.shape[0]} rows to store but {arg} has {len(adata.obs_names)} cells.")
+    adata.obsm[key_added] = values
+
+
+def store_contrast(adata, table, *, key_added: str = "skmixed_de", params=None) -> None:
+    """Store a per-gene contrast table in AnnData, as ``scanpy.tl.rank_genes_groups`` does.
+
+    Two entries are written (an existing one under ``key_added`` is replaced):
+
+    - ``adata.uns[key_added]``: scanpy's ``rank_genes_groups`` layout, one field per
+      contrast in each record array, genes sorted by p-value (smallest first, NaN
+      last): ``names``, ``scores`` (Wald z), ``logfoldchanges`` (``estimate / log(2)``:
+      log2, as scanpy reports them), ``pvals``, ``pvals_adj`` (Benjamini-Hochberg
+      q-values), and ``params`` (``method``, plus ``params``). So
+      ``scanpy.get.rank_genes_groups_df(adata, group=contrast, key=key_added)``
+      returns the table of one contrast.
+    - ``adata.varm[key_added]``: a DataFrame in ``var_names`` order with the columns
+      ``"<contrast>|<column>"`` for ``estimate``, ``std_error``, ``z``, ``p_value`` and
+      ``q_value`` (NaN for genes absent from the table).
+
+    Both survive ``adata.write_h5ad``.
+
+    Parameters
+    ----------
+    adata : AnnData
+    table : DataFrame
+        :meth:`skmixed.PoissonGLMM.contrast`'s output: gene, contrast, estimate,
+        std_error, z, p_value, q_value.
+    key_added : str, default="skmixed_de"
+    params : dict, optional
+        Extra entries of ``uns[key_added]["params"]`` (e.g. the formula); str, numbers
+        or lists of them.
+
+    Examples
+    --------
+    >>> import anndata, numpy as np, pandas as pd
+    >>> from skmixed._inputs import store_contrast
+    >>> adata = anndata.AnnData(np.ones((3, 2)), var=pd.DataFrame(index=["g1", "g2"]))
+    >>> table = pd.DataFrame({"gene": ["g1", "g2"], "contrast": "B vs A", "estimate": [0.1, -2.0],
+    ...                       "std_error": [0.5, 0.5], "z": [0.2, -4.0], "p_value": [0.84, 6e-5],
+    ...                       "q_value": [0.84, 1.2e-4]})
+    >>> store_contrast(adata, table, params={"formula": "~ 0 + group + (1 | patient)"})
+    >>> list(adata.uns["skmixed_de"]["names"]["B vs A"])
+    ['g2', 'g1']
+    >>> adata.varm["skmixed_de"].loc["g2", "B vs A|q_value"]
+    np.float64(0.00012)
+    """
+    _require_anndata(adata, "adata")
+    if not isinstance(key_added, str) or not key_added:
+        raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
+    if not isinstance(table, pd.DataFrame) or not set(_DE_COLUMNS) <= set(table.columns):
+        missing = sorted(set(_DE_COLUMNS) - set(getattr(table, "columns", [])))
+        raise ValueError(f"table must be a contrast table (PoissonGLMM.contrast's output); it lacks {missing}.")
+    var = pd.Index(np.asarray(adata.var_names, dtype=object).astype(str))
+    genes = table["gene"].astype(str)
+    unknown = sorted(set(genes) - set(var))
+    if unknown:
+        raise ValueError(f"table has genes that are not var_names of adata, e.g. {unknown[:5]}.")
+    contrasts = list(dict.fromkeys(table["contrast"].astype(str)))
+    slashed = [c for c in contrasts if "/" in c]
+    if slashed:  # h5ad stores the names as keys, where '/' is a path separator
+        raise ValueError(f"contrast names stored in AnnData cannot contain '/' (h5ad keys): {slashed}; rename them.")
+    stats = ["estimate", "std_error", "z", "p_value", "q_value"]
+    varm = pd.DataFrame(index=adata.var_names)
+    fields = {k: [] for k in ("names", "scores", "logfoldchanges", "pvals", "pvals_adj")}
+    for name in contrasts:
+        part = table[table["contrast"].astype(str).to_numpy() == name]
+        if part["gene"].astype(str).duplicated().any():
+            raise ValueError(f"table has several rows for one gene in contrast {name!r}.")
+        pos = var.get_indexer(part["gene"].astype(str))
+        for col in stats:
+            values = np.full(var.size, np.nan)
+            values[pos] = part[col].to_numpy(dtype=float)
+            varm[f"{name}|{col}"] = values
+        order = np.argsort(part["p_value"].to_numpy(dtype=float), kind="stable")  # NaN last
+        ranked = part.iloc[order]
+        fields["names"].append(ranked["gene"].astype(str).to_numpy(dtype=object))
+        fields["scores"].append(ranked["z"].to_numpy(dtype=np.float32))
+        fields["logfoldchanges"].append((ranked["estimate"].to_numpy(dtype=float) / np.log(2)).astype(np.float32))
+        fields["pvals"].append(ranked["p_value"].to_numpy(dtype=float))
+        fields["pvals_adj"].append(ranked["q_value"].to_numpy(dtype=float))
+    lengths = {len(a) for a in fields["names"]}
+    if len(lengths) > 1:
+        raise ValueError("every contrast of table must have the same genes to be stored together.")
+    uns = {"params": {"method": "skmixed PoissonGLMM Wald", **{k: v for k, v in (params or {}).items() if v is not None}}}
+    for key, arrays in fields.items():
+        uns[key] = np.rec.fromarrays(arrays, names=contrasts)
+    adata.varm[key_added] = varm
+    adata.uns[key_added] = uns

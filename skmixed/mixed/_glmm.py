@@ -18,7 +18,8 @@ from threadpoolctl import threadpool_limits
 
 from .._backend import get_namespace, is_cupy_array, to_host
 from .._families import Poisson, check_counts
-from .._inputs import is_anndata
+from .._inputs import count_source, is_anndata, require_counts
+from .._progress import check_verbose
 from ..glm._newton import fit_glm
 from ._design import RandomEffectsDesign, RandomTerm, distinct_rows
 from ._laplace import LaplaceProblem, warn_not_converged
@@ -120,6 +121,18 @@ def _check_vector(values, n, name):
     return v
 
 
+def _parse_obs(parse_formula, formula, obs):
+    """``parse_formula`` on an AnnData's ``obs``: an unknown column is named with the
+    columns there are."""
+    try:
+        return parse_formula(formula, obs)
+    except ValueError as exc:
+        if str(exc).startswith("unknown column"):
+            cols = [str(c) for c in obs.columns]
+            raise ValueError(f"{exc}: the formula's variables are columns of data.obs, which has {cols}.") from exc
+        raise
+
+
 class PoissonGLMM(RegressorMixin, BaseEstimator):
     """Poisson generalised linear mixed model fitted by maximum marginal likelihood.
 
@@ -157,6 +170,9 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         For an AnnData ``y`` (many genes): the layer holding the raw counts. None
         reads ``layers["counts"]`` when present, else ``.X``; non-integer values read
         from AnnData (e.g. log-normalised ``.X``) are an error naming the layer.
+    verbose : int, default=0
+        With many genes, ``verbose >= 1`` shows a progress bar of the genes fitted
+        (tqdm, with an ETA); 0 is silent.
 
     Attributes
     ----------
@@ -214,6 +230,7 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         collapse=True,
         max_iter=500,
         layer=None,
+        verbose=0,
     ):
         self.fit_intercept = fit_intercept
         self.random_slopes = random_slopes
@@ -223,6 +240,7 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         self.collapse = collapse
         self.max_iter = max_iter
         self.layer = layer
+        self.verbose = verbose
 
     # ------------------------------------------------------------------ params
     def _validate_params(self):
@@ -236,6 +254,7 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
             raise ValueError(f"random_slopes must be None, a list or a dict, got {self.random_slopes!r}.")
         if self.layer is not None and not isinstance(self.layer, str):
             raise ValueError(f"layer must be None or the name of an AnnData layer, got {self.layer!r}.")
+        check_verbose(self.verbose)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -508,10 +527,10 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         return beta, cov, theta, f, n_iter, converged, message
 
     # ------------------------------------------------------------- many genes
-    def _fit_many(self, X, Y, groups, offset, sample_weight):
+    def _fit_many(self, X, Y, groups, offset, sample_weight, arg="y"):
         # CuPy input: the batched fits run on the GPU (the reduction runs on the host)
         xp = get_namespace(Y.data if hasattr(Y, "tocsr") else Y, X)
-        Y, names, integer = as_count_matrix(Y, self.layer)
+        Y, names, integer = as_count_matrix(Y, self.layer, arg)
         X = to_host(X) if is_cupy_array(X) else X
         X = validate_data(self, X, dtype=np.float64)
         n = X.shape[0]
@@ -539,6 +558,7 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
             out = fit_many(
                 fixed, Y, codes, levels, offset, sample_weight,
                 names=names, fixed_names=fixed_names, group_name=name, vcov=self.vcov, xp=xp, integer=integer,
+                verbose=self.verbose,
             )
         self.formula_ = None
         self.n_genes_ = len(names)
@@ -717,7 +737,7 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         return Poisson.mean(eta)
 
     @classmethod
-    def from_formula(cls, formula: str, data: pd.DataFrame, *, sample_weight=None, **params):
+    def from_formula(cls, formula: str, data, *, sample_weight=None, **params):
         """Fit a model given by an lme4 formula, e.g.
         ``"ZEB2 ~ 0 + cell_group + offset(log(total_count)) + (1 | patient_assignment)"``.
 
@@ -725,23 +745,63 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         several (crossed) terms and ``offset()``; the fixed part goes through
         formulaic. Coefficients are named as lme4 names them.
 
+        With an AnnData ``data`` (cells x genes) the formula's variables are columns
+        of ``data.obs`` and the counts come from the ``layer`` parameter's layer
+        (``layers["counts"]`` when present, else ``.X``; raw counts required):
+
+        - a formula without response, ``"~ 0 + cell_group + offset(log(total_count))
+          + (1 | patient)"``, fits every gene of ``data``, vectorised across genes as
+          :meth:`fit` does with a count matrix (one grouping factor with a random
+          intercept, Laplace); ``results_``, ``genes_`` and :meth:`contrast` are then
+          per gene, with the formula's coefficient names;
+        - a response that is a gene (a name in ``data.var_names``; else an ``obs``
+          column) fits that one gene, with everything the single-response fit gives.
+
         Parameters
         ----------
         formula : str
-        data : DataFrame
+        data : DataFrame or AnnData
         sample_weight : array-like, optional
             Prior weights (lme4's ``weights``).
         **params
-            Other estimator parameters (``nagq``, ``vcov``, ...).
+            Other estimator parameters (``nagq``, ``vcov``, ``layer``, ``verbose``, ...).
 
         Returns
         -------
         model : PoissonGLMM
-            Fitted; ``formula_`` holds the formula. Use :meth:`predict_frame` to predict.
-        """
-        from ..formula import parse_formula  # noqa: PLC0415
+            Fitted; for a single response ``formula_`` holds the formula (use
+            :meth:`predict_frame` to predict); for every gene of an AnnData,
+            ``gene_names_`` are its ``var_names``.
 
-        parsed = parse_formula(formula, data)
+        Examples
+        --------
+        >>> import anndata
+        >>> from skmixed import PoissonGLMM
+        >>> from skmixed.datasets import make_boland_like_counts
+        >>> cells, counts, truth = make_boland_like_counts(5, 2000, random_state=0)
+        >>> adata = anndata.AnnData(counts.tocsr(), obs=cells.astype({"total_count": float}))
+        >>> adata.obs_names = adata.obs_names.astype(str)
+        >>> adata.var_names = truth.gene.to_numpy()
+        >>> model = PoissonGLMM.from_formula(
+        ...     "~ 0 + cell_group + offset(log(total_count)) + (1 | patient_assignment)", adata)
+        >>> model.coef_.shape
+        (5, 20)
+        """
+        from ..formula import parse_formula, split_formula  # noqa: PLC0415
+
+        if is_anndata(data):
+            response = split_formula(formula)[0] if "~" in formula else None
+            obs = getattr(data, "obs", None)
+            if not isinstance(obs, pd.DataFrame):
+                raise ValueError("data is AnnData-like but has no .obs data frame for the formula's variables.")
+            if response is None:
+                return cls._from_formula_genes(formula, data, obs, sample_weight, params)
+            data = cls._anndata_frame(data, obs, response, params.get("layer"))
+            parsed = _parse_obs(parse_formula, formula, data)
+        elif params.get("layer") is not None:
+            raise ValueError(f"layer={params['layer']!r} applies to AnnData data only; data is a {type(data).__name__}.")
+        else:
+            parsed = parse_formula(formula, data)
         if parsed.y is None:
             raise ValueError(f"formula {formula!r} has no response.")
         if not parsed.terms:
@@ -757,6 +817,46 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
             if len(t.levels) < 2:
                 raise ValueError(f"grouping factor {t.group!r} has a single level; a variance cannot be estimated.")
         return est._fit(parsed.X, parsed.y, parsed.terms, parsed.offset, sample_weight, parsed.fixed_names)
+
+    @staticmethod
+    def _anndata_frame(adata, obs, response, layer):
+        """``adata.obs`` with the response gene's counts as a column (a var name
+        first, else an existing obs column)."""
+        names = pd.Index(np.asarray(adata.var_names, dtype=object).astype(str))
+        if response not in names:
+            if response in obs.columns:
+                return obs
+            raise ValueError(
+                f"the formula's response {response!r} is neither a gene of data.var_names nor a column of "
+                "data.obs; leave the response out (\"~ ...\") to fit every gene."
+            )
+        src = count_source(adata, layer=layer, arg="data")
+        col = src.values[:, [int(names.get_loc(response))]]
+        y = np.asarray(col.toarray() if sp.issparse(col) else col, dtype=float).reshape(-1)
+        require_counts(src, bool(np.all(y == np.round(y))))
+        return obs.assign(**{response: y})
+
+    @classmethod
+    def _from_formula_genes(cls, formula, adata, obs, sample_weight, params):
+        """Every gene of an AnnData through the vectorised many-gene fit."""
+        from ..formula import parse_formula  # noqa: PLC0415
+
+        parsed = _parse_obs(parse_formula, formula, obs)
+        est = cls(**{"fit_intercept": False, **params})
+        est._validate_params()
+        terms = parsed.terms
+        if len(terms) != 1 or terms[0].names != ["(Intercept)"] or est.nagq != 1:
+            found = [f"({' + '.join('1' if v == '(Intercept)' else v for v in t.names)} | {t.group})" for t in terms]
+            found = found or ["none"]
+            raise ValueError(
+                f"formula {formula!r}: fitting every gene at once supports exactly one random intercept "
+                f"(1 | group) and nagq=1 (found random terms: {', '.join(found)}; nagq={est.nagq}). "
+                "Fit other models gene by gene with a response, e.g. \"GENE ~ ...\"."
+            )
+        (t,) = terms
+        groups = pd.Series(np.asarray(t.levels, dtype=object)[t.codes], name=t.group)
+        X = pd.DataFrame(parsed.X, columns=parsed.fixed_names)
+        return est._fit_many(X, adata, groups, parsed.offset, sample_weight, arg="data")
 
     def score(self, X, y=None, *, groups=None, offset=None, sample_weight=None):
         """Poisson D^2: the fraction of Poisson deviance explained.

@@ -19,6 +19,7 @@ import scipy.stats
 from .._backend import to_device, to_host
 from .._families import Poisson
 from .._inputs import count_source, require_counts
+from .._progress import logger, progress
 from ..glm._newton import fit_glm
 from ._batched import BatchedScalarLaplace, LevelDesign
 from ._design import distinct_rows
@@ -26,13 +27,14 @@ from ._design import distinct_rows
 CHUNK_GENES = 2_000  # genes fitted at once: the working arrays stay in cache
 
 
-def as_count_matrix(Y, layer=None):
+def as_count_matrix(Y, layer=None, arg="y"):
     """(n, G) counts as CSC sparse or a 2-D float array, with gene names.
 
     AnnData and DataFrames are read by :func:`skmixed._inputs.count_source` (the
-    ``layer`` rule; unique gene names; non-integer values from AnnData an error).
+    ``layer`` rule; unique gene names; non-integer values from AnnData an error);
+    ``arg`` names the argument in messages.
     """
-    src = count_source(Y, layer=layer, arg="y")
+    src = count_source(Y, layer=layer, arg=arg)
     Y, names = src.values, src.names
     if isinstance(Y, pd.DataFrame):
         Y = Y.to_numpy(dtype=float)
@@ -64,11 +66,14 @@ def _numeric(Y, where):
         raise ValueError(f"{where} must hold numeric counts; could not convert it to numbers ({exc}).") from exc
 
 
-def fit_many(fixed, Y, codes, levels, offset, weights, *, names, fixed_names, group_name, vcov, xp=np, integer=None):
+def fit_many(
+    fixed, Y, codes, levels, offset, weights, *, names, fixed_names, group_name, vcov, xp=np, integer=None, verbose=0
+):
     """Fit one random-intercept Poisson GLMM per column of ``Y`` (n x G).
 
     The reduction to distinct rows runs on the host; the batched fits run in the
-    array namespace ``xp`` (numpy, or cupy to fit on a GPU).
+    array namespace ``xp`` (numpy, or cupy to fit on a GPU). ``verbose``: a progress
+    bar of the genes fitted, advanced once per chunk of genes.
 
     Returns a dict of per-gene arrays and tidy DataFrames.
     """
@@ -109,6 +114,9 @@ def fit_many(fixed, Y, codes, levels, offset, weights, *, names, fixed_names, gr
         "condsd": np.full((G, L), np.nan),
     }
     idx = np.flatnonzero(fit_mask)
+    logger.info("PoissonGLMM: %d genes (%d without counts), %d distinct rows of %d cells, %d levels of %r",
+                G, G - idx.size, n_c, n, L, group_name)
+    bar = progress(total=int(idx.size), desc="PoissonGLMM genes", unit="gene", verbose=verbose)
     for start in range(0, idx.size, CHUNK_GENES):
         genes = idx[start : start + CHUNK_GENES]
         # the small reduced problem runs where the input lives: numpy, or CuPy on a GPU
@@ -124,6 +132,8 @@ def fit_many(fixed, Y, codes, levels, offset, weights, *, names, fixed_names, gr
         out["converged"][genes] = to_host(res.converged)
         out["b"][genes] = theta[:, None] * u
         out["condsd"][genes] = np.abs(theta)[:, None] / np.sqrt(M)
+        bar.update(genes.size)
+    bar.close()
     out["saturated"] = saturated
     # a non-negative (indicator-like) fixed-effect column without any count: its
     # coefficient's MLE is -inf, and the number reported is only where the optimiser stopped

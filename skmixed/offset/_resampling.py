@@ -51,6 +51,7 @@ from sklearn.exceptions import ConvergenceWarning
 from .._backend import gpu_namespace, is_cupy_array, is_device_sparse, to_device, to_host
 from .._families import Bernoulli, NegativeBinomial, Poisson, _trigamma
 from .._inputs import count_source, require_counts
+from .._progress import check_verbose, logger, progress
 from ..glm._newton import fit_glm
 from ._engine import (
     Elements,
@@ -663,6 +664,7 @@ def resampling_test(
     return_resampled=False,
     min_treated=7,
     layer=None,
+    verbose=0,
 ):
     """SCEPTRE-style test of every (gene, perturbation) pair.
 
@@ -718,6 +720,9 @@ def resampling_test(
     layer : str or None, default=None
         For AnnData counts: the layer with the raw counts (None: ``layers["counts"]``
         when present, else ``.X``). Gene names come from ``var_names``.
+    verbose : int, default=0
+        ``verbose >= 1`` shows a progress bar of the pairs tested (tqdm, advanced
+        block by block, with an ETA); 0 is silent.
 
     Returns
     -------
@@ -753,6 +758,7 @@ def resampling_test(
         raise ValueError(f"n_resamples must be an integer >= 2, got {n_resamples!r}.")
     if not isinstance(min_treated, (int, np.integer)) or isinstance(min_treated, bool) or min_treated < 1:
         raise ValueError(f"min_treated must be an integer >= 1, got {min_treated!r}.")
+    verbose = check_verbose(verbose)
     src = count_source(counts, layer=layer, arg="counts")
     counts = src.values
     xp_dev = _device_namespace(device, counts)
@@ -821,6 +827,9 @@ def resampling_test(
 
     stats = np.empty((K, B + 1))
     stats[:, 0] = obs
+    logger.info("resampling_test: %d pairs (%d genes, %d perturbations), %d resamples, %d blocks",
+                K, used.size, used_p.size, B, len(blocks))
+    bar = progress(total=K, desc="resampling_test pairs", unit="pair", verbose=verbose)
     if n_jobs == 1:
         outs = map(run, blocks)
     else:
@@ -828,6 +837,8 @@ def resampling_test(
         outs = pool.map(run, blocks)
     for idx, S in outs:
         stats[idx, 1:] = S.T
+        bar.update(len(idx))
+    bar.close()
     if n_jobs != 1:
         pool.shutdown()
     stats[n_treated == 0, 0] = np.nan

@@ -14,6 +14,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from .._backend import get_namespace, to_host
 from .._families import ZINB
+from .._inputs import check_obsm_key, write_obsm
+from .._progress import logger, progress
 from ._data import Counts
 from ._init import initialize, initialize_cells
 from ._input import check_count_matrix, check_design, check_nonempty, check_offset, fingerprint
@@ -82,7 +84,9 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
     random_state : int, RandomState instance or None, default=None
         Seeds the randomised SVD of the initialisation.
     verbose : int, default=0
-        Print the penalised log-likelihood at each iteration.
+        ``verbose >= 1`` shows a progress bar of the iterations (tqdm) with the
+        penalised log-likelihood, its relative gain and an ETA against ``max_iter``, and
+        logs each iteration to the ``"skmixed"`` logger; 0 is silent.
     layer : str or None, default=None
         For AnnData input: the layer holding the raw counts. None reads
         ``layers["counts"]`` when present, else ``.X`` (as zinbwave reads the
@@ -259,11 +263,18 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         P = initialize(counts, design, K, gen)
         prefit_dispersion(counts, design, P, common=self.common_dispersion, rng=gen)
         opt = Optimizer(counts, design, common_dispersion=self.common_dispersion)
-        callback = None
-        if self.verbose:
-            def callback(it, ll, pll):
-                print(f"[ZINBWaVE] iteration {it}: loglik {ll:.6f}, penalized loglik {pll:.6f}")
-        history, converged = opt.run(P, max_iter=self.max_iter, tol=self.tol, callback=callback)
+        bar = progress(total=self.max_iter, desc="ZINBWaVE iterations", unit="iter", verbose=self.verbose)
+        last = [opt.objective(P)[1] if self.verbose else None]
+
+        def callback(it, ll, pll):
+            gain = abs(pll - last[0]) / abs(last[0]) if last[0] else float("nan")
+            last[0] = pll
+            bar.update(1)
+            bar.set_postfix_str(f"penalized loglik {pll:.6g}, relative gain {gain:.1e} (tol {self.tol:g})")
+            logger.info("ZINBWaVE iteration %d: loglik %.6f, penalized loglik %.6f", it, ll, pll)
+
+        with bar:
+            history, converged = opt.run(P, max_iter=self.max_iter, tol=self.tol, callback=callback)
         ll, pll = opt.objective(P)
         self._store(P, penalty, X, V, ll, pll)
         self.objective_history_ = [float(h) for h in history]
@@ -350,7 +361,7 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         check_nonempty(Ycsr, xp, genes=False)
         return self._fit_cells(design, counts, fitted), design, counts
 
-    def transform(self, Y, *, cell_covariates=None, offset=None, offset_pi=None):
+    def transform(self, Y, *, cell_covariates=None, offset=None, offset_pi=None, key_added=None):
         """Latent factors ``W`` of the cells of ``Y``.
 
         For the training data (same counts, covariates and offsets) this is ``W_``; other
@@ -361,17 +372,55 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         ----------
         Y : array-like, sparse matrix or AnnData of shape (n_cells, n_genes)
         cell_covariates, offset, offset_pi : as in :meth:`fit`, for these cells.
+        key_added : str or None, default=None
+            For an AnnData ``Y``: also store ``W`` in ``Y.obsm[key_added]``, as scanpy
+            stores embeddings (``"X_zinbwave"`` is the usual key: ``sc.pp.neighbors(adata,
+            use_rep="X_zinbwave")``). None stores nothing.
 
         Returns
         -------
         W : ndarray of shape (n_cells, n_components)
         """
         P, _, _ = self._cells(Y, cell_covariates, offset, offset_pi)
-        return P.W.copy()
+        W = P.W.copy()
+        if key_added is not None:
+            write_obsm(Y, key_added, W, arg="Y")
+        return W
 
-    def fit_transform(self, Y, y=None, **fit_params):
-        """Fit and return ``W_``."""
-        return self.fit(Y, y, **fit_params).W_.copy()
+    def fit_transform(self, Y, y=None, *, key_added=None, **fit_params):
+        """Fit and return ``W_``; with ``key_added``, also store it in ``Y.obsm[key_added]``.
+
+        Parameters
+        ----------
+        Y : array-like, sparse matrix or AnnData of shape (n_cells, n_genes)
+        y : None
+            Ignored.
+        key_added : str or None, default=None
+            As in :meth:`transform`: ``Y.obsm[key_added] = W`` for an AnnData ``Y``.
+        **fit_params
+            The keyword arguments of :meth:`fit`.
+
+        Returns
+        -------
+        W : ndarray of shape (n_cells, n_components)
+
+        Examples
+        --------
+        >>> import anndata
+        >>> from skmixed import ZINBWaVE
+        >>> from skmixed.datasets import make_zinb_counts
+        >>> sim = make_zinb_counts(200, 60, random_state=0)
+        >>> adata = anndata.AnnData(sim.counts)
+        >>> W = ZINBWaVE(n_components=2, random_state=0).fit_transform(adata, key_added="X_zinbwave")
+        >>> adata.obsm["X_zinbwave"].shape
+        (200, 2)
+        """
+        if key_added is not None:
+            check_obsm_key(Y, key_added, arg="Y")  # before the fit, not after it
+        W = self.fit(Y, y, **fit_params).W_.copy()
+        if key_added is not None:
+            write_obsm(Y, key_added, W, arg="Y")
+        return W
 
     # --------------------------------------------------------------- predictions
     def _dense(self, Y, cell_covariates, offset, offset_pi, fn, *, ignore_W=False, with_counts=False):
