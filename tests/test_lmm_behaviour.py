@@ -119,6 +119,11 @@ def test_many_responses_equal_column_by_column(solver):
         np.testing.assert_allclose(vc.vcov, one.variance_components_.vcov, rtol=1e-5)
     pred = many.predict(X[["x"]], groups=X.g)
     assert pred.shape == (len(X), 4)
+    named = LinearMixedModel(**params).fit(X[["x"]], pd.DataFrame(Y, columns=list("abcd")), groups=X.g)
+    assert list(named.response_names_) == list("abcd")
+    assert list(named.fixed_effects_.index) == list("abcd")
+    np.testing.assert_allclose(named.fixed_effects_.to_numpy()[:, 1], many.coef_[:, 0], rtol=1e-12)
+    assert set(named.variance_components_.response) == set("abcd")
 
 
 # --------------------------------------------------------- metamorphic (hypothesis)

@@ -106,6 +106,11 @@ class LinearMixedModel(RegressorMixin, BaseEstimator):
     n_iter_, n_eval_ : int
     fit_time_ : float
         Seconds spent in the solver.
+    n_responses_ : int or None
+        Number of responses when ``y`` has several columns (None for one); then
+        ``coef_``, ``theta_``, ``sigma_``, ``loglik_`` ... have a leading response axis,
+        ``fixed_effects_`` is a DataFrame indexed by ``response_names_`` (the columns of
+        a DataFrame ``y``, else 0, 1, ...), and the tables have a ``response`` column.
 
     Notes
     -----
@@ -196,6 +201,8 @@ class LinearMixedModel(RegressorMixin, BaseEstimator):
         self : LinearMixedModel
         """
         self._validate_params()
+        columns = getattr(y, "columns", None)
+        self._response_names = None if columns is None else [str(c) for c in columns]
         try:
             X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True, multi_output=True,
                                  ensure_all_finite=True)
@@ -432,12 +439,15 @@ class LinearMixedModel(RegressorMixin, BaseEstimator):
         self._results = results
         if many:
             self.n_responses_ = len(results)
+            names = getattr(self, "_response_names", None)
+            self.response_names_ = np.asarray(names if names is not None else range(len(results)), dtype=object)
             self.variance_components_ = pd.concat(
-                [v.assign(response=g) for g, v in enumerate(vcs)], ignore_index=True
+                [v.assign(response=nm) for nm, v in zip(self.response_names_, vcs)], ignore_index=True
             )
             self.random_effects_ = pd.concat(
-                [v.assign(response=g) for g, v in enumerate(res)], ignore_index=True
+                [v.assign(response=nm) for nm, v in zip(self.response_names_, res)], ignore_index=True
             )
+            self.fixed_effects_.index = pd.Index(self.response_names_, name="response")
         else:
             self.n_responses_ = None
             self.variance_components_, self.random_effects_ = vcs[0], res[0]
