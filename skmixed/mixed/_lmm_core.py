@@ -119,28 +119,19 @@ class SufficientStats:
 
     def _schur_pairs(self):
         """Index pairs of ``C21 diag(d) C21'`` (scalar terms): for every level ``l`` of the
-        first term, every pair of non-zeros of column ``l`` of ``C21``; lower triangle,
-        sorted by target so that one ``bincount`` per theta gives the product."""
+        first term, every pair ``(a >= b)`` of non-zeros of column ``l`` of ``C21`` (the lower
+        triangle), so that one ``bincount`` per theta gives the product."""
         C = self.C21.tocsc()
         C.sort_indices()
-        lens = np.diff(C.indptr).astype(np.int64)
-        sq = lens * lens
-        total = int(sq.sum())
-        col = np.repeat(np.arange(self.q1), sq)
-        start = np.repeat(np.cumsum(sq) - sq, sq)
-        k = np.arange(total) - start
-        ln = lens[col]
-        ia = C.indptr[col] + k // ln
-        ib = C.indptr[col] + k % ln
-        ra, rb = C.indices[ia], C.indices[ib]
-        keep = ra >= rb
-        target = ra[keep] * self.q2 + rb[keep]
-        order = np.argsort(target, kind="stable")
-        return (
-            target[order],
-            col[keep][order],
-            (C.data[ia] * C.data[ib])[keep][order],
-        )
+        lens = np.diff(C.indptr)
+        col_of = np.repeat(np.arange(self.q1, dtype=np.int32), lens)  # column of every non-zero
+        rank = np.arange(C.nnz, dtype=np.int64) - np.repeat(C.indptr[:-1], lens)  # position in column
+        reps = rank + 1  # entry ``a`` pairs with the entries at positions 0..a of its column
+        ia = np.repeat(np.arange(C.nnz, dtype=np.int64), reps)
+        start = np.repeat(np.cumsum(reps) - reps, reps)
+        ib = np.repeat(C.indptr[:-1][col_of], reps) + (np.arange(ia.size, dtype=np.int64) - start)
+        ra, rb = C.indices[ia], C.indices[ib]  # ra >= rb: indices sorted within columns
+        return ra.astype(np.int64) * self.q2 + rb, col_of[ia], C.data[ia] * C.data[ib]
 
     def schur_product(self, d):
         """Lower triangle (upper part zero) of ``C21 diag(d) C21'`` (q2 x q2), scalar terms."""
