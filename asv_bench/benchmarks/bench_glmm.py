@@ -13,6 +13,8 @@ import pandas as pd
 from skmixed import PoissonGLMM
 from skmixed.datasets import load_zeb2_like, make_poisson_glmm, make_zeb2_like
 
+from ._sizes import sizes
+
 N_FULL = 68_627  # the bundled data set, the size of Boland et al. (2020)
 
 
@@ -58,7 +60,7 @@ class ZEB2:
 class ZEB2Uncollapsed:
     """The ZEB2 model, Laplace, on every row (``collapse=False``): the PIRLS engine itself."""
 
-    params = [10_000, N_FULL]
+    params = sizes([10_000], [10_000, N_FULL])
     param_names = ["n_cells"]
     timeout = 300
 
@@ -101,7 +103,7 @@ class RandomSlope:
 class ManyGenes:
     """One random-intercept model per gene, vectorised: sparse Boland-like counts."""
 
-    params = [500, 2000]
+    params = sizes([500], [500, 2000])
     param_names = ["n_genes"]
     timeout = 300
 

@@ -13,6 +13,8 @@ import numpy as np
 import scipy.sparse
 
 from skmixed._backend import cupy_available
+
+from ._sizes import sizes
 from skmixed.offset import (
     NegBinOffsetMean,
     distill,
@@ -57,7 +59,7 @@ class OneFit:
 class ManyFits:
     """G responses x B weight columns in one call (divide by G * B for the time per fit)."""
 
-    params = ([2000, 200_000], [0.01, 1.0], ["nb_closed_form", "nb_mle"], ["cpu", "gpu"])
+    params = (sizes([2000], [2000, 200_000]), [0.01, 1.0], ["nb_closed_form", "nb_mle"], ["cpu", "gpu"])
     param_names = ["n_cells", "weight_density", "model", "device"]
     timeout = 300
 
@@ -105,7 +107,8 @@ class Resampling:
     resamples, the block sums on the GPU.
     """
 
-    params = ([20_000, 200_000], [(100, 10), (1000, 1)], ["permutation", "conditional"], ["wald", "score"],
+    params = (sizes([20_000], [20_000, 200_000]), sizes([(100, 10)], [(100, 10), (1000, 1)]),
+              sizes(["conditional"], ["permutation", "conditional"]), sizes(["wald"], ["wald", "score"]),
               ["cpu", "gpu"])
     param_names = ["n_cells", "perturbations_x_genes", "resampling", "statistic", "device"]
     timeout = 900
@@ -130,7 +133,7 @@ class Precomputation:
     """The per-gene distillation (NB GLM on 2 covariates) and the per-perturbation
     logistic treatment model, for 100 genes / perturbations."""
 
-    params = ([20_000, 200_000],)
+    params = (sizes([20_000], [20_000, 200_000]),)
     param_names = ["n_cells"]
     timeout = 600
 
