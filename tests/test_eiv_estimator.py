@@ -145,6 +145,10 @@ def test_bad_input(screen):
         model.fit(X.rename(columns={"batch": "perturbation"}), y, grna=g[:, 0])
     with pytest.raises(ValueError, match="pairs"):
         model.fit(X, m, grna=g, pairs=[("nope", 0)])
+    with pytest.raises(ValueError, match="rank deficient"):
+        model.fit(X.assign(twice=2 * X["batch"]), y, grna=g[:, 0])
+    with pytest.raises(ValueError, match="X must be finite"):
+        model.fit(X.assign(batch=np.where(np.arange(len(y)) == 0, np.nan, X["batch"])), y, grna=g[:, 0])
 
 
 def test_batch_flags_bad_pairs_and_goes_on(screen):

@@ -200,7 +200,10 @@ class GLMEIV(BaseEstimator):
         elif Xa.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {Xa.shape[1]} features, but GLMEIV was fitted with {self.n_features_in_}.")
         Z = np.column_stack([np.ones(Xa.shape[0]), Xa])
-        if reset and np.linalg.matrix_rank(Z) < Z.shape[1]:
+        # rank of the q x q cross-product (scaled to unit diagonal): no SVD of the n x q design
+        G = Z.T @ Z
+        dg = np.sqrt(np.maximum(np.diag(G), 1e-300))
+        if reset and np.linalg.matrix_rank(G / dg[:, None] / dg[None, :], tol=1e-10) < Z.shape[1]:
             raise ValueError("X with an intercept is rank deficient: drop collinear or constant covariates.")
         return Z
 
