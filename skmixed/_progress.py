@@ -68,12 +68,17 @@ def progress(*, total=None, desc=None, unit="it", verbose=0):
     """
     if not verbose:
         return _NoBar()
-    try:
-        from tqdm.auto import tqdm  # noqa: PLC0415
-    except ImportError:  # tqdm is a dependency; a stripped environment still runs
-        logger.debug("tqdm is not installed: no progress bar")
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True)
+    import importlib  # noqa: PLC0415
+
+    # tqdm.auto: a widget in notebooks, text elsewhere; its notebook bar raises
+    # ImportError where ipywidgets is missing, and then the text bar serves
+    for module in ("tqdm.auto", "tqdm"):
+        try:
+            return importlib.import_module(module).tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+        except ImportError:
+            continue
+    logger.debug("tqdm is not installed: no progress bar")  # a dependency; a stripped environment still runs
+    return _NoBar()
 
 
 def check_verbose(verbose, arg: str = "verbose") -> int:

@@ -230,10 +230,12 @@ def _dummies(frame):
 # ------------------------------------------------------------------------- de
 def _run_de(args):
     from .formula import parse_formula, split_formula  # noqa: PLC0415
+    from ._inputs import store_contrast  # noqa: PLC0415
     from .mixed import PoissonGLMM  # noqa: PLC0415
 
     out = _check_out(args.out, "--out", (".csv", ".tsv"))
     plot = None if args.plot is None else _check_out(args.plot, "--plot", (".png", ".pdf", ".svg"))
+    h5ad = None if args.h5ad is None else _check_out(args.h5ad, "--h5ad", (".h5ad",))
     if not 0 < args.fdr < 1:
         raise _BadArgument(f"--fdr must lie between 0 and 1, got {args.fdr}.")
     if "~" not in args.formula:
@@ -250,6 +252,9 @@ def _run_de(args):
             name, weights = parse_contrast(text, coefs, [str(c) for c in adata.obs.columns])
         except ValueError as exc:
             raise _BadArgument(f"--contrast: {exc}") from exc
+        if h5ad is not None and "/" in name:
+            raise _BadArgument(f"--contrast: the name {name!r} contains '/', which .h5ad keys cannot; "
+                               "name it: --contrast 'NAME = ...'.")
         contrasts[name] = weights
     response = split_formula(args.formula)[0]
     start = time.perf_counter()
@@ -275,6 +280,11 @@ def _run_de(args):
             with pd.option_context("display.width", 120):
                 print(top.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print(f"Table written to {out}")
+    if h5ad is not None:
+        store_contrast(adata, table.drop(columns="flag", errors="ignore"), key_added=args.key,
+                       params={"formula": args.formula, "layer": args.layer})
+        adata.write_h5ad(h5ad)
+        print(f"Table stored in {h5ad}: uns[{args.key!r}] (as scanpy's rank_genes_groups) and varm[{args.key!r}]")
     if plot is not None:
         first = next(iter(contrasts))
         part = table[table.contrast == first]
@@ -462,6 +472,8 @@ def build_parser():
                     help="contrast to test; repeat for several")
     de.add_argument("--out", required=True, metavar="de.csv", help="output table (.csv or .tsv)")
     de.add_argument("--plot", metavar="volcano.png", help="volcano plot of the first contrast (.png, .pdf, .svg)")
+    de.add_argument("--h5ad", metavar="de.h5ad", help="also write a copy of DATA with the table in .uns and .varm")
+    de.add_argument("--key", default="skmixed_de", help="the .uns/.varm key of --h5ad (default skmixed_de)")
     de.add_argument("--fdr", type=float, default=0.05, help="false discovery rate for the hits (default 0.05)")
     de.add_argument("--top", type=int, default=10, help="genes to print (default 10)")
     de.set_defaults(run=_run_de)

@@ -212,8 +212,9 @@ def test_verbose_checked_and_progress_without_tqdm(monkeypatch):
     with pytest.raises(ValueError, match="verbose must be a non-negative integer"):
         resampling_test(np.ones((10, 2)), np.eye(10, 1), verbose="yes")
     assert check_verbose(True) == 1 and check_verbose(2) == 2
-    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails: a silent stand-in
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # imports fail: a silent stand-in
+    monkeypatch.setitem(sys.modules, "tqdm", None)
     with progress(total=3, verbose=1) as bar:
         bar.update(2)
         bar.set_postfix_str("x")
-    assert bar.n == 2
+    assert bar.n == 2 and type(bar).__name__ == "_NoBar"

@@ -77,7 +77,7 @@ def test_help_texts(capsys):
 def test_de_writes_table_and_volcano_plot(files):
     d, boland = files
     r = run("de", "boland.h5ad", "--formula", FORMULA, "--contrast", CONTRAST, "--out", "de.csv",
-            "--plot", "volcano.png", cwd=d)
+            "--plot", "volcano.png", "--h5ad", "de.h5ad", cwd=d)
     assert r.returncode == 0, r.stderr
     assert "Fitted 30 genes x 3,000 cells" in r.stdout
     assert "Contrast 'UC': 30 genes tested" in r.stdout and "at 5% FDR" in r.stdout
@@ -90,6 +90,10 @@ def test_de_writes_table_and_volcano_plot(files):
     np.testing.assert_allclose(table.q_value, ref.q_value, rtol=1e-12)
     assert set(table.flag) <= {"ok", "all_zero", "zero_count_group", "singular", "not_converged"}
     assert (d / "volcano.png").read_bytes()[:4] == b"\x89PNG"
+    stored = anndata.read_h5ad(d / "de.h5ad")
+    assert list(stored.uns["skmixed_de"]["names"]["UC"]) == table.sort_values("p_value", kind="stable").gene.tolist()
+    np.testing.assert_allclose(stored.varm["skmixed_de"]["UC|q_value"], table.q_value)
+    assert stored.uns["skmixed_de"]["params"]["formula"] == FORMULA
 
 
 def test_zinbwave_writes_obsm_and_csv(files):

@@ -775,6 +775,7 @@ def resampling_test(
     Yt, _, _ = _gene_major_counts(counts, used, src)
 
     if distillation is None:
+        logger.info("resampling_test: distillation (%s GLM) of %d genes on %d cells", family, used.size, n)
         sub = distill(Yt.T, covariates, family=family, size=None if size is None else np.broadcast_to(size, (G,))[used])
         Ot, sizes = np.ascontiguousarray(sub.offsets.T), sub.size
     else:
@@ -796,6 +797,7 @@ def resampling_test(
             raise ValueError(f"propensity must be probabilities of shape {T.shape} (in [0, 1]).")
     elif resampling == "conditional":
         pi = np.zeros((n, T.shape[1]))
+        logger.info("resampling_test: treatment model of %d perturbations", used_p.size)
         pi[:, used_p] = treatment_probabilities(T[:, used_p], covariates)
 
     B = int(n_resamples)
