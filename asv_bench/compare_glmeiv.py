@@ -39,7 +39,7 @@ for (mcol in c("m_pois", "m_nb")) for (gcol in c("g_15", "g_4")) {
   ts <- sapply(1:%(repeat)d, function(i) system.time({
     mp <- run_glmeiv_precomputation(dat[[mcol]], cm, mo, m_fam)
     gp <- run_glmeiv_precomputation(dat[[gcol]], cm, go, g_fam)
-    fit <- run_glmeiv_given_precomputations(m = dat[[mcol]], g = dat[[gcol]], m_precomp = mp, g_precomp = gp,
+    fit <<- run_glmeiv_given_precomputations(m = dat[[mcol]], g = dat[[gcol]], m_precomp = mp, g_precomp = gp,
       covariate_matrix = cm, m_offset = mo, g_offset = go, n_em_rep = 15, pi_guess_range = c(1e-5, 0.03),
       m_perturbation_guess_range = log(c(0.1, 1.5)), g_perturbation_guess_range = log(c(0.5, 10)))
     s <- run_inference_on_em_fit(fit, 0.95)})[["elapsed"]])
