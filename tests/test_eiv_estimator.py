@@ -176,6 +176,17 @@ def test_no_grna_signal_is_flagged():
     assert row["no_grna_signal"] or row["too_few_cells"] or row["pi_at_bound"] or not row["converged"]
 
 
+@pytest.mark.parametrize("pi, flag", [(0.5, "pi_at_bound"), (0.002, "too_few_cells")])
+def test_pi_at_the_bound_and_too_few_cells_are_flagged(pi, flag):
+    X, m, g, off, p = make_glmeiv_data(3000, 1, pi=pi, g_perturbation=np.log(4.0), random_state=1)
+    model = GLMEIV(mrna_family="poisson", random_state=0).fit(X, m, grna=g, offset=off["mrna"], grna_offset=off["grna"])
+    row = model.pairs_.iloc[0]
+    assert row[flag] and row["flagged"]
+    assert model.coef_[0, 0] <= 0.5  # the bound holds
+    others = {"pi_at_bound", "too_few_cells"} - {flag}
+    assert not any(row[o] for o in others)
+
+
 def test_non_convergence_warns(screen):
     with pytest.warns(ConvergenceWarning, match="max_iter=1"):
         model = _fit(GLMEIV(mrna_family="negative_binomial", max_iter=1, tol=1e-14, random_state=0), screen, 0)

@@ -110,7 +110,8 @@ class GLMEIV(BaseEstimator):
         from the chosen start), ``n_iter_init`` (full-EM iterations spent on the random
         restarts of ``init="random"``; 0 for the accelerated start), ``converged``
         and the flags ``grna_zero``, ``mrna_zero``, ``no_grna_signal`` (the fitted gRNA effect is
-        not significantly above 0, Wald z < 1.96: the perturbed component is not above background), ``pi_at_bound`` (pi at 1/2),
+        not significantly above 0, Wald z < 1.96: the perturbed component is not above background), ``pi_at_bound`` (the 95% interval of pi reaches the 1/2 bound: the
+        labels of the two components are not identified),
         ``too_few_cells`` (n pi < 10), ``singular_information`` (no standard errors), and
         ``flagged`` (any of them, or not converged).
     coef_ : ndarray of shape (n_pairs, n_parameters)
@@ -400,7 +401,7 @@ class GLMEIV(BaseEstimator):
                 "grna_zero": [bool(zg[j]) for j in pj],
                 "mrna_zero": [bool(zm[i]) for i in gi],
                 "no_grna_signal": ~(g_z > Z975),
-                "pi_at_bound": pi_hat >= 0.5 - 1e-6,
+                "pi_at_bound": pi_hat + Z975 * np.nan_to_num(tables["se"][:, 0]) >= 0.5,
                 "too_few_cells": ~(n * pi_hat >= MIN_PERTURBED_CELLS),
                 "singular_information": ~np.all(np.isfinite(tables["se"]), axis=1),
             })
