@@ -172,9 +172,11 @@ def store_contrast(adata, table, *, key_added: str = "skmixed_de", params=None) 
       contrast in each record array, genes sorted by p-value (smallest first, NaN
       last): ``names``, ``scores`` (Wald z), ``logfoldchanges`` (``estimate / log(2)``:
       log2, as scanpy reports them), ``pvals``, ``pvals_adj`` (Benjamini-Hochberg
-      q-values), and ``params`` (``method``, plus ``params``). So
+      q-values), and ``params`` (scanpy's ``method``, ``groupby``, ``reference``,
+      ``use_raw``, ``corr_method``, updated by ``params``). So
       ``scanpy.get.rank_genes_groups_df(adata, group=contrast, key=key_added)``
-      returns the table of one contrast.
+      returns the table of one contrast, and ``scanpy.pl.rank_genes_groups(adata,
+      key=key_added)`` plots the top genes' z.
     - ``adata.varm[key_added]``: a DataFrame in ``var_names`` order with the columns
       ``"<contrast>|<column>"`` for ``estimate``, ``std_error``, ``z``, ``p_value`` and
       ``q_value`` (NaN for genes absent from the table).
@@ -243,7 +245,11 @@ def store_contrast(adata, table, *, key_added: str = "skmixed_de", params=None) 
     lengths = {len(a) for a in fields["names"]}
     if len(lengths) > 1:
         raise ValueError("every contrast of table must have the same genes to be stored together.")
-    uns = {"params": {"method": "skmixed PoissonGLMM Wald", **{k: v for k, v in (params or {}).items() if v is not None}}}
+    scanpy_params = {  # what scanpy's readers and plots of rank_genes_groups look up
+        "method": "skmixed PoissonGLMM Wald", "groupby": "contrast", "reference": "", "use_raw": False,
+        "corr_method": "benjamini-hochberg",
+    }
+    uns = {"params": {**scanpy_params, **{k: v for k, v in (params or {}).items() if v is not None}}}
     for key, arrays in fields.items():
         uns[key] = np.rec.fromarrays(arrays, names=contrasts)
     adata.varm[key_added] = varm

@@ -218,3 +218,12 @@ def test_verbose_checked_and_progress_without_tqdm(monkeypatch):
         bar.update(2)
         bar.set_postfix_str("x")
     assert bar.n == 2 and type(bar).__name__ == "_NoBar"
+
+
+def test_store_contrast_read_by_scanpy(boland, formula_fit):
+    sc = pytest.importorskip("scanpy")  # not a test dependency: runs where scanpy is installed
+    adata = boland[3].copy()
+    table = formula_fit.contrast(CONTRAST)
+    store_contrast(adata, table, key_added="de")
+    df = sc.get.rank_genes_groups_df(adata, group="UC vs healthy", key="de")
+    pd.testing.assert_frame_equal(df, _rank_genes_groups_df(adata, "UC vs healthy", "de"), check_dtype=False)
