@@ -130,7 +130,7 @@ def test_many_responses_equal_column_by_column(solver):
 designs = hs.tuples(hs.integers(3, 7), hs.integers(3, 6), hs.integers(0, 2**16))
 
 
-@settings(max_examples=20)
+@settings(max_examples=10)
 @given(designs, hs.booleans())
 def test_row_order_and_level_relabelling_change_nothing(design, reml):
     X, y = _simulate(*design)
@@ -143,7 +143,7 @@ def test_row_order_and_level_relabelling_change_nothing(design, reml):
     np.testing.assert_allclose(m.variance_components_.vcov, ref.variance_components_.vcov, rtol=1e-4, atol=1e-8)
 
 
-@settings(max_examples=20)
+@settings(max_examples=10)
 @given(designs, hs.floats(-50, 50))
 def test_offset_shift_moves_the_intercept(design, shift):
     X, y = _simulate(*design)
@@ -155,7 +155,7 @@ def test_offset_shift_moves_the_intercept(design, shift):
     np.testing.assert_allclose(m.loglik_, ref.loglik_, rtol=1e-10)
 
 
-@settings(max_examples=20)
+@settings(max_examples=10)
 @given(designs, hs.floats(0.1, 10.0))
 def test_scaling_precision_weights(design, c):
     """lme4's weights are precision weights, Var(e_i) = sigma^2 / w_i: multiplying them all
@@ -175,3 +175,21 @@ def test_scaling_precision_weights(design, c):
     vc, vc_ref = m.variance_components_.vcov.iloc[:-1], ref.variance_components_.vcov.iloc[:-1]
     np.testing.assert_allclose(vc, vc_ref, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(m.loglik_, ref.loglik_, rtol=1e-9)
+
+
+def test_formula_offset_shifts_the_slope(sleep):
+    ref = LinearMixedModel.from_formula("Reaction ~ Days + (Days | Subject)", sleep)
+    data = sleep.assign(two_days=2.0 * sleep.Days)
+    off = LinearMixedModel.from_formula("Reaction ~ Days + offset(two_days) + (Days | Subject)", data)
+    np.testing.assert_allclose(off.fixed_effects_["Days"], ref.fixed_effects_["Days"] - 2, rtol=1e-7)
+    np.testing.assert_allclose(off.loglik_, ref.loglik_, rtol=1e-10)
+    np.testing.assert_allclose(off.predict_frame(data), ref.predict_frame(sleep), rtol=1e-7)
+
+
+def test_not_converged_is_flagged(sleep):
+    from sklearn.exceptions import ConvergenceWarning
+
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        m = LinearMixedModel(max_iter=1, random_slopes=["Days"]).fit(
+            sleep[["Days"]], sleep.Reaction, groups=sleep.Subject)
+    assert m.converged_ is False
