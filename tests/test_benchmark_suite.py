@@ -62,3 +62,18 @@ def test_slow_setups_are_shared_and_bounded(monkeypatch):
     classes = _benchmark_classes(monkeypatch, full=False)
     transform = classes["bench_zinb.Transform"]
     assert hasattr(transform, "setup_cache") and getattr(transform, "timeout", 60) > 60
+
+
+def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path):
+    """asv_bench/gpu_check.py (issue 14): the one call a lent GPU makes. Its dry run
+    (tiny data, numpy) exercises every step and writes the table."""
+    import subprocess
+
+    out = tmp_path / "gpu.rst"
+    run = subprocess.run([sys.executable, str(ROOT / "asv_bench" / "gpu_check.py"), "--dry-run", "--skip-tests",
+                          "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    text = out.read_text()
+    for step in ("many_genes", "offset", "resampling", "zinbwave"):
+        assert f"* - {step}" in text
+    assert "failed" not in text and "did not finish" not in text
