@@ -228,6 +228,23 @@ def _dummies(frame):
 
 
 # ------------------------------------------------------------------------- de
+def _add_total_count(adata, layer):
+    """``obs["total_count"]``, the formulas' library size, when the file has none."""
+    from ._inputs import count_source  # noqa: PLC0415
+
+    src = count_source(adata, layer=layer, arg="DATA")
+    total = np.asarray(src.values.sum(axis=1), dtype=float).reshape(-1)
+    if np.any(total <= 0):
+        raise ValueError(
+            f"total_count: .obs has no such column, and {int(np.sum(total <= 0)):,} cells have no count over the "
+            f"{adata.n_vars:,} genes of {src.where}, so log(total_count) is -inf for them: filter them out "
+            "(sc.pp.filter_cells(adata, min_counts=1)) or add a total_count column to .obs."
+        )
+    adata.obs["total_count"] = total
+    print(f"total_count: not a column of .obs; using each cell's total count over the {adata.n_vars:,} genes "
+          f"of {src.where}.")
+
+
 def _run_de(args):
     from .formula import parse_formula, split_formula  # noqa: PLC0415
     from ._inputs import store_contrast  # noqa: PLC0415
@@ -241,6 +258,8 @@ def _run_de(args):
     if "~" not in args.formula:
         raise _BadArgument(f"--formula {args.formula!r} has no '~'; e.g. --formula '{_FORMULA_EXAMPLE}'.")
     adata = _read_h5ad(args.data, args.layer)
+    if re.search(r"\btotal_count\b", args.formula) and "total_count" not in adata.obs.columns:
+        _add_total_count(adata, args.layer)
     rhs = args.formula[args.formula.index("~"):]
     try:
         coefs = parse_formula(rhs, adata.obs).fixed_names  # the contrasts are checked before the fit
@@ -451,7 +470,8 @@ def build_parser():
             "genes) and test contrasts between coefficients, with Benjamini-Hochberg q-values.\n\n"
             "The formula is written as in lme4 without a response: its variables are columns of .obs.\n"
             "One random intercept (1 | group) is allowed; offset(log(total_count)) adjusts for\n"
-            "library size (total_count: an .obs column of counts per cell)."
+            "library size (total_count: an .obs column of counts per cell; when .obs has none, each\n"
+            "cell's total count over the genes of DATA)."
         ),
         epilog=(
             "example:\n"

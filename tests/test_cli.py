@@ -48,6 +48,9 @@ def files(tmp_path_factory):
     lognorm.X = lognorm.X.astype(float)
     lognorm.X.data = np.log1p(lognorm.X.data)
     lognorm.write_h5ad(d / "lognorm.h5ad")
+    nototal = anndata.AnnData(boland.X, obs=cells.drop(columns="total_count"), var=boland.var)
+    nototal.write_h5ad(d / "nototal_empty_cells.h5ad")
+    nototal[np.asarray(boland.X.sum(axis=1)).ravel() > 0].write_h5ad(d / "nototal.h5ad")
 
     sim = make_zinb_counts(200, 40, random_state=0)
     zinb = anndata.AnnData(sim.counts, obs=sim.cells.set_axis([f"cell{i}" for i in range(200)]))
@@ -94,6 +97,18 @@ def test_de_writes_table_and_volcano_plot(files):
     assert list(stored.uns["skmixed_de"]["names"]["UC"]) == table.sort_values("p_value", kind="stable").gene.tolist()
     np.testing.assert_allclose(stored.varm["skmixed_de"]["UC|q_value"], table.q_value)
     assert stored.uns["skmixed_de"]["params"]["formula"] == FORMULA
+
+
+def test_de_adds_total_count_when_obs_has_none(files, monkeypatch, capsys):
+    d, boland = files
+    monkeypatch.chdir(d)
+    assert main(["de", "nototal.h5ad", "--formula", FORMULA, "--contrast", CONTRAST, "--out", "de2.csv", "-q"]) == 0
+    assert "total_count: not a column of .obs; using each cell's total count over the 30 genes" in capsys.readouterr().out
+    ref = anndata.read_h5ad(d / "nototal.h5ad")
+    ref.obs["total_count"] = np.asarray(ref.X.sum(axis=1)).ravel()
+    expected = PoissonGLMM.from_formula(FORMULA, ref).contrast(
+        {"UC": {"cell_groupT : R : diseased": 1.0, "cell_groupT : R : healthy": -1.0}})
+    np.testing.assert_allclose(pd.read_csv(d / "de2.csv").estimate, expected.estimate, rtol=1e-10)
 
 
 def test_zinbwave_writes_obsm_and_csv(files):
@@ -165,6 +180,8 @@ def test_console_script_errors_are_one_line(files, args, status, message):
           "--scheduler", "tcp://localhost:8786"], 2, "--scheduler: running on a Dask cluster is not supported yet"),
         (["de", "boland.h5ad", "--formula", "~ 0 + cell_group + (1 | patient_assignment) + (1 | tissue)",
           "--contrast", CONTRAST, "--out", "de.csv"], 1, "exactly one random intercept"),
+        (["de", "nototal_empty_cells.h5ad", "--formula", FORMULA, "--contrast", CONTRAST, "--out", "de.csv"], 1,
+         "cells have no count over the 30 genes of DATA.X, so log(total_count) is -inf"),
         (["zinbwave", "zinb.h5ad", "-k", "two", "--out", "z.h5ad"], 2, "argument -k/--n-components: invalid int"),
         (["zinbwave", "zinb.h5ad", "--batch", "lane", "--out", "z.h5ad"], 1, "--batch: ['lane'] not columns of .obs"),
         (["zinbwave", "zinb.h5ad", "--out", "z.csv"], 2, "--out 'z.csv' must end in .h5ad"),
