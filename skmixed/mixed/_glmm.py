@@ -167,7 +167,8 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
     max_iter : int, default=500
         Iterations of the outer optimiser.
     layer : str or None, default=None
-        For an AnnData ``y`` (many genes): the layer holding the raw counts. None
+        For AnnData input (``y`` of :meth:`fit`, ``data`` of :meth:`from_formula`):
+        the layer holding the raw counts. None
         reads ``layers["counts"]`` when present, else ``.X``; non-integer values read
         from AnnData (e.g. log-normalised ``.X``) are an error naming the layer.
     verbose : int, default=0
