@@ -340,3 +340,29 @@ def test_string_response_is_a_clear_error():
     for y in (np.array(["1"] * 20), np.array(["a"] * 20)):
         with pytest.raises(ValueError, match="y must hold numeric counts"):
             NegBinOffsetMean().fit(X, y)
+
+
+def test_weight_layouts_agree_and_the_input_is_left_alone():
+    """CSC and CSR weights are read in their own layout, dense ones in C or Fortran
+    order (issue 14: no format conversions); explicit zeros are dropped from a copy."""
+    rng = np.random.default_rng(5)
+    n, B = 3000, 40
+    o = rng.normal(0, 0.5, n)
+    y = rng.negative_binomial(2.0, 2.0 / (2.0 + np.exp(0.2 + o))).astype(float)
+    W = scipy.sparse.random(n, B, density=0.05, format="csc", random_state=1)
+    W.data[:] = np.round(W.data, 1)  # some explicit zeros
+    assert np.any(W.data == 0)
+    before = W.data.copy()
+    ref = NegBinOffsetMean(size=2.0).fit(o[:, None], y, sample_weight=W.tocsr().toarray())
+    for w in (W, W.tocsr(), W.toarray(), np.asfortranarray(W.toarray()), W.tocoo()):
+        m = NegBinOffsetMean(size=2.0).fit(o[:, None], y, sample_weight=w)
+        for name in ("coef_", "coef_se_", "z_", "score_z_"):
+            np.testing.assert_allclose(getattr(m, name), getattr(ref, name), rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(W.data, before)
+    for bad, match in ((np.nan, "finite"), (np.inf, "finite"), (1.5, r"\[0, 1\]"), (-0.1, r"\[0, 1\]")):
+        Wb = W.copy()
+        Wb.data[3] = bad
+        with pytest.raises(ValueError, match=match):
+            NegBinOffsetMean(size=2.0).fit(o[:, None], y, sample_weight=Wb)
+        with pytest.raises(ValueError, match=match):
+            NegBinOffsetMean(size=2.0).fit(o[:, None], y, sample_weight=Wb.toarray())

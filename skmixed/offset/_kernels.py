@@ -82,20 +82,47 @@ class WeightColumns:
 
     @classmethod
     def from_sparse(cls, W):
-        W = scipy.sparse.csr_matrix(W, dtype=np.float64)
-        W.eliminate_zeros()
-        W.sort_indices()
+        """Weights of a sparse matrix without explicit zeros, read in its own layout:
+        CSR (elements grouped by cell) or CSC (grouped by column); the transpose for
+        the linear sums is then a view, not a conversion."""
+        if not scipy.sparse.issparse(W) or W.format not in ("csr", "csc"):
+            W = scipy.sparse.csr_matrix(W, dtype=np.float64)
+            W.eliminate_zeros()
         n, B = W.shape
-        rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(W.indptr))
-        out = cls(rows, W.indices, W.data, n, B, Wt=W.T.tocsc())
+        if W.format == "csc":
+            rows = W.indices
+            cols = np.repeat(np.arange(B, dtype=np.int64), np.diff(W.indptr))
+        else:
+            rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(W.indptr))
+            cols = W.indices
+        out = cls(rows, cols, W.data, n, B, Wt=W.T)
         if B > 1 and W.nnz >= DENSE_FRACTION * n * B and n * B <= DENSE_MAX_ENTRIES:
             out.Wd = W.toarray()
         return out
 
     @classmethod
     def from_dense(cls, W):
+        """Dense weights: their non-zero entries in cell order (one scan), and the dense
+        matrix itself when mostly non-zero (BLAS products)."""
         W = np.asarray(W, dtype=np.float64)
-        return cls.from_sparse(scipy.sparse.csr_matrix(W[:, None] if W.ndim == 1 else W))
+        W = W[:, None] if W.ndim == 1 else W
+        n, B = W.shape
+        if B > 1 and n * B <= DENSE_MAX_ENTRIES and np.count_nonzero(W) >= DENSE_FRACTION * n * B:
+            return cls.from_sparse(scipy.sparse.csr_matrix(W))
+        if W.flags.f_contiguous and not W.flags.c_contiguous:
+            # column-major memory (e.g. a sparse matrix's toarray()): scan it as (B, n)
+            Wt = W.T
+            flat = np.flatnonzero(Wt)
+            cols, rows = np.divmod(flat, n)
+            vals = Wt.reshape(-1)[flat]
+            indptr = np.searchsorted(cols, np.arange(B + 1))
+            return cls(rows, cols, vals, n, B, Wt=scipy.sparse.csr_matrix((vals, rows, indptr), shape=(B, n)))
+        W = np.ascontiguousarray(W)
+        flat = np.flatnonzero(W)  # row-major: grouped by cell
+        rows, cols = np.divmod(flat, B)
+        vals = W.reshape(-1)[flat]
+        indptr = np.searchsorted(rows, np.arange(n + 1))
+        return cls(rows, cols, vals, n, B, Wt=scipy.sparse.csr_matrix((vals, cols, indptr), shape=(n, B)).T)
 
     @classmethod
     def ones(cls, n):
@@ -147,6 +174,8 @@ class WeightColumns:
                 e = min(s + size, self.nnz)
                 if self._dense:
                     P = self.vals[None, s:e]
+                elif n_genes == 1:
+                    P = None  # one column: map_reduce sums by bincount
                 else:
                     P = scipy.sparse.csc_matrix(
                         (self.vals[s:e], self.cols[s:e], np.arange(e - s + 1)), shape=(self.B, e - s)
@@ -419,8 +448,9 @@ def fit_offset_mean(Y, O, cols, *, family="negative_binomial", size=None, method
             M = cols.gather(M, Yc.shape[1])
             Sy, Se = cols.map_reduce(lambda y, m: (y, m), [Yc, M], [], 2)
         else:
-            Sy = cols.linear(Yc)  # (B, Gc)
-            Se = cols.linear(M)  # (B, 1) or (B, Gc)
+            Gc = Yc.shape[1]  # both linear sums in one pass over the weights
+            S = cols.linear(np.concatenate([Yc, M], axis=1))
+            Sy, Se = S[:, :Gc], S[:, Gc:]  # (B, Gc) and (B, 1) or (B, Gc)
         with np.errstate(divide="ignore", invalid="ignore"):
             t = Sy / Se  # exp(beta + shift): the closed form
             a = np.log(t)
@@ -471,7 +501,8 @@ def _score_at_zero(cols, Yc, M, shift, phi):
         if cols.Wt is None:
             U, info = cols.map_reduce(lambda a, i: (a, i), [A, I0], [], 2)
         else:
-            U, info = cols.linear(A), cols.linear(I0)
+            S = cols.linear(np.concatenate([A, I0], axis=1))  # one pass over the weights
+            U, info = S[:, :A.shape[1]], S[:, A.shape[1]:]
     else:
         U, info = cols.map_reduce(
             lambda y, m, p: ((y - m) / (1.0 + p * m), m / (1.0 + p * m)), [Yc, mu0], [phi], 2

@@ -21,36 +21,54 @@ _FAMILIES = ("poisson", "negative_binomial")
 _METHODS = ("closed_form", "mle")
 
 
+def _check_weight_values(data):
+    """One min/max pass over the weights: NaN, infinities and values outside [0, 1]
+    all fail ``0 <= min`` or ``max <= 1``; only then is the offending value looked for.
+    Returns the minimum (0 means explicit zeros in a sparse matrix)."""
+    if data.size == 0:
+        return 1.0
+    lo, hi = float(data.min()), float(data.max())
+    if 0.0 <= lo and hi <= 1.0:
+        return lo
+    bad = ~np.isfinite(data)
+    if np.any(bad):
+        raise ValueError(f"sample_weight must be finite; found {data[bad][0]!r}.")
+    bad = (data < 0) | (data > 1)
+    raise ValueError(
+        f"sample_weight must lie in [0, 1] (treatment indicators or membership "
+        f"probabilities); found {data[bad][0]!r}."
+    )
+
+
 def check_weights(sample_weight, n):
     """Weights as WeightColumns, and whether they were one vector.
 
     Raises ValueError for a wrong number of rows, non-finite values, values outside
-    [0, 1] and columns without a positive weight.
+    [0, 1] and columns without a positive weight. Sparse weights keep their format
+    (CSC: column by column; CSR: cell by cell), dense ones are read once for the check.
     """
     if sample_weight is None:
         return WeightColumns.ones(n), True
     if scipy.sparse.issparse(sample_weight):
-        W = scipy.sparse.csr_matrix(sample_weight, dtype=np.float64)
+        W = sample_weight
+        if W.format not in ("csr", "csc"):
+            W = W.tocsr()
+        if W.dtype != np.float64:
+            W = W.astype(np.float64)
         one = False
-        data = W.data
     else:
         W = np.asarray(sample_weight, dtype=np.float64)
         if W.ndim not in (1, 2):
             raise ValueError(f"sample_weight must be 1-D or 2-D, got {W.ndim} dimensions.")
         one = W.ndim == 1
         W = W.reshape(W.shape[0], -1)
-        data = W
     if W.shape[0] != n:
         raise ValueError(f"sample_weight has {W.shape[0]} rows but X has {n}.")
-    if not np.all(np.isfinite(data)):
-        raise ValueError(f"sample_weight must be finite; found {data[~np.isfinite(data)][0]!r}.")
-    bad = (data < 0) | (data > 1)
-    if np.any(bad):
-        raise ValueError(
-            f"sample_weight must lie in [0, 1] (treatment indicators or membership "
-            f"probabilities); found {data[bad][0]!r}."
-        )
+    lo = _check_weight_values(W.data if scipy.sparse.issparse(W) else W)
     if scipy.sparse.issparse(W):
+        if lo == 0.0:  # explicit zeros: drop them from a copy (the caller's matrix is left as it was)
+            W = W.copy()
+            W.eliminate_zeros()
         cols = WeightColumns.from_sparse(W)
     elif W.shape[1] == 1:
         cols = WeightColumns.from_vector(W[:, 0])
