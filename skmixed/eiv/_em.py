@@ -132,7 +132,7 @@ def run_full_em(design, fm, fg, M, G, om, og, const, pi, coef_m, coef_g, *, tol=
         eta_m = base_eta(design.Z, cm, oma)
         eta_g = base_eta(design.Z, cg, oga)
         k0, k1 = component_logliks(fma, fga, Ma, Ga, eta_m, cm[:, 1], eta_g, cg[:, 1])
-        return e_step(k0, k1, pi_a, const[idx])
+        return e_step(k0, k1, pi_a, const[idx if xp is np else xp.asarray(idx)])
 
     active = np.arange(B)
     Ma, Ga, oma, oga, fma, fga = M, G, om, og, fm, fg
@@ -145,9 +145,10 @@ def run_full_em(design, fm, fg, M, G, om, og, const, pi, coef_m, coef_g, *, tol=
     for it in range(1, max_iter + 1):
         # M-step on the active pairs
         pi_a = xp.mean(T, axis=0)
-        cm, _ = m_step_modality(design, fma, Ma, oma, T, coef_m[active])
-        cg, _ = m_step_modality(design, fga, Ga, oga, T, coef_g[active])
-        pi[active], coef_m[active], coef_g[active] = pi_a, cm, cg
+        ax = active if xp is np else xp.asarray(active)  # device index
+        cm, _ = m_step_modality(design, fma, Ma, oma, T, coef_m[ax])
+        cg, _ = m_step_modality(design, fga, Ga, oga, T, coef_g[ax])
+        pi[ax], coef_m[ax], coef_g[ax] = pi_a, cm, cg
         n_iter[active] = it
         # E-step
         T, ll = estep(active, pi_a, cm, cg, Ma, Ga, fma, fga, oma, oga)
@@ -157,8 +158,8 @@ def run_full_em(design, fm, fg, M, G, om, og, const, pi, coef_m, coef_g, *, tol=
         with np.errstate(invalid="ignore", divide="ignore"):
             rel = np.abs(llh - prev[active]) / np.minimum(np.abs(llh), np.abs(prev[active]))
         done = rel < tol
-        T_out[:, active] = T
-        ll_out[active] = ll
+        T_out[:, ax] = T
+        ll_out[ax] = ll
         prev[active] = llh
         T, flip = _flip(T, xp)
         n_flips[active] += np.asarray(flip if xp is np else flip.get(), dtype=int)
@@ -172,9 +173,10 @@ def run_full_em(design, fm, fg, M, G, om, og, const, pi, coef_m, coef_g, *, tol=
             active = active[keep]
             kx = keep if xp is np else xp.asarray(keep)
             T = T[:, kx]
-            Ma, Ga = M[:, active], G[:, active]
-            oma, oga = _cols(om, active), _cols(og, active)
-            fma, fga = subset_family(fm, active), subset_family(fg, active)
+            ax = active if xp is np else xp.asarray(active)
+            Ma, Ga = M[:, ax], G[:, ax]
+            oma, oga = _cols(om, ax), _cols(og, ax)
+            fma, fga = subset_family(fm, ax), subset_family(fg, ax)
     return EMResult(
         pi=pi, coef_m=coef_m, coef_g=coef_g, T=T_out, loglik=ll_out,
         loglik_path=[np.asarray(p) for p in paths], n_iter=n_iter, converged=converged, n_flips=n_flips,

@@ -16,7 +16,7 @@ import numpy as np
 from scipy.stats import norm
 
 from .._backend import get_namespace, to_host
-from ._model import base_eta, observed_info, z_index
+from ._model import base_eta, observed_info
 
 Z975 = float(norm.ppf(0.975))
 
@@ -46,7 +46,7 @@ def louis_information(design, fm, fg, M, G, om, og, pi, coef_m, coef_g, T):
     w = T0 * T1
     Z = design.Z
     q = Z.shape[1]
-    zi = z_index(q)
+    zi = design.zi
     D = xp.empty((Z.shape[0], k))
     for b in range(B):
         D[:, 0] = dpi[b]

@@ -30,7 +30,9 @@ def z_index(q):
 def split_coef(coef):
     """``coef_z`` (B, q) and ``pert`` (B,) from glmeiv-ordered coefficients (B, q + 1)."""
     q = coef.shape[1] - 1
-    return coef[:, z_index(q)], coef[:, 1]
+    xp = get_namespace(coef)
+    zi = z_index(q)
+    return coef[:, zi if xp is np else xp.asarray(zi)], coef[:, 1]
 
 
 def join_coef(coef_z, pert):
@@ -158,7 +160,7 @@ class Design:
         self.n, self.q = Z.shape
         self.ZZ = (Z[:, :, None] * Z[:, None, :]).reshape(self.n, self.q * self.q)
         self.xp = xp
-        self.zi = z_index(self.q)
+        self.zi = z_index(self.q) if xp is np else xp.asarray(z_index(self.q))
 
     def gram(self, w):
         """``Z' diag(w[:, b]) Z`` for every column b: (B, q, q)."""
