@@ -232,6 +232,7 @@ def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_it
     active = np.arange(B * K)
     work = active  # the runs the arrays hold
     am, ag = _dense(pm), _dense(pg)
+    Ps, nbm = _dense_matrix(pm, pg)
     shape = (B, K)
 
     def dev(a):
@@ -246,7 +247,10 @@ def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_it
         pa, bma, bga = pi[work], bm[work], bg[work]
         if shape is not None:
             pa, bma, bga = pa.reshape(shape), bma.reshape(shape), bga.reshape(shape)
-        sums = _reduced_pass(am, ag, dev(pa), dev(bma), dev(bga))
+        if shape is not None:
+            sums = _dense_pass(Ps, nbm, dev(pa), dev(bma), dev(bga))
+        else:
+            sums = _reduced_pass(am, ag, dev(pa), dev(bma), dev(bga))
         sp_sum, T_sum, Tym, TEm, Tyg, TEg = (np.asarray(to_host(a), dtype=float).reshape(-1) for a in sums)
         pa = pa.reshape(-1)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -312,6 +316,50 @@ def _reduced_pass(am, ag, pa, bma, bga):
         out[4] += xp.sum(T * bg_[1], axis=0)
         out[5] += xp.sum(T * bg_[2], axis=0)
     return out
+
+
+def _dense_matrix(pm, pg):
+    """Per pair, the cells' linear pieces as one (B, n, 5) float32 matrix
+    ``P = [y_m, e^{L_m}, y_g, e^{L_g}, 1]``: while every restart runs, the reduced E-step's
+    log-ratio (Poisson parts) and the M-step's sums are matrix products with it. For NB mRNA
+    also ``x = e^{L_m} / r``, ``y + r`` and ``(y + r) log1p(x)``, each (B, n)."""
+    xp = get_namespace(pm[1])
+    cols = [pm[1], pm[2], pg[1], pg[2], xp.ones_like(pm[1])]
+    P = xp.ascontiguousarray(xp.stack([c.T for c in cols], axis=2))
+    nb = None
+    if pm[0] == "nb":
+        ypr, l0 = pm[4]
+        nb = tuple(xp.ascontiguousarray(a.T) for a in (pm[3], ypr, ypr * l0))
+    return P, nb
+
+
+def _dense_pass(P, nb, pa, bma, bga):
+    """:func:`_reduced_pass` for every restart of every pair, (B, K) runs, through matrix
+    products: ``d = P W`` (+ the NB mRNA term), and the sums ``P' T``."""
+    xp = get_namespace(P)
+    B, n, _ = P.shape
+    K = pa.shape[1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logit = xp.log(pa) - xp.log1p(-pa)
+    m_lin = xp.zeros_like(bma) if nb is not None else -xp.expm1(bma)
+    W = xp.stack([bma, m_lin, bga, -xp.expm1(bga), logit], axis=1)  # (B, 5, K)
+    if nb is not None:
+        W[:, 1, :] = 0.0
+        ebm = xp.exp(bma)[:, None, :]
+    rows = max(64, _BLOCK // max(B * K, 1))
+    S = xp.zeros((B, 5, K))
+    sp_sum = xp.zeros((B, K))
+    for s in range(0, n, rows):
+        Pb = P[:, s:s + rows, :]
+        d = Pb @ W  # (B, rows, K)
+        if nb is not None:
+            x, ypr, c0 = (a[:, s:s + rows, None] for a in nb)
+            d += c0
+            d -= ypr * xp.log1p(x * ebm)
+        T, sp = posterior_and_softplus(d)
+        S += Pb.transpose(0, 2, 1) @ T
+        sp_sum += xp.sum(sp, axis=1)
+    return [sp_sum, S[:, 4], S[:, 0], S[:, 1], S[:, 2], S[:, 3]]
 
 
 def _rows(pieces, s, e):
