@@ -1,8 +1,9 @@
 """skmixed: scikit-learn-compatible mixed and latent-variable models for count data."""
 
-from .mixed import PoissonGLMM
+from .eiv import GLMEIV
+from .mixed import LinearMixedModel, PoissonGLMM
 from .offset import NegBinOffsetMean, resampling_test
 from .zinb import ZINBWaVE
 
-__all__ = ["NegBinOffsetMean", "PoissonGLMM", "ZINBWaVE", "resampling_test"]
+__all__ = ["GLMEIV", "LinearMixedModel", "NegBinOffsetMean", "PoissonGLMM", "ZINBWaVE", "resampling_test"]
 __version__ = "0.1.0.dev0"
