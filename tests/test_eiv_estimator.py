@@ -165,6 +165,18 @@ def test_batch_flags_bad_pairs_and_goes_on(screen):
     assert model.results_.query("perturbation == '0'")["estimate"].notna().all()
 
 
+def test_batch_of_only_bad_pairs_and_predict_with_a_flagged_pair(screen):
+    X, m, g, off, _ = screen
+    with pytest.warns(UserWarning, match="all-zero"):
+        model = GLMEIV(random_state=0).fit(X, m[:, 0], grna=np.zeros((len(X), 2)))
+    assert model.pairs_["grna_zero"].all() and np.isnan(model.coef_).all()
+    g2 = np.column_stack([g[:, 0], np.zeros(len(X))])
+    with pytest.warns(UserWarning, match="all-zero"):
+        model = GLMEIV(random_state=0).fit(X, m[:, 0], grna=g2, offset=off["mrna"], grna_offset=off["grna"])
+    P = model.predict_proba(X, m[:, 0], grna=g2, offset=off["mrna"], grna_offset=off["grna"])
+    assert np.isfinite(P[:, 0]).all() and np.isnan(P[:, 1]).all()
+
+
 def test_no_grna_signal_is_flagged():
     X, m, g, off, _ = make_glmeiv_data(3000, 1, pi=0.05, g_perturbation=0.0, m_perturbation=0.0, random_state=5)
     with warnings.catch_warnings():

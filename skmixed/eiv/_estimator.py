@@ -358,9 +358,9 @@ class GLMEIV(BaseEstimator):
             converged[block] = r.converged
             for t, pth in zip(block, r.loglik_path):
                 paths[t] = pth
-        if msize is not None:
+        if msize is not None and good.any():
             msize[good] = to_host(pm[2])[[gpos[gi[t]] for t in where]]
-        if gsize is not None:
+        if gsize is not None and good.any():
             gsize[good] = to_host(pg[2])[[ppos[pj[t]] for t in where]]
         self._finish(idx, gnames, pnames, gi, pj, zero_m, zero_g, ug, up, est, tables, loglik, n_iter, converged,
                      paths, msize, gsize, n)
@@ -462,12 +462,14 @@ class GLMEIV(BaseEstimator):
         og = Og if Og.shape[1] == 1 else Og[:, pj]
         p1 = Z.shape[1] + 1
         est = self.coef_
-        fm = make_family(self.mrna_family, self.mrna_size_)
-        fg = make_family(self.grna_family, self.grna_size_)
+        # pairs that were not fitted have NaN sizes (and NaN coefficients, so NaN posteriors)
+        fm = make_family(self.mrna_family, None if self.mrna_size_ is None else np.nan_to_num(self.mrna_size_, nan=1.0))
+        fg = make_family(self.grna_family, None if self.grna_size_ is None else np.nan_to_num(self.grna_size_, nan=1.0))
         cm, cg = est[:, 1:1 + p1], est[:, 1 + p1:]
-        eta_m, eta_g = base_eta(Z, cm, om), base_eta(Z, cg, og)
-        k0, k1 = component_logliks(fm, fg, M, G, eta_m, cm[:, 1], eta_g, cg[:, 1])
-        T, _ = e_step(k0, k1, est[:, 0], normaliser(fm, M) + normaliser(fg, G))
+        with np.errstate(invalid="ignore"):  # NaN parameters of pairs that were not fitted
+            eta_m, eta_g = base_eta(Z, cm, om), base_eta(Z, cg, og)
+            k0, k1 = component_logliks(fm, fg, M, G, eta_m, cm[:, 1], eta_g, cg[:, 1])
+            T, _ = e_step(k0, k1, est[:, 0], normaliser(fm, M) + normaliser(fg, G))
         out = np.stack([1.0 - T, T], axis=-1)
         return out[:, 0, :] if out.shape[1] == 1 else out
 
