@@ -19,11 +19,15 @@ class _NoBar:
     """The no-op stand-in for a tqdm bar."""
 
     n = 0
+    total = None
 
     def update(self, n=1):
         self.n += n
 
     def set_postfix_str(self, s="", refresh=True):
+        pass
+
+    def refresh(self):
         pass
 
     def close(self):
@@ -54,8 +58,8 @@ def progress(*, total=None, desc=None, unit="it", verbose=0):
     Returns
     -------
     bar
-        An object with ``update(n)``, ``set_postfix_str(s)``, ``close()`` and context
-        management (a ``tqdm.tqdm`` instance, or a silent stand-in).
+        An object with ``update(n)``, ``set_postfix_str(s)``, ``refresh()``, ``close()``,
+        a settable ``total`` and context management (a ``tqdm.tqdm`` instance, or a silent stand-in).
 
     Examples
     --------

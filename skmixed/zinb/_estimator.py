@@ -276,6 +276,9 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
 
         with bar:
             history, converged = opt.run(P, max_iter=self.max_iter, tol=self.tol, callback=callback)
+            if converged:  # the bar ends full: max_iter was only the bound of its ETA
+                bar.total = bar.n
+                bar.refresh()
         ll, pll = opt.objective(P)
         self._store(P, penalty, X, V, ll, pll)
         self.objective_history_ = [float(h) for h in history]
