@@ -241,3 +241,32 @@ def test_missing_values_raise(df: pd.DataFrame, column: str, formula: str) -> No
 def test_categorical_covariate_in_bar(df: pd.DataFrame) -> None:
     with pytest.raises(NotImplementedError, match="categorical"):
         parse_formula("y ~ 1 + (h | g)", df)
+
+
+def test_distinct_row_materialisation_equals_the_full_one(monkeypatch):
+    """Designs are built on the distinct rows of their variables and expanded (issue 14:
+    the ZEB2 formula's 68,627 rows have 160 distinct ones); stateful transforms such as
+    ``center`` still see every row. Both give the full-data matrices exactly."""
+    import skmixed.formula as F
+
+    rng = np.random.default_rng(0)
+    n = 6000
+    d = pd.DataFrame({
+        "a": pd.Categorical(rng.choice(["x", "y", "z"], n), categories=["z", "y", "x", "unused"]),
+        "b": rng.choice(["p", "q"], n),
+        "u": rng.integers(0, 3, n).astype(float),
+        "g": rng.choice([f"g{k}" for k in range(12)], n),
+        "t": rng.uniform(1, 5, n),
+    })
+    d["y"] = rng.poisson(2.0, n)
+    f = "y ~ a * b + center(u) + offset(log(t)) + (1 + u | g)"
+    fast = F.parse_formula(f, d)
+    monkeypatch.setattr(F, "_distinct_rows", lambda data, variables: None)
+    full = F.parse_formula(f, d)
+    np.testing.assert_array_equal(fast.X, full.X)
+    np.testing.assert_array_equal(fast.offset, full.offset)
+    assert fast.fixed_names == full.fixed_names
+    for a, b in zip(fast.terms, full.terms):
+        np.testing.assert_array_equal(a.Z, b.Z)
+        np.testing.assert_array_equal(a.codes, b.codes)
+        assert a.levels == b.levels
