@@ -225,3 +225,12 @@ def test_predict_before_fit_raises(screen):
     X, m, g, _, _ = screen
     with pytest.raises(NotFittedError):
         GLMEIV().predict_proba(X, m[:, 0], grna=g[:, 0])
+
+
+@pytest.mark.parametrize("check", ["check_parameters_default_constructible", "check_no_attributes_set_in_init",
+                                   "check_get_params_invariance", "check_set_params"])
+def test_the_sklearn_checks_that_apply(check):
+    """The common checks that do not call fit(X, y) (fit needs grna=, see the user guide)."""
+    from sklearn.utils import estimator_checks
+
+    getattr(estimator_checks, check)("GLMEIV", GLMEIV())
