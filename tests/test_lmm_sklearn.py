@@ -28,7 +28,7 @@ def test_grid_search_group_kfold_with_routing():
         est = (
             LinearMixedModel()
             .set_fit_request(groups=True, offset=False, sample_weight=False)
-            .set_score_request(sample_weight=False)
+            .set_score_request(groups=True, offset=False, sample_weight=False)
         )
         search = GridSearchCV(est, {"random_slopes": [None, ["Days"]]}, cv=GroupKFold(n_splits=3))
         search.fit(X, y, groups=groups)
@@ -37,7 +37,8 @@ def test_grid_search_group_kfold_with_routing():
     expected = []
     for train, test in GroupKFold(n_splits=3).split(X, y, groups):
         m = LinearMixedModel().fit(X.iloc[train], y.iloc[train], groups=groups.iloc[train])
-        expected.append(m.score(X.iloc[test], y.iloc[test]))  # unseen subjects: population level
+        # unseen subjects: population level, with or without their labels
+        expected.append(m.score(X.iloc[test], y.iloc[test], groups=groups.iloc[test]))
     np.testing.assert_allclose(scores, expected, rtol=1e-12)
 
 
@@ -78,5 +79,18 @@ def test_predict_conditional_and_new_levels():
     f = LinearMixedModel.from_formula("Reaction ~ Days + (Days | Subject)", data)
     np.testing.assert_allclose(f.predict_frame(data), cond, rtol=1e-8)
     np.testing.assert_allclose(f.predict_frame(data, re_form=False), fixed, rtol=1e-8)
+    with pytest.raises(ValueError, match="unknown column 'Subject'"):
+        f.predict(X)  # a data frame goes through the formula, which needs the grouping column
     with pytest.raises(ValueError, match="predict_frame"):
-        f.predict(X)
+        f.predict(X.to_numpy())
+
+
+def test_formula_model_predicts_and_scores_a_data_frame():
+    from sklearn.metrics import r2_score
+
+    data = load_sleepstudy()
+    m = LinearMixedModel.from_formula("Reaction ~ Days + (Days | Subject)", data)
+    np.testing.assert_allclose(m.predict(data), m.predict_frame(data))
+    assert m.score(data) == pytest.approx(r2_score(data.Reaction, m.predict_frame(data)))
+    with pytest.raises(ValueError, match="pass the data frame itself"):
+        m.predict(data[["Days"]].to_numpy())

@@ -512,7 +512,12 @@ class LinearMixedModel(RegressorMixin, BaseEstimator):
         """
         check_is_fitted(self)
         if getattr(self, "formula_", None) is not None:
-            raise ValueError("this model was fitted from a formula: use predict_frame(data).")
+            if isinstance(X, pd.DataFrame) and groups is None and offset is None:
+                return self.predict_frame(X)
+            raise ValueError(
+                "this model was fitted from a formula: pass the data frame itself, predict(data) "
+                "(or predict_frame(data, re_form=False) for population-level predictions)."
+            )
         X = validate_data(self, X, dtype=np.float64, reset=False)
         n = X.shape[0]
         off = np.zeros(n) if offset is None else _check_vector(offset, n, "offset")
@@ -530,6 +535,22 @@ class LinearMixedModel(RegressorMixin, BaseEstimator):
         if groups is not None and self._terms_meta:
             out += self._random_part(self._new_terms(X, groups), n)
         return out
+
+    def score(self, X, y=None, *, groups=None, offset=None, sample_weight=None):
+        """R^2 of the conditional predictions (the Gaussian deviance's D^2), as
+        scikit-learn's regressors score.
+
+        For a model fitted with :meth:`from_formula`, ``X`` is a data frame and ``y``
+        may be omitted (the formula's response is used). With several responses, the
+        mean over responses (scikit-learn's ``multioutput="uniform_average"``).
+        """
+        from sklearn.metrics import r2_score  # noqa: PLC0415
+
+        if getattr(self, "formula_", None) is not None and isinstance(X, pd.DataFrame) and y is None:
+            y = self._parsed.transform(X).y
+            if y is None:
+                raise ValueError(f"the data frame has no response column for the formula {self.formula_!r}.")
+        return r2_score(y, self.predict(X, groups=groups, offset=offset), sample_weight=sample_weight)
 
     def predict_frame(self, data: pd.DataFrame, *, re_form: bool = True):
         """Predictions for a data frame, for a model fitted with :meth:`from_formula`.
