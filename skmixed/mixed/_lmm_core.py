@@ -91,21 +91,21 @@ class SufficientStats:
         )
         Xw = X * sw[:, None]
         Yw = Y * sw[:, None]
-        ZtZ = (Z.T @ Z).tocsr()
         k1, L1, q1 = self.k1, self.L1, self.q1
-        # first block: (L1, k1, k1)
-        Zt1 = ZtZ[:q1, :q1].toarray() if q1 <= 2000 else None
-        if Zt1 is not None:
-            idx = np.arange(L1)[:, None] * k1 + np.arange(k1)[None, :]
-            self.C11 = Zt1[idx[:, :, None], idx[:, None, :]]
-        else:
-            C11 = np.zeros((L1, k1, k1))
-            blk = ZtZ[:q1, :q1].tocoo()
-            lv = blk.row // k1
-            np.add.at(C11, (lv, blk.row % k1, blk.col % k1), blk.data)
-            self.C11 = C11
-        self.C21 = ZtZ[q1:, :q1].tocsr()  # sparse (q2, q1)
-        self.C22 = ZtZ[q1:, q1:].toarray()
+        # first block (L1, k1, k1), by level: every row has one level of the first term
+        t1 = terms[self.order[0]]
+        Z1w = t1.Z * sw[:, None]
+        C11 = np.empty((L1, k1, k1))
+        for a in range(k1):
+            for b in range(a, k1):
+                C11[:, a, b] = C11[:, b, a] = np.bincount(t1.codes, Z1w[:, a] * Z1w[:, b], minlength=L1)
+        self.C11 = C11
+        Zc = Z.tocsc()
+        Zr = Zc[:, q1:]
+        C21 = (Zr.T @ Zc[:, :q1]).tocsr() if self.q > q1 else sp.csr_matrix((0, q1))
+        C22 = (Zr.T @ Zr).toarray() if self.q > q1 else np.zeros((0, 0))
+        self.C21 = C21  # sparse (q2, q1)
+        self.C22 = C22
         self.ZtX = np.asarray(Z.T @ Xw)
         self.ZtY = np.asarray(Z.T @ Yw)
         self.XtX = Xw.T @ Xw
