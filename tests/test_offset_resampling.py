@@ -363,6 +363,14 @@ def test_pairs_without_treated_cells_get_nan_pvalues_and_a_flag(small_screen, re
     for col in ("p_empirical", "p_skewnorm", "pvalue"):
         assert res.loc[none | low, col].isna().all(), col
     assert res.loc[ok, "pvalue"].notna().all() and (res.loc[ok, "pvalue"] > 0).all()
+    # a perturbation in every cell has no controls: not tested either
+    T_all = T.copy()
+    T_all["pert0"] = 1
+    with pytest.warns(UserWarning, match="were not tested"):
+        res_all = resampling_test(counts, T_all[["pert0", "pert2"]], cov, n_resamples=99, resampling=resampling,
+                                  statistic=statistic, random_state=0)
+    assert (res_all.flag[res_all.perturbation == "pert0"] == "no_control_cells").all()
+    assert res_all.pvalue[res_all.perturbation == "pert0"].isna().all()
     # a lower min_treated tests the 3-cell perturbation
     res3 = resampling_test(counts, T[["pert1", "pert2"]], cov, n_resamples=99, resampling=resampling,
                            statistic=statistic, random_state=0, min_treated=3)

@@ -715,8 +715,9 @@ def resampling_test(
     return_resampled : bool
         Also return the resampled statistics, shape (n_pairs, n_resamples).
     min_treated : int, default=7
-        Pairs whose perturbation has fewer treated cells are not tested (SCEPTRE's
-        quality control also asks for 7): their p-values are NaN and ``flag`` says why.
+        Pairs whose perturbation has fewer treated cells, or fewer untreated cells, are
+        not tested (SCEPTRE's quality control also asks for 7): their p-values are NaN
+        and ``flag`` says why.
     layer : str or None, default=None
         For AnnData counts: the layer with the raw counts (None: ``layers["counts"]``
         when present, else ``.X``). Gene names come from ``var_names``.
@@ -730,8 +731,9 @@ def resampling_test(
         gene, perturbation, n_treated, coef (closed-form ``beta`` on the treated
         cells), statistic, p_empirical, p_skewnorm, pvalue (skew-normal where its fit
         passes a KS check, else empirical), skewnorm_ok, sn_shape, sn_loc, sn_scale,
-        size (of the gene), flag (``""`` for a tested pair, ``"no_treated_cells"`` or
-        ``"too_few_treated_cells"``: p-values NaN). A pair whose treated counts are all
+        size (of the gene), flag (``""`` for a tested pair; ``"no_treated_cells"``,
+        ``"too_few_treated_cells"``, ``"no_control_cells"`` or ``"too_few_control_cells"``:
+        p-values NaN). A pair whose treated counts are all
         zero has Wald statistic ``-inf``, the most extreme value on the left: its
         empirical p-value counts the resamples that are also ``-inf`` (ties count as
         extreme), and the skew-normal is not used.
@@ -845,7 +847,12 @@ def resampling_test(
         pool.shutdown()
     stats[n_treated == 0, 0] = np.nan
 
-    flag = np.where(n_treated == 0, "no_treated_cells", np.where(n_treated < min_treated, "too_few_treated_cells", ""))
+    n_control = n - n_treated
+    flag = np.select(
+        [n_treated == 0, n_treated < min_treated, n_control == 0, n_control < min_treated],
+        ["no_treated_cells", "too_few_treated_cells", "no_control_cells", "too_few_control_cells"],
+        default="",
+    )
     untested = flag != ""
     pv = resampling_pvalues(np.where(untested, np.nan, stats[:, 0]), stats[:, 1:], alternative)
     out = pd.DataFrame(
@@ -858,7 +865,8 @@ def resampling_test(
     if untested.any():
         warnings.warn(
             f"{int(untested.sum())} of {K} pairs were not tested (fewer than min_treated={min_treated} "
-            f"treated cells; {int(np.sum(n_treated == 0))} with none): their p-values are NaN, see the 'flag' column.",
+            f"treated or untreated cells; {int(np.sum(n_treated == 0))} with no treated cell, "
+            f"{int(np.sum(n_control == 0))} with no untreated cell): their p-values are NaN, see the 'flag' column.",
             UserWarning,
             stacklevel=2,
         )
