@@ -197,7 +197,7 @@ def store_contrast(adata, table, *, key_added: str = "skmixed_de", params=None) 
     Examples
     --------
     >>> import anndata, numpy as np, pandas as pd
-    >>> from skmixed._inputs import store_contrast
+    >>> from skmixed import store_contrast
     >>> adata = anndata.AnnData(np.ones((3, 2)), var=pd.DataFrame(index=["g1", "g2"]))
     >>> table = pd.DataFrame({"gene": ["g1", "g2"], "contrast": "B vs A", "estimate": [0.1, -2.0],
     ...                       "std_error": [0.5, 0.5], "z": [0.2, -4.0], "p_value": [0.84, 6e-5],
