@@ -9,6 +9,8 @@ import numpy as np
 from skmixed._backend import cupy_available
 from skmixed.eiv import GLMEIV, make_glmeiv_data
 
+from ._sizes import sizes
+
 
 @functools.cache
 def pair_data(family):
@@ -37,7 +39,7 @@ class OnePair:
 
 
 class ManyPairs:
-    params = ([(100, 20_000), (20, 200_000)], ["cpu", "gpu"])
+    params = (sizes([(100, 20_000)], [(100, 20_000), (20, 200_000)]), ["cpu", "gpu"])
     param_names = ["pairs_x_cells", "device"]
     timeout = 600
 
