@@ -14,7 +14,8 @@ such. Steps, in order of importance:
 2. ``many_genes``: PoissonGLMM, 20,000 genes x 68,627 cells (CuPy sparse counts);
 3. ``offset``: NegBinOffsetMean, 10 genes x 500 sparse weight columns x 200,000 cells;
 4. ``resampling``: resampling_test, 1,000 pairs x 500 resamples x 200,000 cells;
-5. ``zinbwave``: ZINBWaVE, 1,000,000 cells x 1,000 genes, K = 10, zinbwave's stopping
+5. ``glmeiv``: GLMEIV, 1,000 pairs x 200,000 cells (1% perturbed), ``device="gpu"``;
+6. ``zinbwave``: ZINBWaVE, 1,000,000 cells x 1,000 genes, K = 10, zinbwave's stopping
    rule (``tol=1e-4``).
 
 On a machine without CUDA, ``--dry-run`` runs the same steps on tiny data with numpy,
@@ -40,6 +41,7 @@ SIZES = {
     "many_genes": ({"genes": 20_000, "cells": 68_627}, {"genes": 60, "cells": 3_000}),
     "offset": ({"cells": 200_000, "genes": 10, "columns": 500}, {"cells": 3_000, "genes": 3, "columns": 20}),
     "resampling": ({"cells": 200_000, "pairs": 1_000, "resamples": 500}, {"cells": 3_000, "pairs": 20, "resamples": 49}),
+    "glmeiv": ({"cells": 200_000, "pairs": 1_000}, {"cells": 3_000, "pairs": 5}),
     "zinbwave": ({"cells": 1_000_000, "genes": 1_000, "K": 10}, {"cells": 400, "genes": 80, "K": 2}),
 }
 
@@ -129,6 +131,23 @@ def step_resampling(size, dry):
                      f"conditional Wald; {int(res.pvalue.notna().sum())} pairs tested")
 
 
+def step_glmeiv(size, dry):
+    import numpy as np  # noqa: PLC0415
+
+    from skmixed.eiv import GLMEIV, make_glmeiv_data  # noqa: PLC0415
+
+    K, n = size["pairs"], size["cells"]
+    X, m, g, off, _ = make_glmeiv_data(n, K, pi=0.01, mrna_size=20.0, random_state=1)
+    model = GLMEIV(device="cpu" if dry else "gpu", random_state=0)
+    pairs = [(j, j) for j in range(K)]
+    fit = lambda P: model.fit(X, m, grna=g, offset=off["mrna"], grna_offset=off["grna"], pairs=P)  # noqa: E731
+    fit(pairs[:2])  # warm-up
+    t0 = time.perf_counter()
+    fit(pairs)
+    seconds = time.perf_counter() - t0
+    return seconds, f"{K:,} pairs x {n:,} cells (1% perturbed), NB mRNA; {int(np.sum(np.atleast_1d(model.converged_)))} converged"
+
+
 def step_zinbwave(size, dry):
     import scipy.sparse  # noqa: PLC0415
 
@@ -152,7 +171,7 @@ def step_zinbwave(size, dry):
 
 
 STEPS = {"many_genes": step_many_genes, "offset": step_offset, "resampling": step_resampling,
-         "zinbwave": step_zinbwave}
+         "glmeiv": step_glmeiv, "zinbwave": step_zinbwave}
 
 
 # ------------------------------------------------------------------- driver

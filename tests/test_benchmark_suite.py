@@ -74,6 +74,6 @@ def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path):
                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     text = out.read_text()
-    for step in ("many_genes", "offset", "resampling", "zinbwave"):
+    for step in ("many_genes", "offset", "resampling", "glmeiv", "zinbwave"):
         assert f"* - {step}" in text
     assert "failed" not in text and "did not finish" not in text
