@@ -145,7 +145,7 @@ def step_glmeiv(size, dry):
     t0 = time.perf_counter()
     fit(pairs)
     seconds = time.perf_counter() - t0
-    return seconds, f"{K:,} pairs x {n:,} cells (1% perturbed), NB mRNA; {int(np.sum(np.atleast_1d(model.converged_)))} converged"
+    return seconds, f"{K:,} pairs x {n:,} cells (1% perturbed), NB mRNA; {int(model.pairs_.converged.sum())} converged, {int(model.pairs_.flagged.sum())} flagged"
 
 
 def step_zinbwave(size, dry):
