@@ -146,3 +146,24 @@ def test_resampling_test_takes_anndata_with_gene_names():
         resampling_test(norm, treatment, cov, pairs=pairs, n_resamples=49)
     with pytest.raises(ValueError, match="layer='raw' is not a layer"):
         resampling_test(ad, treatment, cov, pairs=pairs, n_resamples=49, layer="raw")
+
+
+def test_glmeiv_takes_anndata_by_the_same_rule():
+    from skmixed import GLMEIV
+    from skmixed.eiv import make_glmeiv_data
+
+    X, m, g, off, _ = make_glmeiv_data(3000, 2, pi=0.05, random_state=0)
+    kw = dict(offset=off["mrna"], grna_offset=off["grna"], pairs=[("a", "p"), ("b", "q")])
+    ad_m = anndata.AnnData(sp.csr_matrix(m.astype(float)), var=pd.DataFrame(index=["a", "b"]))
+    ad_g = anndata.AnnData(sp.csr_matrix(g.astype(float)), var=pd.DataFrame(index=["p", "q"]))
+    a = GLMEIV(mrna_family="poisson", random_state=0).fit(X, pd.DataFrame(m, columns=["a", "b"]),
+                                                          grna=pd.DataFrame(g, columns=["p", "q"]), **kw)
+    b = GLMEIV(mrna_family="poisson", random_state=0).fit(X, ad_m, grna=ad_g, **kw)
+    pd.testing.assert_frame_equal(a.results_, b.results_)
+    ad_m.layers["counts"] = ad_m.X.copy()
+    ad_m.X = _lognorm(m)
+    c = GLMEIV(mrna_family="poisson", random_state=0).fit(X, ad_m, grna=ad_g, **kw)
+    pd.testing.assert_frame_equal(a.results_, c.results_)
+    del ad_m.layers["counts"]
+    with pytest.raises(ValueError, match=r"y\.X holds non-integer values"):
+        GLMEIV(mrna_family="poisson").fit(X, ad_m, grna=ad_g, **kw)

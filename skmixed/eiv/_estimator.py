@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
+import scipy.sparse
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
@@ -16,6 +17,7 @@ from threadpoolctl import threadpool_limits
 
 from .._backend import get_namespace, gpu_namespace, to_host
 from .._families import Poisson
+from .._inputs import count_source, require_counts
 from ._fit import MIN_PERTURBED_CELLS, draw_guesses, fit_block
 from ._inference import Z975, delta_method
 from ._init import fit_pilot
@@ -27,10 +29,14 @@ _INITS = ("accelerated", "random")
 _BLOCK_ELEMENTS = 2**17
 
 
-def _as_counts(a, name, n=None):
-    names = list(map(str, a.columns)) if isinstance(a, pd.DataFrame) else None
+def _as_counts(a, name, n=None, layer=None):
+    src = count_source(a, layer=layer, arg=name)  # AnnData: the layer rule; unique names
+    a = src.values
+    names = None if src.names is None else list(src.names)
     if isinstance(a, pd.Series):
         names = [str(a.name)] if a.name is not None else None
+    if scipy.sparse.issparse(a):
+        a = a.toarray()
     try:
         arr = np.asarray(to_host(a), dtype=float)
     except (TypeError, ValueError):
@@ -41,7 +47,8 @@ def _as_counts(a, name, n=None):
         raise ValueError(f"{name} must be 1-D or 2-D, got shape {arr.shape}.")
     if n is not None and arr.shape[0] != n:
         raise ValueError(f"{name} has {arr.shape[0]} rows but X has {n}: the lengths must match.")
-    Poisson.check_response(arr, name)
+    integer = Poisson.check_response(arr, name)
+    require_counts(src, integer)
     if names is None:
         names = [str(j) for j in range(arr.shape[1])]
     return arr, names
@@ -95,6 +102,10 @@ class GLMEIV(BaseEstimator):
     random_state : int, Generator or None
         Seeds the random starts, which every pair shares (a pair's fit does not depend on
         the batch it is fitted in).
+    layer : str or None, default=None
+        For AnnData ``y`` or ``grna``: the layer with the raw counts (None:
+        ``layers["counts"]`` when present, else ``.X``); genes and perturbations are
+        named by ``var_names``. Non-integer values read from AnnData are an error.
 
     Attributes
     ----------
@@ -134,7 +145,7 @@ class GLMEIV(BaseEstimator):
 
     def __init__(self, *, mrna_family="negative_binomial", grna_family="poisson", mrna_size=None, grna_size=None,
                  init="accelerated", n_restarts=15, tol=1e-10, max_iter=500, n_jobs=None, device=None,
-                 random_state=None):
+                 random_state=None, layer=None):
         self.mrna_family = mrna_family
         self.grna_family = grna_family
         self.mrna_size = mrna_size
@@ -146,6 +157,7 @@ class GLMEIV(BaseEstimator):
         self.n_jobs = n_jobs
         self.device = device
         self.random_state = random_state
+        self.layer = layer
 
     # ------------------------------------------------------------------ validation
     def _validate_params(self):
@@ -164,6 +176,8 @@ class GLMEIV(BaseEstimator):
             raise ValueError(f"n_jobs must be None or a non-zero integer, got {self.n_jobs!r}.")
         if self.device not in (None, "cpu", "gpu"):
             raise ValueError(f"device must be None, 'cpu' or 'gpu', got {self.device!r}.")
+        if self.layer is not None and not isinstance(self.layer, str):
+            raise ValueError(f"layer must be None or the name of an AnnData layer, got {self.layer!r}.")
         for name in ("mrna_size", "grna_size"):
             v = getattr(self, name)
             if v is not None:
@@ -254,9 +268,9 @@ class GLMEIV(BaseEstimator):
         self._validate_params()
         if grna is None:
             raise ValueError("grna is required: the gRNA counts of the cells.")
-        Y, gnames = _as_counts(y, "y")
+        Y, gnames = _as_counts(y, "y", layer=self.layer)
         n = Y.shape[0]
-        Gr, pnames = _as_counts(grna, "grna", n)
+        Gr, pnames = _as_counts(grna, "grna", n, layer=self.layer)
         Z = self._design(X, n)
         Om = _as_offset(offset, "offset", n, Y.shape[1])
         Og = _as_offset(grna_offset, "grna_offset", n, Gr.shape[1])
@@ -448,9 +462,9 @@ class GLMEIV(BaseEstimator):
         parameters: shape (n_cells, 2) for one fitted pair, (n_cells, n_pairs, 2) otherwise.
         ``y`` and ``grna`` have the columns used in ``fit``."""
         check_is_fitted(self, "coef_")
-        Y, _ = _as_counts(y, "y")
+        Y, _ = _as_counts(y, "y", layer=self.layer)
         n = Y.shape[0]
-        Gr, _ = _as_counts(grna, "grna", n)
+        Gr, _ = _as_counts(grna, "grna", n, layer=self.layer)
         Z = self._design(X, n, reset=False)
         Om = _as_offset(offset, "offset", n, Y.shape[1])
         Og = _as_offset(grna_offset, "grna_offset", n, Gr.shape[1])
