@@ -371,13 +371,13 @@ class LinearMixedModel(RegressorMixin, BaseEstimator):
             theta, nit, converged, message = out["theta"], out["n_iter"], out["converged"], out["message"]
             nev = nit
             extra = out
-        sol = core.solve(stats, theta, cols=[g])
+        sol, sinv = core.solution_at(stats, theta, g)
         if self.solver == "mackay":
             sigma2 = extra["sigma2"]
         else:
             sigma2 = float(core.sigma2_from(stats, sol, reml)[0])
         dev = float(core.deviance_from(stats, sol, reml)[0])
-        return dict(theta=theta, sol=sol, sigma2=sigma2, dev=dev, n_iter=nit, n_eval=nev,
+        return dict(theta=theta, sol=sol, sinv=sinv, sigma2=sigma2, dev=dev, n_iter=nit, n_eval=nev,
                     converged=converged, message=message, extra=extra)
 
     def _set_attributes(self, results, stats, design, terms, used, names, many):
@@ -469,7 +469,7 @@ class LinearMixedModel(RegressorMixin, BaseEstimator):
         """VarCorr and ranef tables of one response."""
         sol, s2, theta = r["sol"], r["sigma2"], r["theta"]
         u, b = core.spherical_modes(stats, sol)
-        blocks = core.cond_var_blocks(stats, sol.factor)
+        blocks = core.cond_var_blocks(stats, sol.factor, r.pop("sinv", None))
         Ts = design.T_blocks(theta)
         sigma = np.sqrt(s2)
         counts, vc_rows, re_parts, b_terms = {}, [], [], []

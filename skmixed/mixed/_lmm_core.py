@@ -271,6 +271,8 @@ class Solution:
     r2: np.ndarray  # (G,)
     logdet_L: float
     logdet_RX: float
+    theta: np.ndarray = None
+    cols: list = None
 
 
 def solve(stats: SufficientStats, theta, cols=None) -> Solution:
@@ -292,7 +294,20 @@ def solve(stats: SufficientStats, theta, cols=None) -> Solution:
     r2 = yty - np.sum(cu**2, axis=0) - np.sum(cb**2, axis=0)
     r2 = np.maximum(r2, 1e-300)
     logdet_RX = 2.0 * float(np.sum(np.log(np.abs(np.diag(RX)))))
-    return Solution(fac, RZX, RX, cu, beta, r2, fac.logdet_L, logdet_RX)
+    return Solution(fac, RZX, RX, cu, beta, r2, fac.logdet_L, logdet_RX,
+                    np.array(theta, dtype=float), None if cols is None else list(cols))
+
+
+def solution_at(stats: SufficientStats, theta, col):
+    """``solve(stats, theta, [col])``, reusing the optimiser's last evaluation when it was at
+    ``theta``; also returns the inverse Schur complement computed there (or None)."""
+    last = getattr(stats, "_last", None)
+    stats._last = None
+    if last is not None:
+        sol, sinv = last
+        if sol.theta.tobytes() == np.asarray(theta, dtype=float).tobytes() and sol.cols == [col]:
+            return sol, sinv
+    return solve(stats, theta, cols=[col]), None
 
 
 def deviance_from(stats: SufficientStats, sol: Solution, reml: bool):
@@ -326,8 +341,12 @@ def spherical_modes(stats, sol: Solution):
     return u, lambda_times(stats, sol.factor.Ts, u)
 
 
-def cond_var_blocks(stats, fac: Factorization):
-    """Diagonal blocks of ``M^-1`` per term (internal order): list of (levels, k, k)."""
+def cond_var_blocks(stats, fac: Factorization, sinv_upper=None):
+    """Diagonal blocks of ``M^-1`` per term (internal order): list of (levels, k, k).
+
+    ``sinv_upper``: the upper triangle of the inverse Schur complement (LAPACK ``dpotri`` on
+    ``fac.U22``, Fortran order) when the caller already has it.
+    """
     k1, L1, q1 = stats.k1, stats.L1, stats.q1
     eye = np.broadcast_to(np.eye(k1), (L1, k1, k1)).copy()
     Li = _tri_solve_blocks(fac.L11, eye)  # L11^-1 per level
@@ -337,13 +356,14 @@ def cond_var_blocks(stats, fac: Factorization):
     # L^-1 = [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]]; M^-1 = L^-T L^-1
     if stats.scalar:
         # sum_i Q_il^2 = B_l' S^-1 B_l with B = lam2 C21 diag(t1 / m11): a gather over C21's pairs
-        Sinv = scipy.linalg.lapack.dpotri(fac.U22, lower=0)[0]
-        Sinv = np.triu(Sinv) + np.triu(Sinv, 1).T
+        Sinv = scipy.linalg.lapack.dpotri(fac.U22, lower=0)[0] if sinv_upper is None else sinv_upper
         t1 = float(fac.Ts[0][0, 0])
         lam2 = np.concatenate([np.full(stats.nlev[i], float(fac.Ts[i][0, 0])) for i in range(1, len(fac.Ts))])
         target, col, prod = stats._pairs
         a, b = np.divmod(target, stats.q2)
-        vals = prod * (lam2[a] * lam2[b] * Sinv[a, b]) * np.where(a == b, 1.0, 2.0)
+        # pairs have a >= b; S^-1[a, b] = upper[b, a], at offset a * q2 + b = target in Fortran order
+        sab = np.asfortranarray(Sinv).ravel(order="F")[target]
+        vals = prod * (lam2[a] * lam2[b] * sab) * np.where(a == b, 1.0, 2.0)
         quad = np.bincount(col, vals, minlength=L1) * (t1 / fac.L11[:, 0, 0] ** 2) ** 2
         blocks = [out1 + quad[:, None, None]]
         for pos in range(1, len(stats.ks)):
@@ -398,6 +418,7 @@ def deviance_and_gradient(stats: SufficientStats, theta, reml: bool, col: int = 
         K2 *= lam2[None, :]
         dS = np.diag(Sinv)
         first_extra = 2.0 * float(np.einsum("ij,ij->", Sinv.T, K2)) - float(dS @ np.diag(K2))
+        stats._last = (sol, Sinv)  # the final fit reuses both (see solution_at)
         diag_minv[q1:] = dS
     else:
         first_extra = 0.0
