@@ -553,7 +553,8 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         sample_weight = _check_weights(sample_weight, X)
         fixed = np.hstack([np.ones((n, 1)), X]) if self.fit_intercept else X
         fixed_names = (["(Intercept)"] if self.fit_intercept else []) + self._feature_names()
-        if np.linalg.matrix_rank(fixed) < fixed.shape[1]:
+        _, first = distinct_rows([fixed])  # the rank of X is that of its distinct rows (160, not 68,627)
+        if np.linalg.matrix_rank(fixed[first]) < fixed.shape[1]:
             raise ValueError("X (with the intercept) is rank deficient; drop aliased columns first.")
         with threadpool_limits(limits=1, user_api="blas"):
             out = fit_many(
