@@ -323,18 +323,6 @@ def sigma2_from(stats, sol: Solution, reml: bool):
     return sol.r2 / (stats.n - stats.p if reml else stats.n)
 
 
-def deviance_fixed_sigma(stats, theta, sigma, reml, col=0):
-    """Deviance at ``(theta, sigma)`` without profiling sigma (lmerTest's ``devfun_vp``)."""
-    sol = solve(stats, theta, cols=[col])
-    n, p = stats.n, stats.p
-    s2 = sigma**2
-    nn = n - p if reml else n
-    dev = sol.logdet_L + nn * (_LOG2PI + np.log(s2)) + sol.r2[0] / s2 - stats.sum_log_w
-    if reml:
-        dev += sol.logdet_RX
-    return float(dev)
-
-
 def spherical_modes(stats, sol: Solution):
     """Conditional modes ``u`` (q, G) and ``b = Lambda u`` in the internal order."""
     u = sol.factor.solve_Lt(stats, sol.cu - sol.RZX @ sol.beta)

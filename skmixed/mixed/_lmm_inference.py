@@ -61,11 +61,35 @@ def _richardson(f, x, i, h, j=None, hj=None, r=4):
     return _extrapolate(vals)
 
 
-def _vcov_beta(stats, varpar, g):
-    theta, sigma = varpar[:-1], varpar[-1]
-    sol = core.solve(stats, theta, cols=[g])
-    RXi = np.linalg.inv(sol.RX)
-    return sigma**2 * (RXi @ RXi.T)
+class _ThetaCache:
+    """The pieces of lmerTest's ``devfun_vp`` and ``get_covbeta`` that depend on theta only.
+
+    ``dev(theta, sigma) = A(theta) + r2(theta) / sigma^2 + n' log(2 pi sigma^2) - sum(log w)``
+    and ``vcov(theta, sigma) = sigma^2 (RX'RX)^-1(theta)``: the finite differences move
+    sigma for free, and every theta is solved once (the Hessian's and the Jacobian's steps
+    coincide).
+    """
+
+    def __init__(self, stats, reml, col):
+        self.stats, self.reml, self.col, self.memo = stats, reml, col, {}
+
+    def at(self, theta):
+        key = theta.tobytes()
+        if key not in self.memo:
+            sol = core.solve(self.stats, theta, cols=[self.col])
+            A = sol.logdet_L + (sol.logdet_RX if self.reml else 0.0) - self.stats.sum_log_w
+            RXi = np.linalg.inv(sol.RX)
+            self.memo[key] = (A, float(sol.r2[0]), RXi @ RXi.T)
+        return self.memo[key]
+
+    def dev(self, vp):
+        A, r2, _ = self.at(vp[:-1])
+        s2 = vp[-1] ** 2
+        nn = self.stats.n - self.stats.p if self.reml else self.stats.n
+        return A + nn * (np.log(2 * np.pi) + np.log(s2)) + r2 / s2
+
+    def vcov(self, vp):
+        return vp[-1] ** 2 * self.at(vp[:-1])[2]
 
 
 def satterthwaite(model, L, response=0):
@@ -83,19 +107,15 @@ def _satterthwaite(model, L, response):
     k = varpar.size
     steps = _steps(varpar)
 
-    def dev(vp):
-        return core.deviance_fixed_sigma(stats, vp[:-1], vp[-1], reml, col=response)
-
+    cache = _ThetaCache(stats, reml, response)
     H = np.empty((k, k))
     for a in range(k):
         for b in range(a, k):
-            H[a, b] = H[b, a] = _richardson(dev, varpar, a, steps[a], b, steps[b])
+            H[a, b] = H[b, a] = _richardson(cache.dev, varpar, a, steps[a], b, steps[b])
     A = 2.0 * np.linalg.pinv(H)
-    C = _vcov_beta(stats, varpar, response)
+    C = cache.vcov(varpar)
     # Jacobian of vcov(beta) in varpar, all entries at once
-    jac = [
-        _richardson(lambda vp: _vcov_beta(stats, vp, response), varpar, a, steps[a]) for a in range(k)
-    ]
+    jac = [_richardson(cache.vcov, varpar, a, steps[a]) for a in range(k)]
     df = np.empty(L.shape[0])
     for r, l in enumerate(L):
         grad = np.array([float(l @ J @ l) for J in jac])
