@@ -53,6 +53,18 @@ class ModeState:
     converged: bool
 
 
+def central_gradient(f, x, rel=1e-5):
+    """Gradient of ``f`` at ``x`` by central differences with steps ``rel * max(1, |x_i|)``."""
+    g = np.empty_like(x)
+    for i in range(x.size):
+        h = rel * max(1.0, abs(x[i]))
+        xp_, xm = x.copy(), x.copy()
+        xp_[i] += h
+        xm[i] -= h
+        g[i] = (f(xp_) - f(xm)) / (2.0 * h)
+    return g
+
+
 class LaplaceProblem:
     """The marginal likelihood of a GLMM as a function of ``(theta, beta)``."""
 
@@ -267,14 +279,7 @@ class LaplaceProblem:
 
     @staticmethod
     def fd_gradient(f, x, rel=1e-5):
-        g = np.empty_like(x)
-        for i in range(x.size):
-            h = rel * max(1.0, abs(x[i]))
-            xp_, xm = x.copy(), x.copy()
-            xp_[i] += h
-            xm[i] -= h
-            g[i] = (f(xp_) - f(xm)) / (2.0 * h)
-        return g
+        return central_gradient(f, x, rel)
 
     def hessian(self, params, nagq: int, rel=1e-4):
         """Hessian of the deviance over (theta, beta) by central differences of the

@@ -30,6 +30,7 @@ import scipy.optimize
 import scipy.sparse as sp
 
 from ._design import RandomEffectsDesign
+from ._laplace import central_gradient
 
 _LOG2PI = float(np.log(2 * np.pi))
 
@@ -485,17 +486,6 @@ def deviance_and_gradient_blocks(stats: SufficientStats, theta, reml: bool, col:
     return dev, grad
 
 
-def numerical_gradient(fun, x, rel=1e-6):
-    g = np.empty_like(x)
-    for i in range(x.size):
-        h = rel * max(1.0, abs(x[i]))
-        xp, xm = x.copy(), x.copy()
-        xp[i] += h
-        xm[i] -= h
-        g[i] = (fun(xp) - fun(xm)) / (2 * h)
-    return g
-
-
 class _Stagnation(Exception):
     """Raised inside the objective to end a line search that only meets rounding noise."""
 
@@ -532,7 +522,7 @@ def optimize_theta(stats, reml, col=0, theta0=None, max_iter=500, tol=1e-12):
                     return deviance_and_gradient_blocks(stats, th, reml, col)
                 except np.linalg.LinAlgError:
                     return np.inf, np.zeros_like(th)
-            return dev(th), numerical_gradient(dev, th)
+            return dev(th), central_gradient(dev, th, rel=1e-6)
 
     def bounded(start):
         r = scipy.optimize.minimize(

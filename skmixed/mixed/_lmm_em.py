@@ -41,12 +41,7 @@ def _theta_from(Sigmas, sigma2, design):
 
 def _residual_ss(stats, beta, b, g):
     """``|y - X beta - Z b|_W^2`` from the cross-products (internal column order)."""
-    q1 = stats.q1
-    Cb = np.empty(stats.q)
-    Cb[:q1] = np.einsum("lab,lb->la", stats.C11, b[:q1].reshape(stats.L1, stats.k1)).reshape(-1)
-    if stats.q2:
-        Cb[:q1] += stats.C21.T @ b[q1:]
-        Cb[q1:] = stats.C21 @ b[:q1] + stats.C22 @ b[q1:]
+    Cb = core._cb(stats, b)
     return float(
         stats.yty[g] - 2 * stats.XtY[:, g] @ beta - 2 * stats.ZtY[:, g] @ b
         + beta @ stats.XtX @ beta + 2 * beta @ (stats.ZtX.T @ b) + b @ Cb
