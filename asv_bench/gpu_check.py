@@ -132,8 +132,6 @@ def step_resampling(size, dry):
 
 
 def step_glmeiv(size, dry):
-    import numpy as np  # noqa: PLC0415
-
     from skmixed.eiv import GLMEIV, make_glmeiv_data  # noqa: PLC0415
 
     K, n = size["pairs"], size["cells"]

@@ -45,7 +45,6 @@ def louis_information(design, fm, fg, M, G, om, og, pi, coef_m, coef_g, T):
     dpi = 1.0 / pi + 1.0 / (1.0 - pi)
     w = T0 * T1
     Z = design.Z
-    q = Z.shape[1]
     zi = design.zi
     D = xp.empty((Z.shape[0], k))
     for b in range(B):

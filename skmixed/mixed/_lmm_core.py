@@ -206,7 +206,7 @@ def _rest_lambda(stats, Ts):
     off = stats.q1
     for pos in range(1, len(Ts)):
         s, e = stats.col_start[pos] - off, stats.col_start[pos + 1] - off
-        k, L = stats.ks[pos], stats.nlev[pos]
+        L = stats.nlev[pos]
         Lam[s:e, s:e] = np.kron(np.eye(L), Ts[pos])
     return Lam
 
