@@ -74,11 +74,14 @@ class WeightColumns:
         self._dense = False
         self._unit = vals is None or (isinstance(vals, np.ndarray) and vals.base is _UNIT)
         self.Wd = None  # (n, B) dense copy of mostly non-zero weights: BLAS products
+        self._count = None
 
     @property
     def count(self):
         """Number of non-zero weights per column."""
-        return np.bincount(self.cols, minlength=self.B)
+        if self._count is None:
+            self._count = np.bincount(self.cols, minlength=self.B)
+        return self._count
 
     @classmethod
     def from_sparse(cls, W):
@@ -91,11 +94,14 @@ class WeightColumns:
         n, B = W.shape
         if W.format == "csc":
             rows = W.indices
-            cols = np.repeat(np.arange(B, dtype=np.int64), np.diff(W.indptr))
+            count = np.diff(W.indptr)
+            cols = np.repeat(np.arange(B, dtype=np.int64), count)
         else:
             rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(W.indptr))
             cols = W.indices
         out = cls(rows, cols, W.data, n, B, Wt=W.T)
+        if W.format == "csc":
+            out._count = count
         if B > 1 and W.nnz >= DENSE_FRACTION * n * B and n * B <= DENSE_MAX_ENTRIES:
             out.Wd = W.toarray()
         return out
@@ -443,14 +449,23 @@ def fit_offset_mean(Y, O, cols, *, family="negative_binomial", size=None, method
         Oc = O2 if O2.shape[1] == 1 else O2[:, gs]
         shift = np.max(Oc, axis=0)  # (1,) or (Gc,): exp(O - shift) <= 1 never overflows
         M = M_full = np.exp(Oc - shift)
+        Gc = Yc.shape[1]
+        # the overdispersion, when known before the fit (Poisson, fixed size)
+        phi0 = np.zeros((1, Gc), like=Y) if family == "poisson" else None
+        if fixed_phi is not None:
+            phi0 = fixed_phi[gs][None, :]
+        score_sums = None
         if cols.Wt is None:
             # one gathering pass for both sums; the gathered exp(o) serve the later passes
-            M = cols.gather(M, Yc.shape[1])
+            M = cols.gather(M, Gc)
             Sy, Se = cols.map_reduce(lambda y, m: (y, m), [Yc, M], [], 2)
         else:
-            Gc = Yc.shape[1]  # both linear sums in one pass over the weights
-            S = cols.linear(np.concatenate([Yc, M], axis=1))
-            Sy, Se = S[:, :Gc], S[:, Gc:]  # (B, Gc) and (B, 1) or (B, Gc)
+            # the linear sums (and the score's, when phi is known) in one pass over the weights
+            parts = [Yc, M] + (list(_score_columns(Yc, M, shift, phi0)) if score and phi0 is not None else [])
+            S = cols.linear(np.concatenate(parts, axis=1))
+            Sy, Se = S[:, :Gc], S[:, Gc:Gc + M.shape[1]]  # (B, Gc) and (B, 1) or (B, Gc)
+            if len(parts) > 2:
+                score_sums = S[:, -2 * Gc:-Gc], S[:, -Gc:]
         with np.errstate(divide="ignore", invalid="ignore"):
             t = Sy / Se  # exp(beta + shift): the closed form
             a = np.log(t)
@@ -483,7 +498,11 @@ def fit_offset_mean(Y, O, cols, *, family="negative_binomial", size=None, method
         se = np.where(boundary, np.inf, se)
         if family != "poisson" and size is None:
             size_est[boundary] = np.nan  # no counts: every size fits equally well
-        res.score_z[gs] = _score_at_zero(cols, Yc, M_full, shift, phi).T if score else np.nan
+        if score_sums is not None:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                res.score_z[gs] = (score_sums[0] / np.sqrt(score_sums[1])).T
+        else:
+            res.score_z[gs] = _score_at_zero(cols, Yc, M_full, shift, phi).T if score else np.nan
         res.coef[gs], res.se[gs], res.z[gs] = coef.T, se.T, z.T
         res.size[gs], res.converged[gs], res.boundary[gs] = size_est.T, converged.T, boundary.T
         res.size_fallback[gs] = fallback.T
@@ -491,13 +510,20 @@ def fit_offset_mean(Y, O, cols, *, family="negative_binomial", size=None, method
     return res
 
 
+def _score_columns(Yc, M, shift, phi):
+    """Per-cell score and information at ``beta = 0`` for a size shared by every weight
+    column: ``(y - mu0) / (1 + phi mu0)`` and ``mu0 / (1 + phi mu0)``, (n, Gc) each."""
+    mu0 = M * np.exp(shift)
+    d = 1.0 / (1.0 + phi * mu0)
+    return (Yc - mu0) * d, np.broadcast_to(mu0 * d, Yc.shape)
+
+
 def _score_at_zero(cols, Yc, M, shift, phi):
     """``U / sqrt(I)`` at ``beta = 0``: the score statistic (linear in the weights when the
     size does not depend on the weight column)."""
     mu0 = M * np.exp(shift)
     if phi.shape[0] == 1:
-        d = 1.0 / (1.0 + phi * mu0)
-        A, I0 = (Yc - mu0) * d, np.broadcast_to(mu0 * d, Yc.shape)
+        A, I0 = _score_columns(Yc, M, shift, phi)
         if cols.Wt is None:
             U, info = cols.map_reduce(lambda a, i: (a, i), [A, I0], [], 2)
         else:
