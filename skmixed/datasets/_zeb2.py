@@ -134,6 +134,7 @@ def make_boland_like_counts(
     *,
     frac_de: float = 0.1,
     de_sd: float = 1.0,
+    mean_log_rate: float = -11.2,
     random_state=0,
 ):
     """Whole-transcriptome counts with the cell structure of :func:`make_zeb2_like`.
@@ -152,6 +153,9 @@ def make_boland_like_counts(
         Fraction of genes with a planted effect.
     de_sd : float
         Standard deviation of the planted log fold changes.
+    mean_log_rate : float, default=-11.2
+        Mean of the genes' baselines ``mu_g`` (log rate per UMI): -11.2 gives about 10%
+        non-zero entries, -10.2 about 19%.
     random_state : int, RandomState instance or None
 
     Returns
@@ -179,7 +183,7 @@ def make_boland_like_counts(
         d = rng.normal(0.0, 0.3, len(groups))
         d[target] = d[groups.index("T : R : healthy")] + lfc[g]
         b = rng.normal(0.0, 0.2, p_codes.max() + 1)
-        y = rng.poisson(np.exp(rng.normal(-11.2, 1.0) + d[g_codes] + b[p_codes] + log_depth))
+        y = rng.poisson(np.exp(rng.normal(mean_log_rate, 1.0) + d[g_codes] + b[p_codes] + log_depth))
         nz = np.flatnonzero(y)
         cols.append((nz, y[nz]))
     indptr = np.cumsum([0] + [len(nz) for nz, _ in cols])

@@ -48,11 +48,13 @@ def as_count_matrix(Y, layer=None, arg="y"):
         values = Y
     if Y.ndim != 2:
         raise ValueError(f"y must be 1-D or 2-D (cells x genes), got shape {Y.shape}.")
-    if not np.all(np.isfinite(values)):
+    # one min and one max pass: NaN propagates into both, infinities show in one of them
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
         raise ValueError(f"{src.where} must be finite; it contains NaN or infinite values.")
-    if np.any(values < 0):
+    if lo < 0:
         raise ValueError(f"{src.where} must be non-negative counts; it contains negative values.")
-    integer = bool(np.all(values == np.round(values)))
+    integer = all(bool(np.all(b == np.round(b))) for b in _row_blocks(values))
     require_counts(src, integer)
     if names is None:
         names = np.asarray([f"gene{j}" for j in range(Y.shape[1])], dtype=object)
@@ -174,7 +176,33 @@ def fit_many(
     return out
 
 
+def _row_blocks(A, entries=1 << 22):
+    """Views of consecutive rows of ``A`` with about ``entries`` elements each (a 1-D
+    array is one block): temporaries of a pass over a large dense matrix stay small."""
+    if A.ndim < 2:
+        return [A]
+    step = max(1, entries // max(A.shape[1], 1))
+    return [A[r:r + step] for r in range(0, A.shape[0], step)]
+
+
 def _column_sums_lgamma_saturated(Y, w=None, integer=None):
+    """Per gene: sum of w lgamma(y + 1), and the saturated log-likelihood; see
+    :func:`_column_sums_block`. Dense counts go by blocks of rows (a 68,627 x 5,000
+    matrix in one piece made several full-size temporaries: 4.9 s)."""
+    if sp.issparse(Y):
+        return _column_sums_block(Y, w, integer)
+    lg, sat = np.zeros(Y.shape[1]), np.zeros(Y.shape[1])
+    start = 0
+    for block in _row_blocks(Y):
+        wb = None if w is None else w[start:start + block.shape[0]]
+        a, b = _column_sums_block(block, wb, integer)
+        lg += a
+        sat += b
+        start += block.shape[0]
+    return lg, sat
+
+
+def _column_sums_block(Y, w=None, integer=None):
     """Per gene: sum of w lgamma(y + 1), and the saturated log-likelihood
     sum of w (y log y - y - lgamma(y + 1)); zeros contribute nothing to either.
 
