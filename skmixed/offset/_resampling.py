@@ -52,7 +52,7 @@ from .._backend import gpu_namespace, is_cupy_array, is_device_sparse, to_device
 from .._families import Bernoulli, NegativeBinomial, Poisson, _trigamma
 from .._inputs import count_source, require_counts
 from .._progress import check_verbose, logger, progress
-from ..glm._newton import fit_glm
+from ..glm._newton import _column_products, _weighted_gram, fit_glm
 from ._engine import (
     Elements,
     block_statistics,
@@ -386,8 +386,7 @@ def _logistic_newton(X, T, coef0, max_iter, tol=1e-10):
     coef : (G, p), ok : (G,) bool
     """
     n, p = X.shape
-    iu, ju = np.triu_indices(p)
-    XX = X[:, iu] * X[:, ju]  # (n, p(p+1)/2)
+    products = _column_products(X)  # (n, p(p+1)/2), shared by every iteration
     coef = np.array(coef0, dtype=float)
     G = coef.shape[0]
     ok = np.zeros(G, bool)
@@ -396,10 +395,7 @@ def _logistic_newton(X, T, coef0, max_iter, tol=1e-10):
         mu = Bernoulli.mean(X @ coef.T)  # (n, G)
         grad = X.T @ (T - mu)  # (p, G)
         mu *= 1.0 - mu
-        h = XX.T @ mu  # (p(p+1)/2, G)
-        H = np.empty((G, p, p))
-        H[:, iu, ju] = h.T
-        H[:, ju, iu] = h.T
+        H = _weighted_gram(X, mu, products)
         step = np.linalg.solve(H + 1e-12 * np.eye(p)[None], grad.T[:, :, None])[:, :, 0]
         dec = 0.5 * np.sum(step * grad.T, axis=1)
         bad = ~np.isfinite(dec) | (dec > last * 1.01 + 1e-8)
