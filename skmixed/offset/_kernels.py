@@ -53,6 +53,15 @@ def _unit_weights(k):
     return _UNIT[:k]
 
 
+def _csr_by_scan(A):
+    """CSR matrix of a C-contiguous dense array from one scan of its non-zeros (scipy's
+    conversion of a large dense matrix is several times slower)."""
+    flat = np.flatnonzero(A)
+    major, minor = np.divmod(flat, A.shape[1])
+    indptr = np.searchsorted(major, np.arange(A.shape[0] + 1))
+    return scipy.sparse.csr_matrix((A.reshape(-1)[flat], minor, indptr), shape=A.shape)
+
+
 class WeightColumns:
     """The non-zero entries of a weight matrix ``W`` of shape (n, B): element ``e`` is
     cell ``rows[e]`` in column ``cols[e]`` with weight ``vals[e]``.
@@ -116,19 +125,10 @@ class WeightColumns:
         if B > 1 and n * B <= DENSE_MAX_ENTRIES and np.count_nonzero(W) >= DENSE_FRACTION * n * B:
             return cls.from_sparse(scipy.sparse.csr_matrix(W))
         if W.flags.f_contiguous and not W.flags.c_contiguous:
-            # column-major memory (e.g. a sparse matrix's toarray()): scan it as (B, n)
-            Wt = W.T
-            flat = np.flatnonzero(Wt)
-            cols, rows = np.divmod(flat, n)
-            vals = Wt.reshape(-1)[flat]
-            indptr = np.searchsorted(cols, np.arange(B + 1))
-            return cls(rows, cols, vals, n, B, Wt=scipy.sparse.csr_matrix((vals, rows, indptr), shape=(B, n)))
-        W = np.ascontiguousarray(W)
-        flat = np.flatnonzero(W)  # row-major: grouped by cell
-        rows, cols = np.divmod(flat, B)
-        vals = W.reshape(-1)[flat]
-        indptr = np.searchsorted(rows, np.arange(n + 1))
-        return cls(rows, cols, vals, n, B, Wt=scipy.sparse.csr_matrix((vals, cols, indptr), shape=(n, B)).T)
+            # column-major memory (e.g. a sparse matrix's toarray()): scan it as (B, n),
+            # whose CSR matrix is the CSC matrix of W
+            return cls.from_sparse(_csr_by_scan(W.T).T)
+        return cls.from_sparse(_csr_by_scan(np.ascontiguousarray(W)))
 
     @classmethod
     def ones(cls, n):
