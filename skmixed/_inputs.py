@@ -119,7 +119,14 @@ def match_names(est, names, *, reset: bool, arg: str = "Y"):
     fitted = getattr(est, "feature_names_in_", None)
     if fitted is None:
         return None
-    names = np.asarray(names, dtype=object)
+    return align_names(names, fitted, arg=arg)
+
+
+def align_names(names, fitted, *, arg: str = "Y"):
+    """Positions that put the columns named ``names`` in the order of ``fitted`` (None
+    when already in it); a different set of names is a ``ValueError`` listing what is
+    missing or unexpected."""
+    names, fitted = np.asarray(names, dtype=object), np.asarray(fitted, dtype=object)
     if names.shape == fitted.shape and np.array_equal(names, fitted):
         return None
     order = pd.Index(names).get_indexer(fitted)

@@ -219,7 +219,7 @@ def test_many_gene_summary_score_and_qvalues(genes):
     anndata = pytest.importorskip("anndata")
     ad = anndata.AnnData(sp.csr_matrix(Y.astype(float)), var=pd.DataFrame(index=m.gene_names_))
     assert fitted_named.score(X, ad, groups=groups, offset=lt) == pytest.approx(expected)
-    with pytest.raises(ValueError, match="genes of y differ"):
+    with pytest.raises(ValueError, match="gene names of y differ from those seen at fit"):
         fitted_named.score(X, named.iloc[:, :5], groups=groups, offset=lt)
 
 

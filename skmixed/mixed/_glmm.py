@@ -18,7 +18,7 @@ from threadpoolctl import threadpool_limits
 
 from .._backend import get_namespace, is_cupy_array, to_host
 from .._families import Poisson, check_counts
-from .._inputs import count_source, is_anndata, require_counts
+from .._inputs import align_names, count_source, is_anndata, require_counts
 from .._progress import check_verbose
 from ..glm._newton import fit_glm
 from ._design import RandomEffectsDesign, RandomTerm, distinct_rows
@@ -888,10 +888,8 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
             raise ValueError("score_genes needs a many-gene fit (y a count matrix); use score.")
         named = is_anndata(y) or isinstance(y, pd.DataFrame)
         Y, names, _ = as_count_matrix(y, self.layer)
-        if named and list(names) != list(self.gene_names_):
-            order = pd.Index(names).get_indexer(self.gene_names_)
-            if len(names) != self.n_genes_ or np.any(order < 0):
-                raise ValueError(f"the genes of y differ from the {self.n_genes_} genes seen at fit.")
+        order = align_names(names, self.gene_names_, arg="y") if named else None
+        if order is not None:
             Y = Y[:, order]
         if Y.shape[1] != self.n_genes_:
             raise ValueError(f"y has {Y.shape[1]} genes; the model was fitted with {self.n_genes_}.")
