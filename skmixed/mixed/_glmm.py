@@ -699,13 +699,7 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         """
         check_is_fitted(self)
         if getattr(self, "formula_", None) is not None:
-            if isinstance(X, pd.DataFrame) and groups is None and offset is None:
-                return self.predict_frame(X)
-            raise ValueError(
-                "this model was fitted from a formula: pass the data frame itself, predict(data) "
-                "(or predict_frame(data, re_form=False) for population-level predictions); the "
-                "formula builds X, the groups and the offset from it."
-            )
+            return self._predict_formula_frame(X, groups, offset)
         X = validate_data(self, X, dtype=np.float64, reset=False)
         if getattr(self, "n_genes_", None) is not None:
             eta = X @ self.coef_.T + self.intercept_[None, :]
@@ -720,6 +714,26 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         if groups is not None and self._b:
             eta += self._random_part(self._new_terms(X, groups), X.shape[0])
         return Poisson.mean(eta)
+
+    def _predict_formula_frame(self, X, groups, offset):
+        """``predict`` of a formula-fitted model: the data frame goes through the formula."""
+        if isinstance(X, pd.DataFrame) and groups is None and offset is None:
+            return self.predict_frame(X)
+        raise ValueError(
+            "this model was fitted from a formula: pass the data frame itself, predict(data) "
+            "(or predict_frame(data, re_form=False) for population-level predictions); the "
+            "formula builds X, the groups and the offset from it."
+        )
+
+    def _formula_response(self, X, y):
+        """``y``, or for a formula-fitted model scored on a data frame without ``y``, the
+        formula's response column."""
+        if y is not None or getattr(self, "formula_", None) is None or not isinstance(X, pd.DataFrame):
+            return y
+        y = self._parsed.transform(X).y
+        if y is None:
+            raise ValueError(f"the data frame has no response column for the formula {self.formula_!r}.")
+        return y
 
     def predict_frame(self, data: pd.DataFrame, *, re_form: bool = True):
         """Expected counts for a data frame, for a model fitted with :meth:`from_formula`.
@@ -873,10 +887,7 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         """
         if getattr(self, "n_genes_", None) is not None:
             return float(np.nanmean(self.score_genes(X, y, groups=groups, offset=offset, sample_weight=sample_weight)))
-        if getattr(self, "formula_", None) is not None and isinstance(X, pd.DataFrame) and y is None:
-            y = self._parsed.transform(X).y
-            if y is None:
-                raise ValueError(f"the data frame has no response column for the formula {self.formula_!r}.")
+        y = self._formula_response(X, y)
         y_pred = self.predict(X, groups=groups, offset=offset)
         return d2_tweedie_score(y, y_pred, sample_weight=sample_weight, power=1)
 

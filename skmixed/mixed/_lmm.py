@@ -136,6 +136,8 @@ class LinearMixedModel(RegressorMixin, BaseEstimator):
     _feature_names = PoissonGLMM._feature_names
     _new_terms = PoissonGLMM._new_terms
     _random_part = PoissonGLMM._random_part
+    _predict_formula_frame = PoissonGLMM._predict_formula_frame
+    _formula_response = PoissonGLMM._formula_response
 
     def __init__(
         self,
@@ -512,12 +514,7 @@ class LinearMixedModel(RegressorMixin, BaseEstimator):
         """
         check_is_fitted(self)
         if getattr(self, "formula_", None) is not None:
-            if isinstance(X, pd.DataFrame) and groups is None and offset is None:
-                return self.predict_frame(X)
-            raise ValueError(
-                "this model was fitted from a formula: pass the data frame itself, predict(data) "
-                "(or predict_frame(data, re_form=False) for population-level predictions)."
-            )
+            return self._predict_formula_frame(X, groups, offset)
         X = validate_data(self, X, dtype=np.float64, reset=False)
         n = X.shape[0]
         off = np.zeros(n) if offset is None else _check_vector(offset, n, "offset")
@@ -546,10 +543,7 @@ class LinearMixedModel(RegressorMixin, BaseEstimator):
         """
         from sklearn.metrics import r2_score  # noqa: PLC0415
 
-        if getattr(self, "formula_", None) is not None and isinstance(X, pd.DataFrame) and y is None:
-            y = self._parsed.transform(X).y
-            if y is None:
-                raise ValueError(f"the data frame has no response column for the formula {self.formula_!r}.")
+        y = self._formula_response(X, y)
         return r2_score(y, self.predict(X, groups=groups, offset=offset), sample_weight=sample_weight)
 
     def predict_frame(self, data: pd.DataFrame, *, re_form: bool = True):
