@@ -204,3 +204,10 @@ def test_formula_model_predicts_and_scores_a_data_frame():
         m.predict(data[["total_count"]].to_numpy())
     with pytest.raises(ValueError, match="no response column"):
         m.score(data.drop(columns="ZEB2"))
+
+
+def test_score_of_a_constant_response_is_nan(data):
+    m = _fit(data)
+    X = data[["x1", "x2"]]
+    for value in (0.0, 2.0):
+        assert np.isnan(m.score(X, np.full(len(X), value), groups=data["g"], offset=data["offset"]))

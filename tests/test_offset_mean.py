@@ -366,3 +366,12 @@ def test_weight_layouts_agree_and_the_input_is_left_alone():
             NegBinOffsetMean(size=2.0).fit(o[:, None], y, sample_weight=Wb)
         with pytest.raises(ValueError, match=match):
             NegBinOffsetMean(size=2.0).fit(o[:, None], y, sample_weight=Wb.toarray())
+
+
+def test_score_of_a_constant_response_is_nan():
+    """No deviance to explain: NaN, not a ZeroDivisionError or a plausible number."""
+    rng = np.random.default_rng(0)
+    o = rng.normal(0, 0.5, 100)
+    m = NegBinOffsetMean(family="poisson").fit(o[:, None], rng.poisson(np.exp(o)).astype(float))
+    for y in (np.zeros(100), np.full(100, 3.0)):
+        assert np.isnan(m.score(o[:, None], y))

@@ -12,7 +12,6 @@ import scipy.linalg
 import scipy.sparse as sp
 import scipy.stats
 from sklearn.base import BaseEstimator, RegressorMixin
-from sklearn.metrics import d2_tweedie_score
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
@@ -882,14 +881,21 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
 
         With many genes (``y`` a count matrix: array, sparse, DataFrame or AnnData, its
         genes matched by name when named), the mean over genes of each gene's D^2
-        (genes whose counts are all zero have none and are left out); per gene:
-        :meth:`score_genes`.
+        (constant genes, all-zero ones included, have none and are left out); per gene:
+        :meth:`score_genes`. A constant ``y`` has no deviance to explain: NaN.
         """
         if getattr(self, "n_genes_", None) is not None:
-            return float(np.nanmean(self.score_genes(X, y, groups=groups, offset=offset, sample_weight=sample_weight)))
+            d2 = self.score_genes(X, y, groups=groups, offset=offset, sample_weight=sample_weight).to_numpy()
+            return float(np.mean(d2[np.isfinite(d2)])) if np.isfinite(d2).any() else float("nan")
         y = self._formula_response(X, y)
         y_pred = self.predict(X, groups=groups, offset=offset)
-        return d2_tweedie_score(y, y_pred, sample_weight=sample_weight, power=1)
+        y = np.asarray(to_host(y))
+        Poisson.check_response(y, "y")
+        y = y.astype(float).reshape(-1)
+        if y.shape != y_pred.shape:
+            raise ValueError(f"y has {y.shape[0]} values but X has {y_pred.shape[0]} rows.")
+        w = _check_weights(sample_weight, y_pred[:, None])
+        return float(poisson_d2_by_column(y[:, None], y_pred[:, None], w)[0])
 
     def score_genes(self, X, y, *, groups=None, offset=None, sample_weight=None):
         """Per-gene Poisson D^2 of a many-gene fit: a Series indexed by gene (NaN for

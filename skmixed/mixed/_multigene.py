@@ -249,7 +249,7 @@ def poisson_d2_by_column(Y, mu, w=None):
     """Poisson D^2 of each column: ``1 - D(y, mu) / D(y, weighted mean of y)``.
 
     ``Y`` (n, G) dense or sparse counts, ``mu`` (n, G) predictions; NaN for columns
-    without any count (no deviance to explain). The ``y log y`` terms are summed over
+    that are constant (all zero included: no deviance to explain). The ``y log y`` terms are summed over
     the non-zero counts only, so sparse ``Y`` is never densified.
     """
     Y = sp.csc_matrix(Y, dtype=float)
@@ -265,7 +265,9 @@ def poisson_d2_by_column(Y, mu, w=None):
         ylogy = np.bincount(cols, weights=wy * np.log(y), minlength=G)
         dev = 2 * (ylogy - np.bincount(cols, weights=wy * np.log(mu[rows, cols]), minlength=G) - sum_wy + w @ mu)
         dev0 = 2 * (ylogy - sum_wy * np.log(ybar))  # sum w (ybar - y) = 0
-        return np.where(sum_wy > 0, 1.0 - dev / dev0, np.nan)
+        # a constant column has dev0 = 0 up to the rounding of its two terms
+        explained = (sum_wy > 0) & (dev0 > 1e-12 * (np.abs(ylogy) + sum_wy))
+        return np.where(explained, 1.0 - dev / dev0, np.nan)
 
 
 def bh_columns(p):

@@ -311,7 +311,8 @@ class NegBinOffsetMean(RegressorMixin, BaseEstimator):
         """D^2: the fraction of the family's deviance explained, as scikit-learn's
         Poisson regressors score (Poisson deviance for ``family="poisson"`` or an
         infinite ``size_``, else the NB deviance at ``size_``), against the constant
-        (weighted) mean of ``y``. Defined for a single fit (1-D ``y`` and weights).
+        (weighted) mean of ``y``. Defined for a single fit (1-D ``y`` and weights); a
+        constant ``y`` has no deviance to explain: NaN.
         """
         check_is_fitted(self)
         if np.ndim(to_host(self.coef_)) != 0:
@@ -327,8 +328,11 @@ class NegBinOffsetMean(RegressorMixin, BaseEstimator):
             raise ValueError(f"sample_weight must be {y.shape[0]} finite non-negative weights.")
         size = float(to_host(self.size_))
         family = Poisson if self.family == "poisson" or not np.isfinite(size) else NegativeBinomial(size)
+        ybar = np.average(y, weights=w)
+        if np.all(y == ybar):
+            return float("nan")
         dev = float(np.sum(w * family.unit_deviance(y, mu)))
-        dev0 = float(np.sum(w * family.unit_deviance(y, np.full_like(y, np.average(y, weights=w)))))
+        dev0 = float(np.sum(w * family.unit_deviance(y, np.full_like(y, ybar))))
         return 1.0 - dev / dev0
 
     def predict(self, X):
