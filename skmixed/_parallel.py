@@ -1,0 +1,248 @@
+"""The one place that schedules chunks of work: in-process threads or a Dask client.
+
+Estimators cut their embarrassingly parallel work into chunks (genes of a many-gene
+fit, blocks of pairs of a resampling test or of GLMEIV, cells of a ZINBWaVE
+iteration), write one function that does a chunk, and hand both to
+:func:`map_chunks` (or to an :class:`Engine` when the same data serve several maps).
+Where the chunks run is chosen here, never in the estimator:
+
+- in-process (the default): in order in the calling thread (``n_jobs=1``) or on a pool
+  of ``n_jobs`` threads (the kernels release the GIL in numpy / scipy);
+- on a Dask cluster: when a ``dask.distributed.Client`` is given, by the ``client=``
+  argument of an estimator or function, or for a whole block of code by
+  ``with skmixed.parallel_config(client=client):`` (the habit joblib's
+  ``parallel_config(backend="dask")`` gives scikit-learn users).
+
+Results never depend on the engine: the chunks are the same, each chunk's function is
+deterministic, and results come back in chunk order, so the caller's reduction runs in
+the same order everywhere.
+
+Data on a cluster. A chunk's function is called as ``func(chunk, *shared)``.
+``shared`` objects (the per-cell design, the offsets, an in-memory count matrix) are
+sent to the workers once per map (``Engine.share``: ``client.scatter(...,
+broadcast=True)``; broadcast rather than one copy because every task needs them and a
+copy on each worker survives the loss of a worker) instead of once per task. The
+chunks themselves should be small descriptions of where the data are (a gene slice
+and an :class:`skmixed._inputs.MatrixReader` that opens a backed ``.h5ad`` file or
+computes a slice of a ``dask.array`` on the worker), so the client never holds or
+sends the whole matrix. A worker lost mid-run is handled by Dask: its tasks run again
+elsewhere (the scattered data have copies on the other workers).
+
+Examples
+--------
+>>> from skmixed._parallel import map_chunks
+>>> list(map_chunks(lambda c, k: [k * v for v in c], [[1, 2], [3]], shared=(10,), n_jobs=2))
+[[10, 20], [30]]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from ._progress import logger
+
+_CONFIG = contextvars.ContextVar("skmixed_parallel_config", default={"client": None, "n_jobs": None})
+_UNSET = object()
+
+
+def _is_client(obj) -> bool:
+    """A ``dask.distributed.Client`` (duck-typed so that distributed stays optional)."""
+    return all(hasattr(obj, a) for a in ("submit", "scatter", "gather", "scheduler_info"))
+
+
+def _check_n_jobs(n_jobs, arg="n_jobs"):
+    if n_jobs is None:
+        return
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0:
+        raise ValueError(f"{arg} must be None or a non-zero integer (-1: one thread per CPU), got {n_jobs!r}.")
+
+
+def _check_client(client, arg="client"):
+    if client is not None and not _is_client(client):
+        raise ValueError(
+            f"{arg} must be a dask.distributed.Client (e.g. Client('tcp://host:8786') or "
+            f"Client(LocalCluster())), or None; got {type(client).__name__}."
+        )
+
+
+@contextlib.contextmanager
+def parallel_config(*, client=_UNSET, n_jobs=_UNSET):
+    """Where skmixed runs its chunked work, for the code inside the ``with`` block.
+
+    Parameters
+    ----------
+    client : dask.distributed.Client or None, optional
+        Run the chunks (genes, pairs, cells) as tasks on this Dask cluster. None runs
+        them in-process. Not given: keep the enclosing setting.
+    n_jobs : int or None, optional
+        Threads for the in-process engine (-1: one per CPU; None: the estimator's own
+        ``n_jobs``, 1 by default). Ignored while a client is set: the cluster's workers
+        and threads decide. Not given: keep the enclosing setting.
+
+    Notes
+    -----
+    An estimator's or function's own ``client=`` argument wins over this setting; its
+    ``n_jobs`` argument, when not None, too. Results do not depend on the engine.
+
+    Examples
+    --------
+    >>> from skmixed._parallel import map_chunks, parallel_config
+    >>> with parallel_config(n_jobs=2):  # or parallel_config(client=Client(...))
+    ...     map_chunks(sum, [[1, 2], [3, 4]])
+    [3, 7]
+    """
+    cur = dict(_CONFIG.get())
+    if client is not _UNSET:
+        _check_client(client)
+        cur["client"] = client
+    if n_jobs is not _UNSET:
+        _check_n_jobs(n_jobs)
+        cur["n_jobs"] = n_jobs
+    token = _CONFIG.set(cur)
+    try:
+        yield
+    finally:
+        _CONFIG.reset(token)
+
+
+def get_config() -> dict:
+    """The current ``{"client": ..., "n_jobs": ...}`` of :func:`parallel_config`."""
+    return dict(_CONFIG.get())
+
+
+def _threads(n_jobs) -> int:
+    if n_jobs is None:
+        return 1
+    return max(1, (os.cpu_count() or 1) + 1 + n_jobs) if n_jobs < 0 else n_jobs
+
+
+class Engine:
+    """Runs chunks in-process or on a Dask client; see the module's docstring.
+
+    Parameters
+    ----------
+    n_jobs : int or None
+        In-process threads (-1: one per CPU). None: :func:`parallel_config`'s, else 1.
+    client : dask.distributed.Client or None
+        None: :func:`parallel_config`'s client, if any.
+
+    Use it as a context manager (its thread pool and the data it shared on a cluster
+    are released at exit). ``engine.distributed`` says which engine runs.
+    """
+
+    def __init__(self, n_jobs=None, client=None):
+        _check_n_jobs(n_jobs)
+        _check_client(client)
+        cfg = _CONFIG.get()
+        self.client = client if client is not None else cfg["client"]
+        self.n_jobs = n_jobs if n_jobs is not None else cfg["n_jobs"]
+        self._pool = None
+        self._shared = []
+        self._lock = threading.Lock()
+
+    @property
+    def distributed(self) -> bool:
+        return self.client is not None
+
+    @property
+    def workers(self) -> int:
+        """How many chunks can run at once (threads, or the cluster's worker threads)."""
+        if self.client is None:
+            return _threads(self.n_jobs)
+        info = self.client.scheduler_info()
+        return max(1, sum(int(w.get("nthreads", 1)) for w in info.get("workers", {}).values()))
+
+    def share(self, obj):
+        """A handle to ``obj`` for the ``shared`` arguments of :meth:`map`: ``obj``
+        itself in-process; on a cluster, a future of one copy per worker (sent once)."""
+        if self.client is None:
+            return obj
+        # a one-element list: scatter sends the object whole (a list or dict would be
+        # scattered element by element)
+        fut = self.client.scatter([obj], broadcast=True, hash=False)[0]
+        self._shared.append(fut)
+        return fut
+
+    def share_each(self, objs):
+        """Handles to several objects spread over the workers (one copy each), e.g.
+        per-chunk data kept on the cluster across the iterations of an algorithm; pass
+        them as the chunks of :meth:`map`. In-process: the objects themselves."""
+        objs = list(objs)
+        if self.client is None:
+            return objs
+        futs = self.client.scatter(objs, broadcast=False, hash=False)
+        self._shared.extend(futs)
+        return futs
+
+    def map(self, func, chunks, *shared):
+        """``func(chunk, *shared)`` for every chunk; an iterator of the results in chunk
+        order (the caller can advance a progress bar and keep memory to one result).
+        With a client, every chunk is submitted at once and the results gathered in order."""
+        chunks = list(chunks)
+        if not chunks:
+            return iter(())
+        if self.client is not None:
+            return self._map_client(func, chunks, shared)
+        if _threads(self.n_jobs) == 1 or len(chunks) == 1:
+            return (func(c, *shared) for c in chunks)
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=_threads(self.n_jobs))
+        return self._pool.map(lambda c: func(c, *shared), chunks)
+
+    def _map_client(self, func, chunks, shared):
+        logger.info("skmixed: %d chunks on the Dask cluster at %s", len(chunks), self.client.scheduler.address)
+        futures = [self.client.submit(func, c, *shared, pure=False) for c in chunks]
+
+        def results():
+            try:
+                for i, fut in enumerate(futures):
+                    yield fut.result()
+                    futures[i] = None  # the worker may drop it
+                    fut.release()
+            finally:
+                for fut in futures:
+                    if fut is not None:
+                        fut.cancel()
+
+        return results()
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        for fut in self._shared:
+            fut.release()
+        self._shared = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def map_chunks(func, chunks, *, shared=(), n_jobs=None, client=None):
+    """``func(chunk, *shared)`` for every chunk, in-process or on a Dask client; a list
+    of the results in chunk order.
+
+    Parameters
+    ----------
+    func : callable
+        Picklable by cloudpickle when a client runs it (module-level functions and
+        closures over small objects; big arrays go through ``shared``).
+    chunks : iterable
+        Small descriptions of each piece of work (index arrays, slices, readers).
+    shared : tuple
+        Arguments every chunk needs, sent to a cluster once.
+    n_jobs, client :
+        As :class:`Engine`.
+    """
+    with Engine(n_jobs=n_jobs, client=client) as eng:
+        handles = tuple(eng.share(s) for s in shared)
+        return list(eng.map(func, chunks, *handles))
