@@ -35,6 +35,150 @@ def _in_memory(M):
     return M
 
 
+def is_dask_array(obj) -> bool:
+    """True for a ``dask.array.Array`` (without importing dask)."""
+    return type(obj).__module__.split(".")[0] == "dask" and hasattr(obj, "chunks") and hasattr(obj, "compute")
+
+
+def _is_backed(adata) -> bool:
+    """An AnnData opened with ``backed="r"`` whose rows and columns are the file's."""
+    return bool(getattr(adata, "isbacked", False)) and not getattr(adata, "is_view", False) and bool(
+        getattr(adata, "filename", None))
+
+
+class MatrixReader:
+    """Reads blocks of a (cells x genes) count matrix where it lives, for the
+    streaming paths (many-gene fits by chunks of genes, ZINBWaVE by chunks of cells).
+
+    Three homes: in memory (ndarray or sparse matrix), an ``.h5ad`` file (the path and
+    the element's key: ``"X"`` or ``"layers/<name>"``), or a ``dask.array``. A reader of
+    a file or a dask array is small and picklable: sent to a Dask worker, it reads its
+    block there (the file opened on the worker, the dask slice's graph computed there),
+    so the whole matrix never passes through the client.
+
+    ``columns(sel)`` and ``rows(sel)`` return the (cells x len(sel)) or (len(sel) x genes)
+    block: CSC / CSR for sparse storage, a float ndarray for dense storage. Sparse
+    ``.h5ad`` storage reads fast along its major axis (CSC: columns, CSR: rows; scanpy
+    writes CSR); the other axis is read by scanning blocks of the major axis, so memory
+    stays bounded but every call reads the whole file: store CSC for gene chunks
+    (``adata.X = adata.X.tocsc()`` before ``write_h5ad``) and CSR for cell chunks.
+
+    Parameters
+    ----------
+    kind : {"memory", "h5ad", "dask"}
+    data : the array (memory, dask) or the file's path (h5ad)
+    key : str, optional
+        The element of the h5ad file.
+    shape : tuple, optional
+    where : str
+        What to call the values in messages, e.g. ``"adata.X"``.
+    anndata : bool
+        Whether the values come from AnnData (non-integer values are then an error).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skmixed._inputs import MatrixReader
+    >>> r = MatrixReader.from_array(np.arange(12.0).reshape(3, 4))
+    >>> r.columns(slice(1, 3))
+    array([[ 1.,  2.],
+           [ 5.,  6.],
+           [ 9., 10.]])
+    """
+
+    def __init__(self, kind, data, *, key=None, shape=None, where="y", anndata=False):
+        if kind not in ("memory", "h5ad", "dask"):
+            raise ValueError(f"kind must be 'memory', 'h5ad' or 'dask', got {kind!r}.")
+        self.kind, self.data, self.key = kind, data, key
+        self.shape = tuple(int(v) for v in (data.shape if shape is None else shape))
+        self.where, self.anndata = where, anndata
+
+    @classmethod
+    def from_array(cls, A, *, where="y", anndata=False):
+        return cls("dask" if is_dask_array(A) else "memory", A, where=where, anndata=anndata)
+
+    @classmethod
+    def from_h5ad(cls, path, key="X", *, where="adata.X", anndata=True):
+        """A reader of the element ``key`` (``"X"``, ``"layers/counts"``) of an h5ad file."""
+        import h5py  # noqa: PLC0415 (h5py comes with anndata)
+
+        with h5py.File(path, "r") as f:
+            if key not in f:
+                raise ValueError(f"{path!r} has no element {key!r}.")
+            el = f[key]
+            shape = tuple(el.attrs["shape"]) if isinstance(el, h5py.Group) else el.shape
+        return cls("h5ad", str(path), key=key, shape=shape, where=where, anndata=anndata)
+
+    def __repr__(self):
+        home = f"{self.data!r}[{self.key!r}]" if self.kind == "h5ad" else type(self.data).__name__
+        return f"MatrixReader({self.kind}: {home}, shape={self.shape})"
+
+    def columns(self, sel):
+        """The block of columns ``sel`` (a slice or an array of positions)."""
+        return self._read(slice(None), sel, axis=1)
+
+    def rows(self, sel):
+        """The block of rows ``sel`` (a slice or an array of positions)."""
+        return self._read(sel, slice(None), axis=0)
+
+    def _read(self, rows, cols, axis):
+        if self.kind == "memory":
+            A = self.data
+            if isinstance(A, pd.DataFrame):
+                A = A.to_numpy()
+            return A[rows][:, cols] if axis == 0 else A[:, cols]
+        if self.kind == "dask":
+            import dask  # noqa: PLC0415
+
+            # computed in the calling thread (on a worker: inside its task), not
+            # submitted back to a cluster from within a task
+            (out,) = dask.compute(self.data[rows, cols], scheduler="sync")
+            return out
+        return _read_h5ad(self.data, self.key, rows, cols, axis, self.shape)
+
+
+def _positions(sel, size):
+    return np.arange(size)[sel] if isinstance(sel, slice) else np.asarray(sel, dtype=np.int64)
+
+
+def _read_h5ad(path, key, rows, cols, axis, shape, block_entries=1 << 24):
+    import h5py  # noqa: PLC0415
+
+    with h5py.File(path, "r") as f:
+        el = f[key]
+        if not isinstance(el, h5py.Group):  # dense storage: h5py wants increasing positions
+            sel = _positions(rows if axis == 0 else cols, shape[axis])
+            if sel.size == 0:
+                return np.zeros((0, shape[1]) if axis == 0 else (shape[0], 0))
+            lo, hi = int(sel.min()), int(sel.max()) + 1
+            part = el[lo:hi] if axis == 0 else el[:, lo:hi]
+            return np.asarray(part[sel - lo] if axis == 0 else part[:, sel - lo], dtype=float)
+        import anndata  # noqa: PLC0415
+
+        ds = anndata.io.sparse_dataset(el)
+        major = 1 if el.attrs["encoding-type"] == "csc_matrix" else 0
+        sel = rows if axis == 0 else cols
+        if isinstance(sel, slice) or np.all(np.diff(sel) > 0):
+            pass
+        else:  # the sparse dataset wants increasing positions
+            order = np.asarray(sel)
+            uniq, inv = np.unique(order, return_inverse=True)
+            out = _read_h5ad(path, key, uniq if axis == 0 else rows, cols if axis == 0 else uniq, axis, shape)
+            return out[inv] if axis == 0 else out[:, inv]
+        if axis == major:
+            return ds[rows, :] if axis == 0 else ds[:, cols]
+        # the minor axis: blocks of the major axis, keeping the selection of each
+        nnz = max(int(el["data"].shape[0]), 1)
+        step = max(1, int(block_entries * shape[major] // nnz))
+        parts = []
+        for start in range(0, shape[major], step):
+            block = slice(start, min(start + step, shape[major]))
+            parts.append(ds[block, :][:, cols] if major == 0 else ds[:, block][rows, :])
+        import scipy.sparse as sp  # noqa: PLC0415
+
+        return sp.vstack(parts, format="csr") if major == 0 else sp.hstack(parts, format="csc")
+
+
 @dataclass
 class CountSource:
     """A count matrix as read from the user's container."""
@@ -58,7 +202,7 @@ def unique_names(values, arg: str) -> np.ndarray:
     return names
 
 
-def count_source(Y, *, layer=None, arg: str = "y") -> CountSource:
+def count_source(Y, *, layer=None, arg: str = "y", stream: bool = False) -> CountSource:
     """Read the count matrix of ``Y`` (AnnData, DataFrame or array-like).
 
     Parameters
@@ -68,6 +212,10 @@ def count_source(Y, *, layer=None, arg: str = "y") -> CountSource:
         AnnData layer to read; None: ``layers["counts"]`` if present, else ``.X``.
     arg : str
         The argument's name, for messages.
+    stream : bool, default=False
+        For callers that read by blocks: an AnnData opened with ``backed="r"`` or a
+        ``dask.array`` comes back as a :class:`MatrixReader` (nothing read yet) instead
+        of being read into memory.
     """
     if is_anndata(Y):
         layers = getattr(Y, "layers", None)
@@ -75,18 +223,25 @@ def count_source(Y, *, layer=None, arg: str = "y") -> CountSource:
         if layer is not None:
             if layer not in keys:
                 raise ValueError(f"layer={layer!r} is not a layer of the AnnData {arg}; its layers are {keys}.")
-            M, where = layers[layer], f"{arg}.layers[{layer!r}]"
+            M, where, key = layers[layer], f"{arg}.layers[{layer!r}]", f"layers/{layer}"
         elif "counts" in keys:
-            M, where = layers["counts"], f"{arg}.layers['counts']"
+            M, where, key = layers["counts"], f"{arg}.layers['counts']", "layers/counts"
         else:
-            M, where = Y.X, f"{arg}.X"
+            M, where, key = Y.X, f"{arg}.X", "X"
         if M is None:
             raise ValueError(f"{where} is empty (None); pass the layer that holds the raw counts with layer=.")
-        return CountSource(_in_memory(M), unique_names(Y.var_names, f"{arg}.var_names"), where, True)
+        names = unique_names(Y.var_names, f"{arg}.var_names")
+        if stream and _is_backed(Y):
+            return CountSource(MatrixReader.from_h5ad(Y.filename, key, where=where), names, where, True)
+        if stream and is_dask_array(M):
+            return CountSource(MatrixReader.from_array(M, where=where, anndata=True), names, where, True)
+        return CountSource(_in_memory(M), names, where, True)
     if layer is not None:
         raise ValueError(f"layer={layer!r} applies to AnnData input only; {arg} is a {type(Y).__name__}.")
     if isinstance(Y, pd.DataFrame):
         return CountSource(Y, unique_names(Y.columns, f"the columns of {arg}"), arg, False)
+    if stream and is_dask_array(Y):
+        return CountSource(MatrixReader.from_array(Y, where=arg), None, arg, False)
     return CountSource(Y, None, arg, False)
 
 
