@@ -227,6 +227,13 @@ class Engine:
         return False
 
 
+def call_item(i, func, items):
+    """``func(items[i])``. ``engine.map(call_item, range(len(items)), engine.share(func),
+    engine.share(items))`` runs a closure over its chunks with the closure and the
+    chunks sent to a cluster once, and only a number per task."""
+    return func(items[i])
+
+
 def map_chunks(func, chunks, *, shared=(), n_jobs=None, client=None):
     """``func(chunk, *shared)`` for every chunk, in-process or on a Dask client; a list
     of the results in chunk order.

@@ -18,11 +18,13 @@ import scipy.stats
 
 from .._backend import to_device, to_host
 from .._families import Poisson
-from .._inputs import count_source, require_counts
+from .._inputs import MatrixReader, count_source, require_counts
+from .._parallel import Engine, call_item
 from .._progress import logger, progress
 from ..glm._newton import fit_glm
 from ._batched import BatchedScalarLaplace, LevelDesign
 from ._design import distinct_rows
+from ._gene_chunks import check_count_values, gene_sums
 
 CHUNK_GENES = 2_000  # genes fitted at once: the working arrays stay in cache
 
@@ -32,10 +34,16 @@ def as_count_matrix(Y, layer=None, arg="y"):
 
     AnnData and DataFrames are read by :func:`skmixed._inputs.count_source` (the
     ``layer`` rule; unique gene names; non-integer values from AnnData an error);
-    ``arg`` names the argument in messages.
+    ``arg`` names the argument in messages. A backed AnnData or a ``dask.array`` comes
+    back as a :class:`~skmixed._inputs.MatrixReader` (read by chunks of genes in
+    :func:`fit_many`, its values checked there, ``integer`` True: not known yet).
     """
-    src = count_source(Y, layer=layer, arg=arg)
+    src = count_source(Y, layer=layer, arg=arg, stream=True)
     Y, names = src.values, src.names
+    if isinstance(Y, MatrixReader):
+        if len(Y.shape) != 2:
+            raise ValueError(f"{src.where} must be 2-D (cells x genes), got shape {Y.shape}.")
+        return Y, list(names if names is not None else [f"gene{j}" for j in range(Y.shape[1])]), True
     if isinstance(Y, pd.DataFrame):
         Y = Y.to_numpy(dtype=float)
     if hasattr(Y, "get") and not sp.issparse(Y):  # a CuPy array or cupyx sparse matrix
@@ -48,13 +56,7 @@ def as_count_matrix(Y, layer=None, arg="y"):
         values = Y
     if Y.ndim != 2:
         raise ValueError(f"y must be 1-D or 2-D (cells x genes), got shape {Y.shape}.")
-    # one min and one max pass: NaN propagates into both, infinities show in one of them
-    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise ValueError(f"{src.where} must be finite; it contains NaN or infinite values.")
-    if lo < 0:
-        raise ValueError(f"{src.where} must be non-negative counts; it contains negative values.")
-    integer = all(bool(np.all(b == np.round(b))) for b in _row_blocks(values))
+    integer = check_count_values(values, src.where)
     require_counts(src, integer)
     if names is None:
         names = np.asarray([f"gene{j}" for j in range(Y.shape[1])], dtype=object)
@@ -69,13 +71,18 @@ def _numeric(Y, where):
 
 
 def fit_many(
-    fixed, Y, codes, levels, offset, weights, *, names, fixed_names, group_name, vcov, xp=np, integer=None, verbose=0
+    fixed, Y, codes, levels, offset, weights, *, names, fixed_names, group_name, vcov, xp=np, integer=None, verbose=0,
+    n_jobs=None, client=None
 ):
     """Fit one random-intercept Poisson GLMM per column of ``Y`` (n x G).
 
     The reduction to distinct rows runs on the host; the batched fits run in the
     array namespace ``xp`` (numpy, or cupy to fit on a GPU). ``verbose``: a progress
-    bar of the genes fitted, advanced once per chunk of genes.
+    bar of the genes fitted, advanced once per chunk of genes. ``Y`` may be a
+    :class:`~skmixed._inputs.MatrixReader` (backed AnnData, dask array): it is read once,
+    by chunks of genes. The chunks run in-process (``n_jobs`` threads) or on a Dask
+    ``client`` (default: :func:`skmixed.parallel_config`'s); the results do not depend
+    on which.
 
     Returns a dict of per-gene arrays and tidy DataFrames.
     """
@@ -92,13 +99,14 @@ def fit_many(
     Xc, codes_c = fixed[first], codes[first]
     p = Xc.shape[1]
 
-    # the parameter-free part of each gene's log-likelihood: sum w (y o - lgamma(y + 1))
-    yo = np.asarray((off * w) @ Y).reshape(-1)
-    lg, saturated = _column_sums_lgamma_saturated(Y, weights, integer)
-    const = yo - lg
-    # (n_c, G), small: n_c distinct rows; a CSC matrix as the CSR matrix of its transpose
-    Yc_all = (Y.T @ S.T).T if sp.isspmatrix_csc(Y) or isinstance(Y, sp.csc_array) else S @ Y
-    Yc_all = Yc_all.toarray() if sp.issparse(Yc_all) else np.asarray(Yc_all)
+    # the GPU path runs in-process; the host paths on parallel_config's engine
+    pool = Engine(n_jobs=n_jobs, client=client) if xp is np else Engine(n_jobs=1, client=None)
+    # one pass over the counts by chunks of genes (read where they are): the
+    # parameter-free part of each gene's log-likelihood sum w (y o - lgamma(y + 1)), the
+    # saturated one, and the counts summed within distinct rows (n_c, G): small
+    sums = gene_sums(Y, S, off, weights, integer, pool=pool, chunk=CHUNK_GENES,
+                     anndata=getattr(Y, "anndata", False))
+    const, saturated, Yc_all = sums.const, sums.saturated, sums.Yc
     # the sufficient statistics of each gene: X'y and the counts per level
     XtY_all = Xc.T @ Yc_all  # (p, G)
     ylev_all = sp.csr_matrix((np.ones(n_c), (codes_c, np.arange(n_c))), shape=(L, n_c)) @ Yc_all  # (L, G)
@@ -119,13 +127,19 @@ def fit_many(
     logger.info("PoissonGLMM: %d genes (%d without counts), %d distinct rows of %d cells, %d levels of %r",
                 G, G - idx.size, n_c, n, L, group_name)
     bar = progress(total=int(idx.size), desc="PoissonGLMM genes", unit="gene", verbose=verbose)
-    for start in range(0, idx.size, CHUNK_GENES):
-        genes = idx[start : start + CHUNK_GENES]
+    def fit_chunk(genes):
         # the small reduced problem runs where the input lives: numpy, or CuPy on a GPU
         XtY, ylev, Yk = (to_device(np.ascontiguousarray(a[:, genes].T), xp) for a in (XtY_all, ylev_all, Yk_all))
         glm = fit_glm(Xk, Yk.T, Poisson, offset=ok, tol=1e-6, max_iter=15)  # a start only
         engine = BatchedScalarLaplace(design, XtY, ylev)
         res = engine.fit(engine.start_theta(glm.coef), glm.coef, hessian_cov=(vcov == "hessian"))
+        return genes, res
+
+    chunks = [idx[start : start + CHUNK_GENES] for start in range(0, idx.size, CHUNK_GENES)]
+    # the fitting function, with the per-gene statistics it closes over, goes to a
+    # cluster once (shared); the tasks get chunk numbers
+    fitted = pool.map(call_item, range(len(chunks)), pool.share(fit_chunk), pool.share(chunks))
+    for genes, res in fitted:
         theta, u, M = to_host(res.theta), to_host(res.u), to_host(res.M)
         out["beta"][genes] = to_host(res.beta)
         out["cov"][genes] = to_host(res.cov)
@@ -136,6 +150,7 @@ def fit_many(
         out["condsd"][genes] = np.abs(theta)[:, None] / np.sqrt(M)
         bar.update(genes.size)
     bar.close()
+    pool.close()
     out["saturated"] = saturated
     # a non-negative (indicator-like) fixed-effect column without any count: its
     # coefficient's MLE is -inf, and the number reported is only where the optimiser stopped
@@ -170,7 +185,7 @@ def fit_many(
             "loglik": out["loglik"],
             "converged": out["converged"],
             "flag": flag,
-            "total_count": totals if weights is None else np.asarray(Y.sum(axis=0)).reshape(-1),
+            "total_count": totals if weights is None else sums.totals,
         }
     )
     return out
