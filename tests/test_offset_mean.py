@@ -375,3 +375,24 @@ def test_score_of_a_constant_response_is_nan():
     m = NegBinOffsetMean(family="poisson").fit(o[:, None], rng.poisson(np.exp(o)).astype(float))
     for y in (np.zeros(100), np.full(100, 3.0)):
         assert np.isnan(m.score(o[:, None], y))
+
+
+@pytest.mark.parametrize("kw", [dict(family="poisson"), dict(size=2.0), dict(), dict(size=2.0, method="mle")])
+def test_compiled_single_gene_passes_equal_the_numpy_passes(kw, monkeypatch):
+    """One gene with CSC weights takes the compiled passes of ``offset/_fused.py`` (when
+    numba is installed); they give the numpy passes' sums to rounding."""
+    from skmixed.offset import _fused
+
+    if not _fused.AVAILABLE:
+        pytest.skip("numba is not installed: only the numpy passes exist")
+    rng = np.random.default_rng(11)
+    n, B = 4000, 60
+    o = rng.normal(0, 0.5, n)
+    y = rng.negative_binomial(2.0, 2.0 / (2.0 + np.exp(0.2 + o))).astype(float)
+    W = scipy.sparse.random(n, B, density=0.03, format="csc", random_state=2)
+    W.data[:] = np.where(W.data < 0.5, 1.0, np.round(W.data, 2))  # 0/1 and fractional weights
+    fused = NegBinOffsetMean(**kw).fit(o[:, None], y, sample_weight=W)
+    monkeypatch.setattr(_fused, "AVAILABLE", False)
+    plain = NegBinOffsetMean(**kw).fit(o[:, None], y, sample_weight=W)
+    for name in ("coef_", "coef_se_", "z_", "score_z_", "size_"):
+        np.testing.assert_allclose(getattr(fused, name), getattr(plain, name), rtol=1e-11, atol=1e-14)

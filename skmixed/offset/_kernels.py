@@ -26,6 +26,7 @@ import scipy.sparse
 
 from .._backend import add_rows_at, get_namespace, sparse_csr, to_host
 from .._families import NegativeBinomial
+from . import _fused
 
 # size bounds of the maximum-likelihood search; reaching SIZE_MAX means "no overdispersion"
 SIZE_MIN = 1e-8
@@ -84,6 +85,7 @@ class WeightColumns:
         self._unit = vals is None or (isinstance(vals, np.ndarray) and vals.base is _UNIT)
         self.Wd = None  # (n, B) dense copy of mostly non-zero weights: BLAS products
         self._count = None
+        self.col_ptr = None  # CSC column pointers when the elements are grouped by column
 
     @property
     def count(self):
@@ -111,6 +113,7 @@ class WeightColumns:
         out = cls(rows, cols, W.data, n, B, Wt=W.T)
         if W.format == "csc":
             out._count = count
+            out.col_ptr = W.indptr.astype(np.int64, copy=False)
         if B > 1 and W.nnz >= DENSE_FRACTION * n * B and n * B <= DENSE_MAX_ENTRIES:
             out.Wd = W.toarray()
         return out
@@ -455,7 +458,14 @@ def fit_offset_mean(Y, O, cols, *, family="negative_binomial", size=None, method
         if fixed_phi is not None:
             phi0 = fixed_phi[gs][None, :]
         score_sums = None
-        if cols.Wt is None:
+        # one gene, CSC 0/1 weights: compiled passes (skmixed.offset._fused)
+        fused = Gc == 1 and isinstance(cols, WeightColumns) and _fused.usable(cols)
+        if fused:
+            S = _fused.linear_pass(cols, Yc[:, 0], M[:, 0], np.exp(shift[0]), 0.0 if phi0 is None else phi0[0, 0])
+            Sy, Se = S[:, :1], S[:, 1:2]
+            if score and phi0 is not None:
+                score_sums = S[:, 2:3], S[:, 3:4]
+        elif cols.Wt is None:
             # one gathering pass for both sums; the gathered exp(o) serve the later passes
             M = cols.gather(M, Gc)
             Sy, Se = cols.map_reduce(lambda y, m: (y, m), [Yc, M], [], 2)
@@ -484,6 +494,8 @@ def fit_offset_mean(Y, O, cols, *, family="negative_binomial", size=None, method
             )
             if wald and getattr(cols, "Wd", None) is not None:
                 info = information_dense(cols.Wd, M, np.exp(a), phi_bg)
+            elif wald and fused:
+                info = _fused.nb_information(cols, M[:, 0], np.exp(a[:, 0]), phi_bg[:, 0])[:, None]
             elif wald:
                 info = cols.map_reduce(_information, [M], [np.exp(a), phi_bg], 1)[0]
             else:
