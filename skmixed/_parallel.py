@@ -62,7 +62,7 @@ def _check_n_jobs(n_jobs, arg="n_jobs"):
 
 
 def _check_client(client, arg="client"):
-    if client is not None and not _is_client(client):
+    if client is not None and client is not False and not _is_client(client):
         raise ValueError(
             f"{arg} must be a dask.distributed.Client (e.g. Client('tcp://host:8786') or "
             f"Client(LocalCluster())), or None; got {type(client).__name__}."
@@ -127,8 +127,9 @@ class Engine:
     ----------
     n_jobs : int or None
         In-process threads (-1: one per CPU). None: :func:`parallel_config`'s, else 1.
-    client : dask.distributed.Client or None
-        None: :func:`parallel_config`'s client, if any.
+    client : dask.distributed.Client, None or False
+        None: :func:`parallel_config`'s client, if any; False: in-process whatever
+        the configuration (e.g. work on a GPU).
 
     Use it as a context manager (its thread pool and the data it shared on a cluster
     are released at exit). ``engine.distributed`` says which engine runs.
@@ -138,7 +139,7 @@ class Engine:
         _check_n_jobs(n_jobs)
         _check_client(client)
         cfg = _CONFIG.get()
-        self.client = client if client is not None else cfg["client"]
+        self.client = None if client is False else client if client is not None else cfg["client"]
         self.n_jobs = n_jobs if n_jobs is not None else cfg["n_jobs"]
         self._pool = None
         self._shared = []

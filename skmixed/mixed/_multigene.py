@@ -100,7 +100,7 @@ def fit_many(
     p = Xc.shape[1]
 
     # the GPU path runs in-process; the host paths on parallel_config's engine
-    pool = Engine(n_jobs=n_jobs, client=client) if xp is np else Engine(n_jobs=1, client=None)
+    pool = Engine(n_jobs=n_jobs, client=client) if xp is np else Engine(n_jobs=1, client=False)
     # one pass over the counts by chunks of genes (read where they are): the
     # parameter-free part of each gene's log-likelihood sum w (y o - lgamma(y + 1)), the
     # saturated one, and the counts summed within distinct rows (n_c, G): small

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +49,8 @@ from sklearn.exceptions import ConvergenceWarning
 
 from .._backend import gpu_namespace, is_cupy_array, is_device_sparse, to_device, to_host
 from .._families import Bernoulli, NegativeBinomial, Poisson, _trigamma
-from .._inputs import count_source, require_counts
+from .._inputs import MatrixReader, count_source, require_counts
+from .._parallel import Engine, call_item
 from .._progress import check_verbose, logger, progress
 from ..glm._newton import _column_products, _weighted_gram, fit_glm
 from ._engine import (
@@ -145,6 +145,9 @@ def _gene_major_counts(counts, used=None, src=None):
     column labels and the number of cells. Raises ValueError for non-finite, negative
     or non-integer counts."""
     labels = None
+    if isinstance(counts, MatrixReader):  # a backed AnnData or a dask array: read only the columns used
+        counts = counts.columns(np.arange(counts.shape[1]) if used is None else used)
+        used = None
     if isinstance(counts, pd.DataFrame):
         labels = [str(c) for c in counts.columns]
         counts = counts.to_numpy()
@@ -700,7 +703,9 @@ def resampling_test(
         Precomputed treatment probabilities (:func:`treatment_probabilities`) for the
         conditional resamples (skips that fit).
     n_jobs : int, default=1
-        Threads over blocks of pairs (results do not depend on it).
+        Threads over blocks of pairs (results do not depend on it). Within
+        ``skmixed.parallel_config(client=...)`` the blocks run on that Dask cluster
+        instead (same results).
     device : {None, "cpu", "gpu"}, default=None
         Where the resampled statistics are computed. ``"gpu"`` runs the block sums on
         CuPy arrays (through :mod:`skmixed._backend`); None follows the counts (CuPy
@@ -757,7 +762,7 @@ def resampling_test(
     if not isinstance(min_treated, (int, np.integer)) or isinstance(min_treated, bool) or min_treated < 1:
         raise ValueError(f"min_treated must be an integer >= 1, got {min_treated!r}.")
     verbose = check_verbose(verbose)
-    src = count_source(counts, layer=layer, arg="counts")
+    src = count_source(counts, layer=layer, arg="counts", stream=True)  # backed: read later, genes in pairs only
     counts = src.values
     xp_dev = _device_namespace(device, counts)
     counts, treatment, covariates, propensity = (
@@ -830,17 +835,14 @@ def resampling_test(
     logger.info("resampling_test: %d pairs (%d genes, %d perturbations), %d resamples, %d blocks",
                 K, used.size, used_p.size, B, len(blocks))
     bar = progress(total=K, desc="resampling_test pairs", unit="pair", verbose=verbose)
-    if n_jobs == 1:
-        outs = map(run, blocks)
-    else:
-        pool = ThreadPoolExecutor(max_workers=n_jobs)
-        outs = pool.map(run, blocks)
-    for idx, S in outs:
-        stats[idx, 1:] = S.T
-        bar.update(len(idx))
+    # blocks through skmixed._parallel: n_jobs threads, or the Dask client of
+    # parallel_config (the GPU path stays in-process); run and the blocks (with the
+    # data they close over) go to a cluster once, the tasks get block numbers
+    with Engine(n_jobs=n_jobs, client=None if xp_dev is np else False) as pool:
+        for idx, S in pool.map(call_item, range(len(blocks)), pool.share(run), pool.share(blocks)):
+            stats[idx, 1:] = S.T
+            bar.update(len(idx))
     bar.close()
-    if n_jobs != 1:
-        pool.shutdown()
     stats[n_treated == 0, 0] = np.nan
 
     n_control = n - n_treated
@@ -878,6 +880,12 @@ _MAX_COLUMNS = 32
 # with common random numbers (one union of resamples, masked per perturbation).
 _MIN_COLUMNS = 8
 _TRANSPOSE_LOCK = threading.Lock()
+
+
+def _transpose_lock():
+    # looked up by name where a block runs: a closure shipped to a Dask worker
+    # (cloudpickle) cannot carry the lock itself, but can carry this function
+    return _TRANSPOSE_LOCK
 
 
 def _permutation_blocks(k, B, seed, n):
@@ -941,7 +949,7 @@ def _conditional_blocks(pj, pi, seeds, B):
         """The probabilities perturbation-major, transposed once for all packs (a
         perturbation's column of the (cells x perturbations) matrix is strided)."""
         if not cache:
-            with _TRANSPOSE_LOCK:
+            with _transpose_lock():
                 if not cache:
                     cache.append(_tiled_transpose(pi))
         return cache[0]
