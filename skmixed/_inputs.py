@@ -296,7 +296,7 @@ def align_names(names, fitted, *, arg: str = "Y"):
 
 
 # ------------------------------------------------------------------ AnnData out
-_DE_COLUMNS = ("gene", "contrast", "estimate", "std_error", "z", "p_value", "q_value")
+_DE_COLUMNS = ("gene", "contrast", "estimate", "std_error", "p_value", "q_value")
 
 
 def _require_anndata(adata, arg):
@@ -373,8 +373,10 @@ def store_contrast(adata, table, *, key_added: str = "skmixed_de", params=None) 
     _require_anndata(adata, "adata")
     if not isinstance(key_added, str) or not key_added:
         raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
-    if not isinstance(table, pd.DataFrame) or not set(_DE_COLUMNS) <= set(table.columns):
-        missing = sorted(set(_DE_COLUMNS) - set(getattr(table, "columns", [])))
+    columns = set(getattr(table, "columns", []))
+    stat = "statistic" if "statistic" in columns else "z"  # contrast() tables before the t test had "z"
+    if not isinstance(table, pd.DataFrame) or not set(_DE_COLUMNS) | {stat} <= columns:
+        missing = sorted((set(_DE_COLUMNS) | {stat}) - columns)
         raise ValueError(f"table must be a contrast table (PoissonGLMM.contrast's output); it lacks {missing}.")
     var = pd.Index(np.asarray(adata.var_names, dtype=object).astype(str))
     genes = table["gene"].astype(str)
@@ -385,7 +387,7 @@ def store_contrast(adata, table, *, key_added: str = "skmixed_de", params=None) 
     slashed = [c for c in contrasts if "/" in c]
     if slashed:  # h5ad stores the names as keys, where '/' is a path separator
         raise ValueError(f"contrast names stored in AnnData cannot contain '/' (h5ad keys): {slashed}; rename them.")
-    stats = ["estimate", "std_error", "z", "p_value", "q_value"]
+    stats = ["estimate", "std_error", stat, "p_value", "q_value"]
     varm = pd.DataFrame(index=adata.var_names)
     fields = {k: [] for k in ("names", "scores", "logfoldchanges", "pvals", "pvals_adj")}
     for name in contrasts:
@@ -400,7 +402,7 @@ def store_contrast(adata, table, *, key_added: str = "skmixed_de", params=None) 
         order = np.argsort(part["p_value"].to_numpy(dtype=float), kind="stable")  # NaN last
         ranked = part.iloc[order]
         fields["names"].append(ranked["gene"].astype(str).to_numpy(dtype=object))
-        fields["scores"].append(ranked["z"].to_numpy(dtype=np.float32))
+        fields["scores"].append(ranked[stat].to_numpy(dtype=np.float32))
         fields["logfoldchanges"].append((ranked["estimate"].to_numpy(dtype=float) / np.log(2)).astype(np.float32))
         fields["pvals"].append(ranked["p_value"].to_numpy(dtype=float))
         fields["pvals_adj"].append(ranked["q_value"].to_numpy(dtype=float))

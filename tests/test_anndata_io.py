@@ -127,7 +127,7 @@ def test_store_contrast_like_rank_genes_groups(boland, formula_fit, tmp_path):
         assert df.names.tolist() == ranked.gene.tolist()  # smallest p first
         np.testing.assert_allclose(df.pvals, ranked.p_value)
         np.testing.assert_allclose(df.pvals_adj, ranked.q_value)
-        np.testing.assert_allclose(df.scores, ranked.z, rtol=1e-6)
+        np.testing.assert_allclose(df.scores, ranked.statistic, rtol=1e-6)
         np.testing.assert_allclose(df.logfoldchanges, ranked.estimate / np.log(2), rtol=1e-6)
         varm = back.varm["de"]
         assert list(varm.index) == list(back.var_names)

@@ -4,6 +4,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 from sklearn.exceptions import ConvergenceWarning
 
 from skmixed import PoissonGLMM
@@ -155,9 +156,17 @@ def test_row_order_changes_nothing(data):
 
 
 def test_summary_tables(data):
-    s = _fit(data).summary()
-    assert list(s.fixed.columns) == ["estimate", "std_error", "z", "p_value", "ci_2.5%", "ci_97.5%"]
+    m = _fit(data)
+    s = m.summary(test="z")
+    assert list(s.fixed.columns) == ["estimate", "std_error", "statistic", "df", "p_value", "ci_2.5%", "ci_97.5%",
+                                     "distribution"]
     np.testing.assert_allclose(s.fixed["ci_97.5%"] - s.fixed.estimate, 1.959963984540054 * s.fixed.std_error)
+    assert set(s.fixed.distribution) == {"normal"} and np.all(np.isinf(s.fixed.df))
+    # the default: t intervals with the between-within df
+    t = m.summary().fixed
+    crit = scipy.stats.t.ppf(0.975, t.df.to_numpy())
+    np.testing.assert_allclose(t["ci_97.5%"] - t.estimate, crit * t.std_error)
+    assert set(t.distribution) == {"t"}
     assert "Random effects" in repr(s)
 
 

@@ -106,7 +106,9 @@ def test_contrasts_and_benjamini_hochberg(genes):
     se = np.sqrt(many.coef_cov_[:, i, i] + many.coef_cov_[:, j, j] - 2 * many.coef_cov_[:, i, j])
     np.testing.assert_allclose(table.estimate, est, equal_nan=True)
     np.testing.assert_allclose(table.std_error, se, equal_nan=True)
-    p = 2 * scipy.stats.norm.sf(np.abs(est / se))
+    assert set(table.distribution) == {"t"}
+    p = 2 * scipy.stats.t.sf(np.abs(est / se), table.df.to_numpy())
+    np.testing.assert_allclose(table.p_value, p, equal_nan=True)
     ok = np.isfinite(p)
     np.testing.assert_allclose(table.q_value[ok], scipy.stats.false_discovery_control(p[ok]), rtol=1e-12)
     assert table.q_value.isna().sum() == 1  # the all-zero gene
@@ -194,12 +196,12 @@ def test_many_gene_summary_score_and_qvalues(genes):
     groups = d.patient_assignment
     m = _single(X, Y, d, lt)
     s = m.summary()
-    assert list(s.fixed.columns[:8]) == ["gene", "term", "estimate", "std_error", "z", "p_value", "q_value",
-                                          "ci_2.5%"]
+    assert list(s.fixed.columns[:9]) == ["gene", "term", "estimate", "std_error", "statistic", "df", "p_value",
+                                          "q_value", "distribution"]
     assert len(s.fixed) == Y.shape[1] * X.shape[1] and len(s.fit) == Y.shape[1]
     ok = s.fixed.std_error.notna()
-    np.testing.assert_allclose((s.fixed["ci_97.5%"] - s.fixed.estimate)[ok], 1.959964 * s.fixed.std_error[ok],
-                               rtol=1e-6)
+    crit = scipy.stats.t.ppf(0.975, s.fixed.df.to_numpy())[ok]
+    np.testing.assert_allclose((s.fixed["ci_97.5%"] - s.fixed.estimate)[ok], crit * s.fixed.std_error[ok], rtol=1e-6)
     assert "Fixed effects" in repr(s)
     # q-values: BH over genes within each term
     for term, t in m.results_.groupby("term"):

@@ -183,6 +183,124 @@ class BatchedScalarLaplace:
         AVX = theta[:, None, None] * ex[:, :, None] * T  # (G, L, p)
         return XtVX - xp.swapaxes(AVX / M[:, :, None], 1, 2) @ AVX
 
+    # -- REML (glmmTMB's REML = TRUE; see LaplaceProblem.joint_mode) ----------------
+    def frozen(self):
+        """(G, p) mask of the fixed effects of indicator-like columns without counts:
+        their estimate is -inf, and integrating them out over a flat prior diverges
+        (log det S -> -inf), so REML keeps them where the ML fit left them."""
+        xp = self.xp
+        nonneg = xp.all(self.d.Xd >= 0, axis=0)[None, :]
+        return nonneg & (self.XtY <= 0)
+
+    def _masked_schur(self, S, frozen):
+        """S with the frozen rows and columns replaced by those of the identity."""
+        xp = self.xp
+        keep = ~frozen
+        S = S * (keep[:, :, None] & keep[:, None, :])
+        eye = xp.eye(self.p)[None, :, :] * frozen[:, :, None]
+        return S + eye
+
+    def joint_mode(self, theta, beta, u, max_iter=30):
+        """Per gene, the joint mode ``beta~`` of the penalised deviance at ``theta``, by
+        Newton steps on beta with the Schur complement (the profiled curvature; the
+        problem is convex in (u, beta)); genes leave the loop as they converge.
+        Returns ``beta~``, the state at the mode, S and the expected count per level."""
+        xp = self.xp
+        beta, u = beta.copy(), u.copy()
+        ex, M, m = xp.empty_like(u), xp.empty_like(u), xp.empty_like(u)
+        e = xp.empty((self.G, self.d.K))
+        T = xp.empty((self.G, self.L, self.p))
+        S = xp.empty((self.G, self.p, self.p))
+        act = xp.arange(self.G)
+        for it in range(max_iter + 1):
+            eng = self if act.size == self.G else self.subset(act)
+            e_a, s_a, T_a = self.d.rates(beta[act])
+            u_a, ex_a, M_a = eng.mode(theta[act], s_a, u[act])
+            fz = eng.frozen()
+            S_a = eng._masked_schur(eng.schur(theta[act], (u_a, ex_a, M_a, e_a, T_a)), fz)
+            u[act], ex[act], M[act], e[act], T[act], S[act], m[act] = u_a, ex_a, M_a, e_a, T_a, S_a, s_a * ex_a
+            if it == max_iter:
+                break
+            score = xp.where(fz, 0.0, eng.XtY - xp.sum(ex_a[:, :, None] * T_a, axis=1))  # X'(y - mu)
+            step = xp.linalg.solve(S_a, score[:, :, None])[:, :, 0]
+            # the Newton decrement, not the step: a cell group without counts has
+            # beta -> -inf, steps of one unit and a vanishing score
+            still = xp.sum(score * step, axis=1) > 1e-14
+            big = xp.max(xp.abs(step), axis=1)
+            step = step / xp.maximum(big, 1.0)[:, None]  # at most one unit on the log scale
+            beta[act] = beta[act] + step
+            # converged genes take this last step and one more evaluation of their state
+            if not bool(xp.any(still)) and it > 0:
+                e_a, s_a, T_a = self.d.rates(beta[act])
+                u_a, ex_a, M_a = eng.mode(theta[act], s_a, u[act])
+                S_a = eng._masked_schur(eng.schur(theta[act], (u_a, ex_a, M_a, e_a, T_a)), eng.frozen())
+                u[act], ex[act], M[act], e[act], T[act], S[act], m[act] = u_a, ex_a, M_a, e_a, T_a, S_a, s_a * ex_a
+                break
+            act = act[still] if bool(xp.any(still)) else act
+        return beta, (u, ex, M, e, T), S, m
+
+    def reml_deviance(self, theta, beta, u):
+        """REML criterion per gene (the Laplace deviance at the joint mode plus
+        ``log det S``), with ``beta~`` and the state there."""
+        xp = self.xp
+        beta, state, S, m = self.joint_mode(theta, beta, u)
+        u, M = state[0], state[2]
+        dev = -2.0 * (xp.sum(beta * self.XtY, axis=1) + xp.sum(theta[:, None] * self.ylev * u - m, axis=1))
+        sign, logdet_s = xp.linalg.slogdet(S)
+        dev = dev + xp.sum(u * u, axis=1) + xp.sum(xp.log(M), axis=1) + xp.where(sign > 0, logdet_s, xp.inf)
+        return dev, beta, state, S
+
+    def _reml_curvature(self, theta, beta, u):
+        """The criterion, its first and second derivatives in theta by central
+        differences, d beta~ / d theta, and the state at theta."""
+        xp = self.xp
+        h = 1e-4 * xp.maximum(1.0, xp.abs(theta))
+        f0, b0, st0, S0 = self.reml_deviance(theta, beta, u)
+        fp, bp, _, _ = self.reml_deviance(theta + h, b0, st0[0])
+        fm, bm, _, _ = self.reml_deviance(theta - h, b0, st0[0])
+        g = (fp - fm) / (2.0 * h)
+        H = (fp - 2.0 * f0 + fm) / (h * h)
+        J = (bp - bm) / (2.0 * h)[:, None]
+        return f0, g, H, J, b0, st0, S0
+
+    def fit_reml(self, theta0, beta0, u0, *, max_iter=100, hessian_cov=True):
+        """Minimise the REML criterion over each gene's theta (batched Newton on central
+        differences, theta reflected at 0, backtracking), from the ML fit."""
+        xp = self.xp
+        theta = xp.maximum(xp.abs(theta0), 0.05)  # theta = 0 is stationary by symmetry: start off it
+        beta, u = beta0.copy(), u0.copy()
+        done = xp.zeros(self.G, dtype=bool)
+        it = 0
+        for it, act, eng in self._rounds(done, max_iter):
+            th, b, uu = theta[act], beta[act], u[act]
+            f0, g, H, _, b0, st0, _ = eng._reml_curvature(th, b, uu)
+            newton = H > 0
+            step = xp.where(newton, -g / xp.where(newton, H, 1.0), -xp.sign(g) * 0.5 * (th + 0.1))
+            step = xp.clip(step, -(1.0 + th), 1.0 + th)
+            small = (xp.abs(step) <= 1e-8 * (1.0 + th)) | (xp.abs(g * step) < 1e-11)
+            t = xp.where(small, 0.0, 1.0)
+            for _ in range(40):
+                trial = xp.abs(th + t * step)
+                f_new, b_new, st_new, _ = eng.reml_deviance(trial, b0, st0[0])
+                ok = small | (f_new <= f0 + 1e-4 * t * g * step + 1e-13 * xp.abs(f0))
+                if bool(xp.all(ok)):
+                    break
+                t = xp.where(ok, t, 0.5 * t)
+            done[act] = small | ~ok
+            move = ok & ~small
+            rows = act[move]
+            theta[rows], beta[rows], u[rows] = trial[move], b_new[move], st_new[0][move]
+            beta[act[~move]], u[act[~move]] = b0[~move], st0[0][~move]
+        f, g, H, J, beta, state, S = self._reml_curvature(theta, beta, u)
+        converged = done & xp.isfinite(f)
+        cov = xp.linalg.inv(S)
+        if hessian_cov:
+            # glmmTMB's vcov under REML: the uncertainty of theta propagated to beta~
+            live = (theta > 1e-6) & (H > 0)
+            scale = xp.where(live, 2.0 / xp.where(live, H, 1.0), 0.0)
+            cov = cov + scale[:, None, None] * J[:, :, None] * J[:, None, :]
+        return BatchResult(theta, beta, cov, f, state[0], state[2], it, converged)
+
     def _grad_columns(self, params, u, du, h_rel, cols):
         """Central differences of the gradient along the parameters in ``cols``; PIRLS
         starts from the mode predicted to first order (``u +- h du``)."""
@@ -200,6 +318,15 @@ class BatchedScalarLaplace:
         return H
 
     # -- outer optimisation, all genes at once ---------------------------------------
+    def _rounds(self, done, max_iter):
+        """Iterations of a batched optimiser: the iteration number, the genes not
+        ``done`` yet and the problem restricted to them; ends when none is left."""
+        for it in range(1, max_iter + 1):
+            act = self.xp.flatnonzero(~done)
+            if act.size == 0:
+                return
+            yield it, act, (self if act.size == self.G else self.subset(act))
+
     def _newton_step(self, params, g, du, state, f):
         """Projected Newton step per gene and its decrement (same rule as the
         single-gene optimiser; |eigenvalues| where theta's curvature is negative)."""
@@ -224,7 +351,9 @@ class BatchedScalarLaplace:
         dec = -xp.sum(gg * step, axis=1)
         return step, (dec < 1e-15 * xp.maximum(1.0, xp.abs(f))) & ~escape
 
-    def fit(self, theta0, beta0, *, max_iter=200, hessian_cov=True):
+    def fit(self, theta0, beta0, *, max_iter=200, hessian_cov=True, reml=False):
+        """Laplace fits of every gene (maximum likelihood), refined by
+        :meth:`fit_reml` under ``reml``."""
         xp = self.xp
         params = xp.concatenate([xp.maximum(theta0, 0.0)[:, None], beta0], axis=1)
         P = params.shape[1]
@@ -232,11 +361,7 @@ class BatchedScalarLaplace:
         state = list(state)
         done = xp.zeros(self.G, dtype=bool)
         it = 0
-        for it in range(1, max_iter + 1):
-            act = xp.flatnonzero(~done)
-            if act.size == 0:
-                break
-            eng = self if act.size == self.G else self.subset(act)
+        for it, act, eng in self._rounds(done, max_iter):
             pa, fa, ga = params[act], f[act], g[act]
             st = [x[act] for x in state]
             step, small = eng._newton_step(pa, ga, du[act], st, fa)
@@ -262,6 +387,11 @@ class BatchedScalarLaplace:
         free_g = xp.where(((params[:, 0] <= 1e-12) & (g[:, 0] >= 0))[:, None] & is_t, 0.0, g)
         converged = done & (xp.max(xp.abs(free_g), axis=1) < 1e-2)
         u, M = state[0], state[2]
+        if reml:
+            res = self.fit_reml(params[:, 0], params[:, 1:], u, hessian_cov=hessian_cov)
+            res.converged = res.converged & converged
+            res.n_iter += it
+            return res
         if hessian_cov:
             H = self._grad_columns(params, u, du, 1e-4, list(range(P)))
             H = 0.5 * (H + xp.swapaxes(H, 1, 2))

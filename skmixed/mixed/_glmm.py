@@ -21,8 +21,9 @@ from .._inputs import align_names, count_source, is_anndata, require_counts
 from .._progress import check_verbose
 from ..glm._newton import fit_glm
 from ._design import RandomEffectsDesign, RandomTerm, distinct_rows
+from ._inference import BetweenWithin, check_test, critical_values, inference_columns, reference_df
 from ._laplace import LaplaceProblem, warn_not_converged
-from ._multigene import as_count_matrix, fit_many, poisson_d2_by_column, wald_contrasts
+from ._multigene import as_count_matrix, bh_columns, fit_many, poisson_d2_by_column, wald_contrasts
 
 _SINGULAR_TOL = 1e-4  # lme4's isSingular() tolerance on the diagonal of theta
 
@@ -155,11 +156,20 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         ``(1 + x || g)``.
     nagq : int, default=1
         Quadrature points: 1 is the Laplace approximation, more is adaptive
-        Gauss-Hermite quadrature (lme4's ``nAGQ``).
+        Gauss-Hermite quadrature (lme4's ``nAGQ``; needs ``reml=False``).
+    reml : bool, default=True
+        Estimate the variance components by the restricted (REML) Laplace criterion
+        of glmmTMB's ``REML = TRUE``: the fixed effects are integrated out with the
+        random effects, which removes the downward bias of the maximum-likelihood
+        variance with few groups (16 patients: about 12% for one patient-level
+        factor). ``False`` is maximum likelihood, the fit of lme4's ``glmer``.
     vcov : {"hessian", "conditional"}, default="hessian"
         ``"hessian"``: covariance of the fixed effects from the Hessian of the deviance
         over ``(theta, beta)`` (lme4's default ``vcov``); ``"conditional"``: from the
         fixed-effects block at the estimated ``theta`` (lme4 ``use.hessian = FALSE``).
+        Under ``reml=True``: ``"hessian"`` adds to the conditional covariance the
+        uncertainty of ``theta`` propagated through the fixed effects, as glmmTMB's
+        ``vcov`` does for a REML fit.
     collapse : bool, default=True
         Fit on the sufficient statistics of rows sharing their design (exact for the
         Poisson likelihood; large speed-up for categorical designs).
@@ -226,6 +236,7 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         random_slopes=None,
         random_correlated=True,
         nagq=1,
+        reml=True,
         vcov="hessian",
         collapse=True,
         max_iter=500,
@@ -236,16 +247,29 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         self.random_slopes = random_slopes
         self.random_correlated = random_correlated
         self.nagq = nagq
+        self.reml = reml
         self.vcov = vcov
         self.collapse = collapse
         self.max_iter = max_iter
         self.layer = layer
         self.verbose = verbose
 
+    # subclass hooks (NegativeBinomialGLMM): whether rows sharing a design may be summed
+    # (exact for Poisson only), the single-response likelihood, the many-gene engine
+    _collapsible = True
+
+    def _laplace_problem(self, X, y, design, offset, weights):
+        return LaplaceProblem(X, y, design, Poisson, offset=offset, weights=weights)
+
+    def _fit_many_core(self, *args, **kwargs):
+        return fit_many(*args, **kwargs)
+
     # ------------------------------------------------------------------ params
     def _validate_params(self):
         if not isinstance(self.nagq, numbers.Integral) or isinstance(self.nagq, bool) or self.nagq < 1:
             raise ValueError(f"nagq must be a positive integer, got {self.nagq!r}.")
+        if not isinstance(self.reml, (bool, np.bool_)):
+            raise ValueError(f"reml must be True or False, got {self.reml!r}.")
         if self.vcov not in ("hessian", "conditional"):
             raise ValueError(f"vcov must be 'hessian' or 'conditional', got {self.vcov!r}.")
         if not isinstance(self.max_iter, numbers.Integral) or self.max_iter < 1:
@@ -374,13 +398,15 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         # exact reduction to the distinct rows of (X, Z, group codes)
         const = 0.0
         key_cols = [fixed] + ([] if terms is None else [b for t in terms for b in (t.Z, t.codes[:, None])])
-        keys, first = distinct_rows(key_cols) if self.collapse else (None, np.arange(n))
+        collapse = self.collapse and self._collapsible
+        keys, first = distinct_rows(key_cols) if collapse else (None, np.arange(n))
         n_keys = first.size
-        if self.collapse and n_keys < 0.7 * n:
+        if collapse and n_keys < 0.7 * n:
             y, off_c, const = Poisson.collapse(y, off, w, keys, n_keys)
             fixed, off, w = fixed[first], off_c, np.ones(n_keys)
             terms = None if terms is None else [t.subset(first) for t in terms]
 
+        self._ddf = None if terms is None else BetweenWithin(fixed, [(t.codes, t.Z) for t in terms], nobs)
         # aliased fixed-effect columns are dropped, as lme4 does
         _, R, piv = scipy.linalg.qr(fixed, mode="economic", pivoting=True)
         diag = np.abs(np.diag(R))
@@ -423,7 +449,9 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         self.n_iter_ = n_iter
         self.converged_ = bool(converged)
         self.nobs_ = nobs
-        self.loglik_ = float(-0.5 * f + const)
+        # REML: glmmTMB's restricted log-likelihood, with the flat prior's 2 pi terms
+        reml_const = 0.5 * rank * np.log(2 * np.pi) if (self.reml and terms is not None) else 0.0
+        self.loglik_ = float(-0.5 * f + const + reml_const)
         self.loglik_saturated_ = saturated
         k = rank + theta.size
         self.n_params_ = k
@@ -452,7 +480,12 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
                 "nagq > 1 is only available for a single scalar random-effects term "
                 f"(got {len(terms)} term(s) with {[t.k for t in terms]} columns), as in lme4."
             )
-        prob = LaplaceProblem(Xu, y, design, Poisson, offset=off, weights=w)
+        if nagq > 1 and self.reml:
+            raise ValueError(
+                f"reml=True is a Laplace criterion; nagq={nagq} (adaptive quadrature) needs reml=False "
+                "(maximum likelihood, as lme4's glmer)."
+            )
+        prob = self._laplace_problem(Xu, y, design, off, w)
         params0 = np.concatenate([design.theta0, beta0])
         params, f, n_iter, converged, message = prob.optimise(params0, 1, max_iter=self.max_iter)
         if nagq > 1:
@@ -460,7 +493,13 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
             n_iter += it2
         theta, beta = prob.split(params)
         st = prob.state(params)
-        if self.vcov == "hessian":
+        if self.reml:
+            # the ML fit is the start: REML moves theta up by a few percent
+            theta, beta, f, it2, ok, msg = prob.optimise_reml(theta, beta, max_iter=self.max_iter)
+            n_iter, converged, message = n_iter + it2, converged and ok, msg or message
+            beta, st, _ = prob.joint_mode(theta, beta)
+            cov = prob.reml_cov(theta, beta, hessian=self.vcov == "hessian")
+        elif self.vcov == "hessian":
             H = prob.hessian(params, nagq)
             cov = None
             try:
@@ -555,11 +594,14 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         _, first = distinct_rows([fixed])  # the rank of X is that of its distinct rows (160, not 68,627)
         if np.linalg.matrix_rank(fixed[first]) < fixed.shape[1]:
             raise ValueError("X (with the intercept) is rank deficient; drop aliased columns first.")
+        nobs = n if sample_weight is None else int(np.sum(sample_weight > 0))
+        _, cells = distinct_rows([fixed, codes[:, None].astype(float)])  # distinct (X row, level) pairs
+        self._ddf = BetweenWithin(fixed[cells], [(codes[cells], np.ones((cells.size, 1)))], nobs)
         with threadpool_limits(limits=1, user_api="blas"):
-            out = fit_many(
+            out = self._fit_many_core(
                 fixed, Y, codes, levels, offset, sample_weight,
                 names=names, fixed_names=fixed_names, group_name=name, vcov=self.vcov, xp=xp, integer=integer,
-                verbose=self.verbose,
+                verbose=self.verbose, reml=bool(self.reml), term_df=self._ddf.df(np.eye(fixed.shape[1])),
             )
         self.formula_ = None
         self.n_genes_ = len(names)
@@ -603,8 +645,8 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
             warn_not_converged(f"{n_bad} of {G} genes (flag 'not_converged' in genes_)")
         return self
 
-    def contrast(self, contrasts, *, names=None):
-        """Wald tests of linear combinations of the fixed effects, per gene.
+    def contrast(self, contrasts, *, names=None, test="t", ddf="between-within"):
+        """Tests of linear combinations of the fixed effects, per gene.
 
         Parameters
         ----------
@@ -613,13 +655,45 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
             or a dict ``{name: {term: weight}}``.
         names : list of str, optional
             Contrast names (taken from the dict keys when a dict is given).
+        test : {"t", "z"}, default="t"
+            ``"t"``: the Wald statistic against a t distribution with ``ddf`` degrees
+            of freedom, the small-sample test that holds its level when a contrast
+            compares few groups (patients); ``"z"``: against the standard normal
+            (the Wald z of lme4's ``summary``; anticonservative with few groups).
+        ddf : "between-within" or float, default="between-within"
+            Denominator degrees of freedom of the t test: the between-within rule
+            (a contrast that compares levels of the grouping factor gets the number
+            of levels less the between-level fixed parameters, one estimable within
+            levels the residual df; see :class:`~skmixed.mixed._inference.BetweenWithin`),
+            or a number.
 
         Returns
         -------
         DataFrame
-            gene, contrast, estimate, std_error, z, p_value and q_value
-            (Benjamini-Hochberg over genes, within each contrast).
+            gene, contrast, estimate, std_error, statistic, df, p_value, q_value
+            (Benjamini-Hochberg over genes, within each contrast) and distribution
+            (``"t"``, or ``"normal"`` for the z test).
+
+        Notes
+        -----
+        Subclasses inherit this method (and :meth:`summary`) by providing, after the
+        fit, ``fixed_names_``, ``coef_cov_``, the estimates (``fixed_effects_`` for
+        one response; ``intercept_`` and ``coef_`` per gene with ``gene_names_`` and
+        ``n_genes_`` for many) and ``_ddf``, a
+        :class:`~skmixed.mixed._inference.BetweenWithin` of the fixed design and the
+        grouping factors (``PoissonGLMM._fit`` and ``_fit_many`` set it).
+
+        Examples
+        --------
+        >>> from skmixed import PoissonGLMM
+        >>> from skmixed.datasets import make_poisson_glmm
+        >>> data, _ = make_poisson_glmm(12, 30, random_state=0)
+        >>> model = PoissonGLMM().fit(data[["x1", "x2"]], data["y"], groups=data["g"])
+        >>> model.contrast({"x1 - x2": {"x1": 1.0, "x2": -1.0}})[["statistic", "df", "distribution"]].round(2)
+           statistic     df distribution
+        0      11.12  346.0            t
         """
+        check_test(test, ddf)
         check_is_fitted(self)
         if isinstance(contrasts, dict):
             names = list(contrasts)
@@ -630,13 +704,18 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
                         raise ValueError(f"contrast term {term!r} is not a fixed effect: {self.fixed_names_}.")
                     C[i, self.fixed_names_.index(term)] = value
         else:
-            C = contrasts
+            C = np.atleast_2d(np.asarray(contrasts, dtype=float))
+            if C.shape[1] != len(self.fixed_names_):
+                raise ValueError(
+                    f"contrasts must have {len(self.fixed_names_)} columns (one per fixed effect), got {C.shape[1]}."
+                )
+        df = reference_df(getattr(self, "_ddf", None), C, test, ddf)
         many = getattr(self, "n_genes_", None) is not None
         if many:
             beta = np.column_stack([self.intercept_, self.coef_]) if self.fit_intercept else self.coef_
-            return wald_contrasts(beta, self.coef_cov_, C, self.gene_names_, contrast_names=names)
+            return wald_contrasts(beta, self.coef_cov_, C, self.gene_names_, contrast_names=names, df=df)
         beta = self.fixed_effects_.to_numpy()[None, :]
-        return wald_contrasts(beta, self.coef_cov_[None], C, ["y"], contrast_names=names)
+        return wald_contrasts(beta, self.coef_cov_[None], C, ["y"], contrast_names=names, df=df)
 
     # ----------------------------------------------------------------- predict
     def _new_terms(self, X, groups):
@@ -917,30 +996,42 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
         return pd.Series(poisson_d2_by_column(Y, mu, w), index=pd.Index(self.gene_names_, name="gene"), name="d2")
 
     # ----------------------------------------------------------------- summary
-    def summary(self, alpha: float = 0.05) -> GLMMSummary:
-        """Fixed-effects table (estimate, SE, z, p, CI), random-effects table and fit statistics.
+    def summary(self, alpha: float = 0.05, *, test="t", ddf="between-within") -> GLMMSummary:
+        """Fixed-effects table (estimate, SE, statistic, df, p, CI, reference
+        distribution), random-effects table and fit statistics.
 
+        ``test`` and ``ddf`` as in :meth:`contrast`: by default t tests and intervals
+        with the between-within degrees of freedom; ``test="z"`` gives lme4's Wald z.
         For a many-gene fit the tables are tidy, one row per gene (and term):
-        ``fixed`` is ``results_`` with the confidence limits, ``random`` the
-        ``variance_components_`` and ``fit`` the per-gene ``genes_`` table.
+        ``fixed`` is ``results_`` (recomputed for ``test``/``ddf``) with the
+        confidence limits, ``random`` the ``variance_components_`` and ``fit`` the
+        per-gene ``genes_`` table.
         """
         check_is_fitted(self)
-        zc = scipy.stats.norm.ppf(1 - alpha / 2)
+        check_test(test, ddf)
         lo, hi = f"ci_{100 * alpha / 2:g}%", f"ci_{100 * (1 - alpha / 2):g}%"
+        df = reference_df(getattr(self, "_ddf", None), np.eye(len(self.fixed_names_)), test, ddf)
+        crit = critical_values(df, alpha)
         if getattr(self, "n_genes_", None) is not None:
             t = self.results_
-            fixed = t.assign(**{lo: t.estimate - zc * t.std_error, hi: t.estimate + zc * t.std_error})
+            G = self.n_genes_
+            est, se = t.estimate.to_numpy(), t.std_error.to_numpy()
+            cols = inference_columns(est, se, np.tile(df, G))
+            q = bh_columns(cols["p_value"].reshape(G, -1)).ravel()
+            c = np.tile(crit, G)
+            fixed = t.assign(**{k: v for k, v in cols.items()}, q_value=q, **{lo: est - c * se, hi: est + c * se})
             return GLMMSummary(fixed=fixed, random=self.variance_components_.copy(), fit=self.genes_.copy())
         est = self.fixed_effects_.to_numpy()
         se = np.sqrt(np.diag(self.coef_cov_))
-        z = est / se
+        cols = inference_columns(est, se, df)
         fixed = pd.DataFrame(
-            {"estimate": est, "std_error": se, "z": z, "p_value": 2 * scipy.stats.norm.sf(np.abs(z)),
-             lo: est - zc * se, hi: est + zc * se},
+            {"estimate": est, "std_error": se, **{k: v for k, v in cols.items() if k != "distribution"},
+             lo: est - crit * se, hi: est + crit * se, "distribution": cols["distribution"]},
             index=pd.Index(self.fixed_names_, name="term"),
         )
+        method = "Laplace" if self.nagq == 1 else f"adaptive Gauss-Hermite, nAGQ = {self.nagq}"
         fit = pd.Series(
-            {"method": "Laplace" if self.nagq == 1 else f"adaptive Gauss-Hermite, nAGQ = {self.nagq}",
+            {"method": method + (", REML" if self.reml and self._b else ""),
              "logLik": self.loglik_, "AIC": self.aic_, "BIC": self.bic_, "nobs": self.nobs_,
              "converged": self.converged_, "singular": self.singular_},
             name="fit",

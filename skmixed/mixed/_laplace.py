@@ -258,13 +258,124 @@ class LaplaceProblem:
         return f, grad
 
     # -- conditional (RX-based) covariance of beta --------------------------------
-    def conditional_cov(self, st: ModeState):
-        """Inverse Schur complement ``(X'VX - X'VA M^-1 A'VX)^-1`` (lme4 ``use.hessian = FALSE``)."""
+    def schur(self, st: ModeState):
+        """Schur complement ``X'VX - X'VA M^-1 A'VX``: the conditional information of beta."""
         v = self.family.information(st.mu, self.w)
         VX = v[:, None] * self.X
         AtVX = st.A.T @ VX
-        S = self.X.T @ VX - AtVX.T @ st.factor.solve(AtVX)
-        return np.linalg.inv(S)
+        return self.X.T @ VX - AtVX.T @ st.factor.solve(AtVX)
+
+    def conditional_cov(self, st: ModeState):
+        """Inverse Schur complement (lme4 ``use.hessian = FALSE``)."""
+        return np.linalg.inv(self.schur(st))
+
+    # -- REML: the fixed effects integrated out as well -------------------------------
+    # glmmTMB's ``REML = TRUE``: beta joins u among the integrated parameters (flat
+    # prior), so at given theta the Laplace approximation is taken at the joint mode
+    # (u~, beta~) of the penalised deviance, and the log-determinant of the joint
+    # Hessian is log det M + log det S, S the Schur complement (conditional
+    # information of beta). Minimising it over theta alone corrects the downward
+    # bias of the ML variance, as REML does for linear mixed models.
+    def joint_mode(self, theta, beta, *, max_iter=50):
+        """``(beta~, state, S)``: the joint mode of the penalised deviance at ``theta``."""
+        st = self.mode(theta, beta, self._u_start)
+        for _ in range(max_iter):
+            S = self.schur(st)
+            step = np.linalg.solve(S, self.X.T @ self.family.score(self.y, st.mu, self.w))
+            pen = self._penalised(st.eta, st.u)
+            t = 1.0
+            for _ in range(30):  # halve an overshooting step (far from the mode only)
+                trial = self.mode(theta, beta + t * step, st.u)
+                if self._penalised(trial.eta, trial.u) >= pen - 1e-12 * abs(pen):
+                    break
+                t *= 0.5
+            beta, st = beta + t * step, trial
+            if np.max(np.abs(t * step)) <= 1e-11 * (1.0 + np.max(np.abs(beta))):
+                break
+        self._u_start = st.u
+        return beta, st, self.schur(st)
+
+    def reml_deviance(self, theta, beta):
+        """REML criterion at ``theta`` (``-2`` times glmmTMB's REML log-likelihood, less
+        ``p log(2 pi)``) and the joint mode's ``(beta~, state, S)``."""
+        beta, st, S = self.joint_mode(theta, beta)
+        sign, logdet_s = np.linalg.slogdet(S)
+        f = self.laplace_deviance(st) + (logdet_s if sign > 0 else np.inf)
+        return f, (beta, st, S)
+
+    def optimise_reml(self, theta0, beta0, *, max_iter=500):
+        """Minimise the REML criterion over theta (bounded L-BFGS-B on central-difference
+        gradients; theta is short). Returns (theta, beta, f, n_iter, converged, message)."""
+        beta_box = [np.asarray(beta0, dtype=float)]
+
+        def fun(theta):
+            f, (beta, _, _) = self.reml_deviance(theta, beta_box[0])
+            beta_box[0] = beta
+            return f
+
+        def fun_grad(theta):
+            return fun(theta), central_gradient(fun, theta, rel=1e-6)
+
+        diag = np.isfinite(self.design.theta_lower)
+        # theta = 0 is a stationary point of the criterion (by the sign symmetry): start off it
+        theta0 = np.where(diag, np.maximum(np.abs(theta0), 0.05), theta0)
+        bounds = [(0.0, None) if d else (None, None) for d in diag]
+        res = scipy.optimize.minimize(
+            fun_grad, theta0, jac=True, method="L-BFGS-B", bounds=bounds,
+            options={"maxiter": max_iter, "ftol": 1e-15, "gtol": 1e-7},
+        )
+        theta = res.x
+        f, (beta, _, _) = self.reml_deviance(theta, beta_box[0])
+        g = central_gradient(fun, theta, rel=1e-6)
+        free = ~(diag & (theta <= 1e-8) & (g >= 0))
+        gnorm = float(np.max(np.abs(g[free]))) if free.any() else 0.0
+        converged = gnorm < 1e-2
+        message = "" if converged else f"REML gradient at the optimum is {gnorm:.3g} ({res.message})"
+        return theta, beta, f, int(res.nit), converged, message
+
+    def reml_cov(self, theta, beta, *, hessian=True, rel=1e-4):
+        """Covariance of beta~ under REML: ``S^-1`` (``hessian=False``), plus, as
+        glmmTMB's ``vcov``, the propagated uncertainty of theta, ``J V J'`` with
+        ``J = d beta~ / d theta`` and ``V`` twice the inverse Hessian of the criterion."""
+        f0, (beta, _, S) = self.reml_deviance(theta, beta)
+        cov = np.linalg.inv(S)
+        diag = np.isfinite(self.design.theta_lower)
+        live = ~(diag & (np.abs(theta) <= 1e-8))  # at theta = 0, J = 0 by symmetry
+        if not hessian or not live.any():
+            return cov
+        idx = np.flatnonzero(live)
+        k = idx.size
+        J = np.empty((self.p, k))
+        H = np.empty((k, k))
+        steps = rel * np.maximum(1.0, np.abs(theta[idx]))
+        fs = {}
+
+        def at(shift):
+            key = tuple(np.round(shift / steps, 6))
+            if key not in fs:
+                th = theta.copy()
+                th[idx] += shift
+                fs[key] = self.reml_deviance(th, beta)
+            return fs[key]
+
+        for a in range(k):
+            ea = np.zeros(k)
+            ea[a] = steps[a]
+            (fp, (bp, _, _)), (fm, (bm, _, _)) = at(ea), at(-ea)
+            J[:, a] = (bp - bm) / (2 * steps[a])
+            H[a, a] = (fp - 2 * f0 + fm) / steps[a] ** 2
+            for c in range(a):
+                ec = np.zeros(k)
+                ec[c] = steps[c]
+                fpp, fpm, fmp, fmm = (at(ea + ec)[0], at(ea - ec)[0], at(-ea + ec)[0], at(-ea - ec)[0])
+                H[a, c] = H[c, a] = (fpp - fpm - fmp + fmm) / (4 * steps[a] * steps[c])
+        try:
+            V = 2.0 * np.linalg.inv(H)
+        except np.linalg.LinAlgError:
+            return cov
+        if not np.all(np.isfinite(V)) or np.any(np.diag(V) <= 0):
+            return cov
+        return cov + J @ V @ J.T
 
     # -- outer optimisation --------------------------------------------------------------
     def bounds(self):
@@ -310,7 +421,7 @@ class LaplaceProblem:
             H[:, m] = (fun(xp_)[1] - fun(xm)[1]) / (2 * h)
         H[:nt, nt:] = H[nt:, :nt].T
         H[:nt, :nt] = 0.5 * (H[:nt, :nt] + H[:nt, :nt].T)
-        H[nt:, nt:] = 2.0 * np.linalg.inv(self.conditional_cov(st))
+        H[nt:, nt:] = 2.0 * self.schur(st)
         return H
 
     def reflect(self, params):

@@ -25,6 +25,7 @@ from ..glm._newton import fit_glm
 from ._batched import BatchedScalarLaplace, LevelDesign
 from ._design import distinct_rows
 from ._gene_chunks import check_count_values, gene_sums
+from ._inference import inference_columns
 
 CHUNK_GENES = 2_000  # genes fitted at once: the working arrays stay in cache
 
@@ -72,7 +73,8 @@ def _numeric(Y, where):
 
 def fit_many(
     fixed, Y, codes, levels, offset, weights, *, names, fixed_names, group_name, vcov, xp=np, integer=None, verbose=0,
-    n_jobs=None, client=None
+    n_jobs=None, client=None,
+    reml=False, term_df=None,
 ):
     """Fit one random-intercept Poisson GLMM per column of ``Y`` (n x G).
 
@@ -83,6 +85,9 @@ def fit_many(
     by chunks of genes. The chunks run in-process (``n_jobs`` threads) or on a Dask
     ``client`` (default: :func:`skmixed.parallel_config`'s); the results do not depend
     on which.
+
+    ``reml``: the REML criterion (see :meth:`BatchedScalarLaplace.fit_reml`);
+    ``term_df``: the reference df of each fixed effect (p,), inf for the Wald z.
 
     Returns a dict of per-gene arrays and tidy DataFrames.
     """
@@ -132,7 +137,7 @@ def fit_many(
         XtY, ylev, Yk = (to_device(np.ascontiguousarray(a[:, genes].T), xp) for a in (XtY_all, ylev_all, Yk_all))
         glm = fit_glm(Xk, Yk.T, Poisson, offset=ok, tol=1e-6, max_iter=15)  # a start only
         engine = BatchedScalarLaplace(design, XtY, ylev)
-        res = engine.fit(engine.start_theta(glm.coef), glm.coef, hessian_cov=(vcov == "hessian"))
+        res = engine.fit(engine.start_theta(glm.coef), glm.coef, hessian_cov=(vcov == "hessian"), reml=reml)
         return genes, res
 
     chunks = [idx[start : start + CHUNK_GENES] for start in range(0, idx.size, CHUNK_GENES)]
@@ -144,7 +149,8 @@ def fit_many(
         out["beta"][genes] = to_host(res.beta)
         out["cov"][genes] = to_host(res.cov)
         out["theta"][genes] = theta
-        out["loglik"][genes] = -0.5 * to_host(res.deviance) + const[genes]
+        # REML: glmmTMB's restricted log-likelihood, with the flat prior's 2 pi terms
+        out["loglik"][genes] = -0.5 * to_host(res.deviance) + const[genes] + (0.5 * p * np.log(2 * np.pi) if reml else 0.0)
         out["converged"][genes] = to_host(res.converged)
         out["b"][genes] = theta[:, None] * u
         out["condsd"][genes] = np.abs(theta)[:, None] / np.sqrt(M)
@@ -163,17 +169,17 @@ def fit_many(
     out["flag"] = flag
 
     se = np.sqrt(np.diagonal(out["cov"], axis1=1, axis2=2))
-    z = out["beta"] / se
-    pvals = 2 * scipy.stats.norm.sf(np.abs(z))
+    df = np.broadcast_to(np.full(p, np.inf) if term_df is None else np.asarray(term_df, dtype=float), (G, p))
+    inf = inference_columns(out["beta"], se, df)
     out["table"] = pd.DataFrame(
         {
             "gene": np.repeat(names, p),
             "term": np.tile(fixed_names, G),
             "estimate": out["beta"].ravel(),
             "std_error": se.ravel(),
-            "z": z.ravel(),
-            "p_value": pvals.ravel(),
-            "q_value": bh_columns(pvals).ravel(),  # over genes, within each term
+            **{k: np.ravel(v) for k, v in inf.items() if k != "distribution"},
+            "q_value": bh_columns(inf["p_value"]).ravel(),  # over genes, within each term
+            "distribution": inf["distribution"].ravel(),
         }
     )
     out["genes"] = pd.DataFrame(
@@ -295,18 +301,20 @@ def bh_columns(p):
     return q
 
 
-def wald_contrasts(beta, cov, contrasts, names, *, contrast_names=None):
+def wald_contrasts(beta, cov, contrasts, names, *, contrast_names=None, df=None):
     """Wald tests of ``C beta`` for every gene, with Benjamini-Hochberg q-values.
 
     Parameters
     ----------
     beta : (G, p); cov : (G, p, p); contrasts : (m, p) or (p,)
     names : gene names
+    df : (m,) reference degrees of freedom of each contrast (t); None or inf: normal
 
     Returns
     -------
-    DataFrame with gene, contrast, estimate, std_error, z, p_value, q_value (BH within
-    each contrast, over the genes with a finite p-value).
+    DataFrame with gene, contrast, estimate, std_error, statistic, df, p_value,
+    q_value (BH within each contrast, over the genes with a finite p-value) and
+    distribution ("t" or "normal").
     """
     C = np.atleast_2d(np.asarray(contrasts, dtype=float))
     if C.shape[1] != beta.shape[1]:
@@ -316,9 +324,9 @@ def wald_contrasts(beta, cov, contrasts, names, *, contrast_names=None):
     bad = np.isnan(beta).all(axis=1)
     est[bad], var[bad] = np.nan, np.nan
     se = np.sqrt(var)
-    z = est / se
-    p = 2 * scipy.stats.norm.sf(np.abs(z))
-    q = bh_columns(p)
+    dfs = np.broadcast_to(np.full(C.shape[0], np.inf) if df is None else np.asarray(df, dtype=float), est.shape)
+    inf = inference_columns(est, se, dfs)
+    q = bh_columns(inf["p_value"])
     labels = contrast_names or [f"contrast{m}" for m in range(C.shape[0])]
     G = beta.shape[0]
     return pd.DataFrame(
@@ -327,8 +335,8 @@ def wald_contrasts(beta, cov, contrasts, names, *, contrast_names=None):
             "contrast": np.repeat(labels, G),
             "estimate": est.T.ravel(),
             "std_error": se.T.ravel(),
-            "z": z.T.ravel(),
-            "p_value": p.T.ravel(),
+            **{k: np.ravel(v.T) for k, v in inf.items() if k != "distribution"},
             "q_value": q.T.ravel(),
+            "distribution": inf["distribution"].T.ravel(),
         }
     )
