@@ -85,7 +85,7 @@ def machine_description() -> str:
 
 def fit_skmixed(data: pd.DataFrame, nagq: int) -> PoissonGLMM:
     X = pd.get_dummies(data["cell_group"], prefix="cell_group", prefix_sep="", dtype=float)
-    return PoissonGLMM(fit_intercept=False, nagq=nagq).fit(
+    return PoissonGLMM(fit_intercept=False, nagq=nagq, reml=False).fit(  # glmer is maximum likelihood
         X, data["ZEB2"], groups=data["patient_assignment"], offset=np.log(data["total_count"])
     )
 
