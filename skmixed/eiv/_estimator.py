@@ -5,7 +5,6 @@ from __future__ import annotations
 import numbers
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -18,6 +17,7 @@ from threadpoolctl import threadpool_limits
 from .._backend import get_namespace, gpu_namespace, to_host
 from .._families import Poisson
 from .._inputs import count_source, require_counts
+from .._parallel import Engine, call_item
 from ._fit import MIN_PERTURBED_CELLS, draw_guesses, fit_block
 from ._inference import Z975, delta_method
 from ._init import fit_pilot
@@ -96,7 +96,9 @@ class GLMEIV(BaseEstimator):
     max_iter : int, default=500
         EM iterations per pair.
     n_jobs : int or None, default=None
-        Threads over blocks of pairs (results do not depend on it).
+        Threads over blocks of pairs (results do not depend on it). Within
+        ``skmixed.parallel_config(client=...)`` the blocks of pairs run on that Dask
+        cluster instead (same results; the pilot fits stay in-process).
     device : {None, "cpu", "gpu"}, default=None
         None follows the inputs (CuPy arrays fit on the GPU), "gpu" moves them there.
     random_state : int, Generator or None
@@ -305,13 +307,10 @@ class GLMEIV(BaseEstimator):
         n_jobs = 1 if self.n_jobs is None else self.n_jobs
         if n_jobs < 0:
             n_jobs = max(1, (os.cpu_count() or 1) + 1 + n_jobs)
-        pool = ThreadPoolExecutor(max_workers=n_jobs) if n_jobs > 1 else None
-        try:
+        # the pilot fits run on n_jobs threads here; the blocks of pairs in _fit_with_pool
+        with Engine(n_jobs=n_jobs, client=False) as pool:
             self._fit_with_pool(pool, xp, dev, Zd, Z, Y, Gr, Om, Og, idx, gnames, pnames, gi, pj, ug, up,
                                 zero_m, zero_g, n)
-        finally:
-            if pool is not None:
-                pool.shutdown()
 
     def _fit_with_pool(self, pool, xp, dev, Zd, Z, Y, Gr, Om, Og, idx, gnames, pnames, gi, pj, ug, up,
                        zero_m, zero_g, n):
@@ -361,7 +360,11 @@ class GLMEIV(BaseEstimator):
                 guesses=guesses, init=self.init, tol=self.tol, max_iter=self.max_iter,
             )
 
-        results = list(map(run, blocks)) if pool is None or len(blocks) <= 1 else list(pool.map(run, blocks))
+        # blocks through skmixed._parallel: n_jobs threads, or the Dask client of
+        # parallel_config (the GPU path in-process); run with the data it closes over and
+        # the blocks go to a cluster once, the tasks get block numbers
+        with Engine(n_jobs=pool.n_jobs, client=None if xp is np else False) as engine:
+            results = list(engine.map(call_item, range(len(blocks)), engine.share(run), engine.share(blocks)))
         for block, r in zip(blocks, results):
             est[block] = r.estimate
             for name in tables:
@@ -396,7 +399,7 @@ class GLMEIV(BaseEstimator):
         if Y.shape[1] == 0:
             return xp.zeros((0, Z.q)), xp.zeros((Z.n, 0)), None, np.zeros(0, bool)
         return fit_pilot(Z, Y, O, family, None if size is None else xp.asarray(size),
-                         map=map if pool is None else pool.map)
+                         map=pool.map)
 
     def _finish(self, idx, gnames, pnames, gi, pj, zero_m, zero_g, ug, up, est, tables, loglik, n_iter, converged,
                 paths, msize, gsize, n):
