@@ -82,3 +82,115 @@ def make_poisson_glmm(
     data["y"] = rng.poisson(np.exp(eta))
     truth = {"beta": beta, "b": b, "Sigma": sigma, "c": c, "sd_crossed": sd_crossed}
     return pd.DataFrame(data), truth
+
+
+def make_multipatient_counts(
+    n_genes: int = 2000,
+    n_cells: int = 20_000,
+    *,
+    sd_patient=0.2,
+    noise: str = "poisson",
+    size: float = 5.0,
+    frac_de: float = 0.1,
+    frac_de_within: float = 0.0,
+    de_sd: float = 1.0,
+    mean_log_rate: float = -11.2,
+    random_state=0,
+):
+    """Null and planted differential expression on the 16-patient Boland-like design,
+    with a known patient SD and Poisson or negative binomial cell noise.
+
+    Cells are those of :func:`skmixed.datasets.make_zeb2_like` (16 patients, 7 with
+    colitis; 20 cell groups ``"<type> : <tissue> : <disease>"``). Gene ``g`` has rate
+    ``exp(mu_g + d_g[cell_group] + b_g[patient]) * total_count`` with ``mu_g ~
+    N(mean_log_rate, 1)``, ``d_g ~ N(0, 0.3^2)`` and ``b_g ~ N(0, sd_patient_g^2)``;
+    the count is Poisson with that rate (``noise="poisson"``) or negative binomial
+    with variance ``mu + mu^2 / size`` (``noise="nb"``, a Gamma-Poisson per cell).
+
+    Two contrasts are null unless planted:
+
+    * between patients, ``"T : R : diseased" - "T : R : healthy"`` (disease is a
+      patient-level factor): equal cell-group effects, plus ``N(0, de_sd^2)`` in a
+      fraction ``frac_de`` of the genes;
+    * within patients, ``"T : R : healthy" - "T : PBMC : healthy"`` (the same healthy
+      patients' rectal and blood T cells): equal effects, plus ``N(0, de_sd^2)`` in a
+      fraction ``frac_de_within``.
+
+    Parameters
+    ----------
+    n_genes, n_cells : int
+    sd_patient : float or array of shape (n_genes,)
+        Standard deviation of the patient effects on the log scale.
+    noise : {"poisson", "nb"}
+    size : float
+        Negative binomial size (``noise="nb"``).
+    frac_de, frac_de_within, de_sd : float
+    mean_log_rate : float
+        Mean log rate per UMI of the genes (-11.2: about 10% non-zero counts).
+    random_state : int, RandomState instance or None
+
+    Returns
+    -------
+    cells : DataFrame
+        The cell table of :func:`~skmixed.datasets.make_zeb2_like` without ``ZEB2``.
+    counts : scipy.sparse.csc_matrix of shape (n_cells, n_genes)
+    truth : DataFrame
+        Per gene: ``gene``, ``sd_patient``, ``de`` and ``log_fold_change`` (between),
+        ``de_within`` and ``log_fold_change_within``.
+
+    Examples
+    --------
+    >>> from skmixed.datasets import make_multipatient_counts
+    >>> cells, counts, truth = make_multipatient_counts(50, 2000, noise="nb", random_state=0)
+    >>> counts.shape, cells.patient_assignment.nunique()
+    ((2000, 50), 16)
+    """
+    import scipy.sparse as sp  # noqa: PLC0415
+
+    from ._zeb2 import make_zeb2_like  # noqa: PLC0415
+
+    if noise not in ("poisson", "nb"):
+        raise ValueError(f"noise must be 'poisson' or 'nb', got {noise!r}.")
+    if not size > 0:
+        raise ValueError(f"size must be positive, got {size!r}.")
+    for name, frac in (("frac_de", frac_de), ("frac_de_within", frac_de_within)):
+        if not 0.0 <= frac <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {frac!r}.")
+    sd = np.broadcast_to(np.asarray(sd_patient, dtype=float), (int(n_genes),))
+    if np.any(sd < 0) or not np.all(np.isfinite(sd)):
+        raise ValueError("sd_patient must be finite and non-negative.")
+    rng = check_random_state(random_state)
+    cells = make_zeb2_like(n_cells, random_state=rng).drop(columns="ZEB2")
+    groups = list(cells["cell_group"].cat.categories)
+    g_codes = cells["cell_group"].cat.codes.to_numpy()
+    p_codes, patients = pd.factorize(cells["patient_assignment"], sort=True)
+    log_depth = np.log(cells["total_count"].to_numpy(dtype=float))
+    t_rd, t_rh, t_ph = (groups.index(k) for k in ("T : R : diseased", "T : R : healthy", "T : PBMC : healthy"))
+    de = rng.uniform(size=n_genes) < frac_de
+    de_w = rng.uniform(size=n_genes) < frac_de_within
+    lfc = np.where(de, rng.normal(0.0, de_sd, n_genes), 0.0)
+    lfc_w = np.where(de_w, rng.normal(0.0, de_sd, n_genes), 0.0)
+    D = rng.normal(0.0, 0.3, (n_genes, len(groups)))
+    D[:, t_ph] = D[:, t_rh] - lfc_w
+    D[:, t_rd] = D[:, t_rh] + lfc
+    B = rng.normal(0.0, 1.0, (n_genes, patients.size)) * sd[:, None]
+    mu0 = rng.normal(mean_log_rate, 1.0, n_genes)
+    data, rows, indptr = [], [], [0]
+    for start in range(0, n_genes, 256):  # (cells x 256) rates at a time
+        sl = slice(start, min(start + 256, n_genes))
+        rate = np.exp(mu0[None, sl] + D[sl].T[g_codes] + B[sl].T[p_codes] + log_depth[:, None])
+        if noise == "nb":
+            rate = rate * rng.gamma(size, 1.0 / size, rate.shape)
+        y = rng.poisson(rate)
+        for col in y.T:
+            nz = np.flatnonzero(col)
+            rows.append(nz)
+            data.append(col[nz])
+            indptr.append(indptr[-1] + nz.size)
+    counts = sp.csc_matrix(
+        (np.concatenate(data).astype(float), np.concatenate(rows), np.asarray(indptr)), shape=(n_cells, n_genes)
+    )
+    names = [f"gene{g:05d}" for g in range(n_genes)]
+    truth = pd.DataFrame({"gene": names, "sd_patient": sd, "de": de, "log_fold_change": lfc,
+                          "de_within": de_w, "log_fold_change_within": lfc_w})
+    return cells, counts, truth

@@ -38,12 +38,14 @@ TESTS = ("t", "z")
 
 def _rank_and_basis(M, tol=1e-10):
     """Rank of ``M`` (n, p) and an orthonormal basis of its row space (p, r), from the
-    eigen-decomposition of ``M'M`` (p is small; n may be large)."""
+    eigen-decomposition of ``M'M`` (p is small; n may be large). ``M`` is on the scale
+    of a design with unit-norm columns, so the tolerance is absolute: a within-level
+    residual that is zero up to rounding has rank 0."""
     if M.shape[0] == 0:
         return 0, np.zeros((M.shape[1], 0))
     G = M.T @ M
     lam, V = np.linalg.eigh(0.5 * (G + G.T))
-    keep = lam > tol * max(float(lam.max(initial=0.0)), 1e-300)
+    keep = lam > tol
     return int(keep.sum()), V[:, keep]
 
 
