@@ -1,0 +1,222 @@
+"""Counts read from disk by chunks (issue 15, point 2): backed AnnData and dask arrays.
+
+The many-gene PoissonGLMM and ``resampling_test`` given ``anndata.read_h5ad(path,
+backed="r")`` (or a ``dask.array``) read the file by chunks of genes and must give the
+in-memory results exactly; the chunks read are bounded by the chunk size; chunk size
+and ``n_jobs`` change nothing; bad values in the file are reported with where they
+were read. The Dask-cluster versions are in test_parallel_dask.py.
+"""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+anndata = pytest.importorskip("anndata")
+
+import skmixed.mixed._multigene as multigene  # noqa: E402
+from skmixed import PoissonGLMM  # noqa: E402
+from skmixed._inputs import MatrixReader, count_source  # noqa: E402
+from skmixed._parallel import parallel_config  # noqa: E402
+from skmixed.datasets import make_boland_like_counts  # noqa: E402
+from skmixed.offset import make_perturbation_screen, resampling_test  # noqa: E402
+
+FORMULA = "~ 0 + cell_group + offset(log(total_count)) + (1 | patient_assignment)"
+
+
+def _dense(M):
+    return M.toarray() if sp.issparse(M) else np.asarray(M)
+
+
+@pytest.fixture(scope="module")
+def boland(tmp_path_factory):
+    """A 2,000-cell, 25-gene Boland-like data set in memory and as CSC, CSR and dense .h5ad files."""
+    d = tmp_path_factory.mktemp("backed")
+    cells, counts, truth = make_boland_like_counts(n_genes=25, n_cells=2000, random_state=1)
+    cells.index = cells.index.astype(str)
+    adata = anndata.AnnData(sp.csc_matrix(counts, dtype=float), obs=cells, var=pd.DataFrame(index=truth.gene.to_numpy()))
+    paths = {}
+    for fmt in ("csc", "csr", "dense"):
+        a = adata.copy()
+        a.X = a.X.toarray() if fmt == "dense" else a.X.asformat(fmt)
+        a.layers["raw"] = a.X.copy()
+        paths[fmt] = d / f"boland_{fmt}.h5ad"
+        a.write_h5ad(paths[fmt])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = PoissonGLMM.from_formula(FORMULA, adata)
+    return adata, paths, ref
+
+
+def _same_fit(m, ref, rtol=1e-10):
+    assert list(m.gene_names_) == list(ref.gene_names_)
+    for attr in ("coef_", "coef_se_", "theta_", "loglik_", "loglik_saturated_"):
+        np.testing.assert_allclose(getattr(m, attr), getattr(ref, attr), rtol=rtol, atol=1e-12, err_msg=attr)
+    assert list(m.flags_) == list(ref.flags_)
+    pd.testing.assert_frame_equal(m.genes_, ref.genes_, rtol=rtol)
+
+
+def _close_fit(m, ref):
+    """Another chunking of the genes: the genes are fitted batch by batch, so the genes
+    fitted cleanly agree to the optimiser's tolerance (not to the last digit); a gene
+    flagged 'zero_count_group' has a -inf MLE, reported where the optimiser stopped."""
+    assert list(m.flags_) == list(ref.flags_)
+    ok = np.asarray(ref.flags_) == ""
+    assert ok.sum() >= 10
+    np.testing.assert_allclose(m.coef_[ok], ref.coef_[ok], rtol=1e-7)
+    np.testing.assert_allclose(m.theta_[ok], ref.theta_[ok], rtol=1e-6)
+    np.testing.assert_allclose(m.loglik_[ok], ref.loglik_[ok], rtol=1e-12)
+    np.testing.assert_allclose(m.loglik_saturated_, ref.loglik_saturated_, rtol=1e-12)
+
+
+def _fit(data, chunk=None, n_jobs=None):
+    old = multigene.CHUNK_GENES
+    multigene.CHUNK_GENES = chunk or old  # not monkeypatch: hypothesis reuses function-scoped fixtures
+    try:
+        with warnings.catch_warnings(), parallel_config(n_jobs=n_jobs):
+            warnings.simplefilter("ignore")
+            return PoissonGLMM.from_formula(FORMULA, data)
+    finally:
+        multigene.CHUNK_GENES = old
+
+
+@pytest.mark.parametrize("fmt", ["csc", "csr", "dense"])
+@pytest.mark.parametrize("layer", [None, "raw"])
+def test_reader_blocks_equal_the_matrix(boland, fmt, layer):
+    adata, paths, _ = boland
+    backed = anndata.read_h5ad(paths[fmt], backed="r")
+    src = count_source(backed, layer=layer, arg="adata", stream=True)
+    reader = src.values
+    assert isinstance(reader, MatrixReader) and reader.kind == "h5ad"
+    assert reader.key == ("X" if layer is None else "layers/raw") and reader.where.startswith("adata.")
+    assert reader.shape == adata.shape and list(src.names) == list(adata.var_names)
+    X = adata.X.toarray()
+    np.testing.assert_array_equal(_dense(reader.columns(slice(3, 11))), X[:, 3:11])
+    np.testing.assert_array_equal(_dense(reader.columns(np.array([20, 2, 2, 7]))), X[:, [20, 2, 2, 7]])
+    np.testing.assert_array_equal(_dense(reader.rows(slice(100, 350))), X[100:350])
+    np.testing.assert_array_equal(_dense(reader.rows(np.array([1500, 3]))), X[[1500, 3]])
+    # without stream=True the same AnnData is read into memory, as before
+    assert not isinstance(count_source(backed, layer=layer).values, MatrixReader)
+
+
+def test_reader_of_a_dask_array():
+    da = pytest.importorskip("dask.array")
+    X = np.arange(60.0).reshape(6, 10)
+    src = count_source(da.from_array(X, chunks=(4, 3)), stream=True)
+    assert src.values.kind == "dask" and src.names is None
+    np.testing.assert_array_equal(src.values.columns(slice(2, 7)), X[:, 2:7])
+    np.testing.assert_array_equal(src.values.rows(np.array([5, 0])), X[[5, 0]])
+
+
+@pytest.mark.parametrize("fmt", ["csc", "csr", "dense"])
+def test_many_gene_fit_from_backed_equals_in_memory(boland, fmt):
+    adata, paths, ref = boland
+    backed = anndata.read_h5ad(paths[fmt], backed="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = PoissonGLMM.from_formula(FORMULA, backed)
+        m_layer = PoissonGLMM.from_formula(FORMULA, backed, layer="raw")
+    _same_fit(m, ref)
+    _same_fit(m_layer, ref)
+    C = {"UC": {"cell_groupT : R : diseased": 1.0, "cell_groupT : R : healthy": -1.0}}
+    pd.testing.assert_frame_equal(m.contrast(C), ref.contrast(C), rtol=1e-10)
+
+
+def test_fit_with_dask_array_counts_equals_numpy(boland):
+    da = pytest.importorskip("dask.array")
+    adata, _, _ = boland
+    cells = adata.obs
+    X = pd.get_dummies(cells.cell_group, dtype=float)
+    Y = adata.X.toarray()
+    kw = dict(groups=cells.patient_assignment.to_numpy(), offset=np.log(cells.total_count.to_numpy()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = PoissonGLMM(fit_intercept=False).fit(X, Y, **kw)
+        m = PoissonGLMM(fit_intercept=False).fit(X, da.from_array(Y, chunks=(500, 7)), **kw)
+    _same_fit(m, ref)
+
+
+def test_backed_fit_reads_bounded_chunks(boland, monkeypatch):
+    """Every read is one chunk of genes (CHUNK_GENES at most), each gene read once:
+    peak memory follows the chunk size, not the number of genes."""
+    adata, paths, ref = boland
+    monkeypatch.setattr(multigene, "CHUNK_GENES", 4)
+    reads = []
+    original = MatrixReader.columns
+
+    def spy(self, sel):
+        block = original(self, sel)
+        reads.append((sel, block.shape))
+        return block
+
+    monkeypatch.setattr(MatrixReader, "columns", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = PoissonGLMM.from_formula(FORMULA, anndata.read_h5ad(paths["csc"], backed="r"))
+    assert [s for s, _ in reads] == [slice(s, min(s + 4, 25)) for s in range(0, 25, 4)]
+    assert all(shape[0] == 2000 and shape[1] <= 4 for _, shape in reads)
+    monkeypatch.setattr(MatrixReader, "columns", original)
+    _same_fit(m, _fit(adata, chunk=4))  # the same chunks in memory: the same numbers
+    _close_fit(m, ref)
+
+
+@settings(max_examples=8, deadline=None)
+@given(chunk=st.integers(1, 30), n_jobs=st.sampled_from([1, 2, -1]))
+def test_chunk_size_and_n_jobs(boland, chunk, n_jobs):
+    """n_jobs (threads) changes nothing at all; the chunk size nothing beyond the
+    optimiser's tolerance (see _close_fit)."""
+    adata, paths, ref = boland
+    m = _fit(anndata.read_h5ad(paths["csc"], backed="r"), chunk=chunk, n_jobs=n_jobs)
+    _same_fit(m, _fit(adata, chunk=chunk, n_jobs=1), rtol=0)
+    _close_fit(m, ref)
+
+
+def test_bad_values_in_the_file_name_where_they_were_read(tmp_path):
+    cells, counts, truth = make_boland_like_counts(n_genes=6, n_cells=400, random_state=2)
+    cells.index = cells.index.astype(str)
+    X = sp.csc_matrix(counts, dtype=float)
+    bad = X.copy()
+    bad.data[5] = -1.0
+    anndata.AnnData(bad, obs=cells).write_h5ad(tmp_path / "neg.h5ad")
+    with pytest.raises(ValueError, match=r"data\.X must be non-negative counts"):
+        PoissonGLMM.from_formula(FORMULA, anndata.read_h5ad(tmp_path / "neg.h5ad", backed="r"))
+    frac = X.copy()
+    frac.data = frac.data + 0.5
+    anndata.AnnData(frac, obs=cells).write_h5ad(tmp_path / "frac.h5ad")
+    with pytest.raises(ValueError, match=r"data\.X holds non-integer values"):
+        PoissonGLMM.from_formula(FORMULA, anndata.read_h5ad(tmp_path / "frac.h5ad", backed="r"))
+
+
+@pytest.fixture(scope="module")
+def screen(tmp_path_factory):
+    Y, treatment, covariates, _ = make_perturbation_screen(1500, 20, 6, random_state=3)
+    names = [f"cell{i}" for i in range(1500)]
+    adata = anndata.AnnData(sp.csc_matrix(Y.to_numpy(dtype=float)), obs=covariates.set_axis(names),
+                            var=pd.DataFrame(index=Y.columns))
+    path = tmp_path_factory.mktemp("screen") / "screen.h5ad"
+    adata.write_h5ad(path)
+    return Y, treatment, covariates, path
+
+
+def test_resampling_test_from_backed_reads_only_the_genes_in_pairs(screen, monkeypatch):
+    Y, treatment, covariates, path = screen
+    pairs = [(f"gene{g}", f"pert{p}") for p in range(6) for g in (4, 11, 2)]
+    kw = dict(pairs=pairs, n_resamples=99, random_state=0, return_resampled=True)
+    ref, ref_draws = resampling_test(Y, treatment, covariates, **kw)
+    reads = []
+    original = MatrixReader.columns
+
+    def spy(self, sel):
+        reads.append(np.asarray(sel))
+        return original(self, sel)
+
+    monkeypatch.setattr(MatrixReader, "columns", spy)
+    backed = anndata.read_h5ad(path, backed="r")
+    res, draws = resampling_test(backed, treatment, covariates, **kw)
+    assert len(reads) == 1 and list(reads[0]) == [2, 4, 11]
+    pd.testing.assert_frame_equal(res, ref)
+    np.testing.assert_array_equal(draws, ref_draws)
