@@ -410,3 +410,21 @@ def test_all_zero_treated_counts_give_minus_inf_and_their_documented_pvalue(smal
     assert res.statistic[0] == -np.inf and res.flag[0] == ""
     n_tie = int(np.sum(S[0] == -np.inf))
     assert res.pvalue[0] == pytest.approx(min(1.0, 2 * (1 + n_tie) / 100))
+
+
+def test_distillation_and_treatment_model_do_not_depend_on_threads(monkeypatch):
+    """Chunks of genes / perturbations on 2 threads give the 1-thread results exactly."""
+    import skmixed.offset._resampling as R
+    from skmixed.offset import distill, make_perturbation_screen, treatment_probabilities
+
+    counts, treatment, cov, _ = make_perturbation_screen(1500, 7, 5, treated_fraction=0.05, random_state=3)
+    monkeypatch.setattr(R, "_column_chunks", lambda k, n, budget=0: [slice(s, min(s + 2, k)) for s in range(0, k, 2)])
+    d1, d2 = distill(counts, cov, n_jobs=1), distill(counts, cov, n_jobs=2)
+    np.testing.assert_array_equal(d1.offsets, d2.offsets)
+    np.testing.assert_array_equal(d1.size, d2.size)
+    np.testing.assert_array_equal(d1.coef, d2.coef)
+    whole = distill(counts.iloc[:, :2], cov)  # a chunk is fitted as if alone
+    np.testing.assert_allclose(whole.coef, d2.coef[:2], rtol=1e-12)
+    p1 = treatment_probabilities(treatment, cov, n_jobs=1)
+    p2 = treatment_probabilities(treatment, cov, n_jobs=2)
+    np.testing.assert_array_equal(p1, p2)

@@ -52,6 +52,7 @@ from .._families import Bernoulli, NegativeBinomial, Poisson, _trigamma
 from .._inputs import MatrixReader, count_source, require_counts
 from .._parallel import Engine, call_item
 from .._progress import check_verbose, logger, progress
+from .._threads import one_blas_thread
 from ..glm._newton import _column_products, _weighted_gram, fit_glm
 from ._engine import (
     Elements,
@@ -241,7 +242,8 @@ class Distillation:
     converged: np.ndarray
 
 
-def distill(counts, covariates=None, *, family="negative_binomial", size=None, max_iter=100, max_rounds=10):
+def distill(counts, covariates=None, *, family="negative_binomial", size=None, max_iter=100, max_rounds=10,
+            n_jobs=None):
     """Fit ``counts[:, g] ~ family(exp([1, covariates] @ coef_g))`` for every gene.
 
     NB with ``size=None`` alternates, as ``MASS::glm.nb`` does, a GLM at fixed size
@@ -260,6 +262,8 @@ def distill(counts, covariates=None, *, family="negative_binomial", size=None, m
         Newton iterations per GLM fit.
     max_rounds : int
         GLM / size alternations.
+    n_jobs : int or None
+        Threads over chunks of genes (in-process; results do not depend on it).
 
     Returns
     -------
@@ -276,10 +280,12 @@ def distill(counts, covariates=None, *, family="negative_binomial", size=None, m
     coefs = np.empty((G, X.shape[1]))
     converged = np.ones(G, bool)
     fixed = None if size is None else np.broadcast_to(np.asarray(size, dtype=float), (G,))
-    for sl in _column_chunks(G, n):
+
+    def fit_chunk(sl):
         Yc = Y[:, sl]
         res = fit_glm(X, Yc, _KernelLoglik(Poisson), max_iter=max_iter)
         coef, conv = res.coef, res.converged
+        r = np.full(Yc.shape[1], np.inf)
         if family == "negative_binomial":
             if fixed is not None:
                 r = fixed[sl].copy()
@@ -296,10 +302,18 @@ def distill(counts, covariates=None, *, family="negative_binomial", size=None, m
                     r = r_new
                     if settled:
                         break
-            sizes[sl] = r
-        coefs[sl] = coef
-        converged[sl] = conv
         offsets[:, sl] = X @ coef.T
+        return sl, coef, conv, r
+
+    chunks = _column_chunks(G, n)
+    # one BLAS thread: the products here are thin (n x few), and a multithreaded BLAS
+    # beside the chunk threads (or other work) spins instead of computing (seconds per
+    # Gram on a loaded 2-core machine, against 20 ms)
+    with one_blas_thread(), Engine(n_jobs=n_jobs, client=False) as pool:
+        for sl, coef, conv, r in pool.map(fit_chunk, chunks):
+            coefs[sl], converged[sl] = coef, conv
+            if family == "negative_binomial":
+                sizes[sl] = r
     if not converged.all():
         warnings.warn(
             f"the distillation GLM did not converge for {int((~converged).sum())} gene(s).",
@@ -411,13 +425,17 @@ def _logistic_newton(X, T, coef0, max_iter, tol=1e-10):
     return coef, ok & np.all(np.isfinite(coef), axis=1)
 
 
-def treatment_probabilities(treatment, covariates=None, *, max_iter=100):
+def treatment_probabilities(treatment, covariates=None, *, max_iter=100, n_jobs=None):
     """``P(T_ip = 1 | covariates)`` from a logistic regression per perturbation.
 
     Parameters
     ----------
     treatment : array-like of shape (n_cells, n_perturbations), 0/1
     covariates : array-like of shape (n_cells, n_covariates) or None
+    max_iter : int
+        Newton iterations per perturbation.
+    n_jobs : int or None
+        Threads over chunks of perturbations (in-process; results do not depend on it).
 
     Returns
     -------
@@ -429,21 +447,27 @@ def treatment_probabilities(treatment, covariates=None, *, max_iter=100):
     n, P = T.shape
     X = _design(covariates, n)
     pi = np.empty((n, P), order="F")
-    bad = 0
-    for sl in _column_chunks(P, n, budget=2**24):
+
+    def fit_chunk(sl):
         Tc = T[:, sl].astype(np.float64)
         # start at the intercept-only fit: a few Newton steps from the optimum
         frac = np.clip(Tc.mean(axis=0), 1.0 / n, 1.0 - 1.0 / n)
         coef0 = np.zeros((frac.size, X.shape[1]))
         coef0[:, 0] = np.log(frac / (1.0 - frac))
         coef, ok = _logistic_newton(X, Tc, coef0, max_iter)
+        bad = 0
         if not ok.all():
             # the safeguarded solver (line search) where plain Newton steps did not settle
             idx = np.flatnonzero(~ok)
             res = fit_glm(X, Tc[:, idx], Bernoulli, coef0=coef0[idx], max_iter=max_iter)
             coef[idx] = res.coef
-            bad += int((~res.converged).sum())
+            bad = int((~res.converged).sum())
         pi[:, sl] = scipy.special.expit(X @ coef.T)
+        return bad
+
+    # one BLAS thread: see distill
+    with one_blas_thread(), Engine(n_jobs=n_jobs, client=False) as pool:
+        bad = sum(pool.map(fit_chunk, _column_chunks(P, n, budget=2**24)))
     if bad:
         warnings.warn(
             f"the treatment model did not converge for {bad} perturbation(s) (separation?).",
@@ -779,7 +803,8 @@ def resampling_test(
 
     if distillation is None:
         logger.info("resampling_test: distillation (%s GLM) of %d genes on %d cells", family, used.size, n)
-        sub = distill(Yt.T, covariates, family=family, size=None if size is None else np.broadcast_to(size, (G,))[used])
+        sub = distill(Yt.T, covariates, family=family, size=None if size is None else np.broadcast_to(size, (G,))[used],
+                      n_jobs=n_jobs)
         Ot, sizes = np.ascontiguousarray(sub.offsets.T), sub.size
     else:
         if distillation.offsets.shape != (n, G):
@@ -801,7 +826,7 @@ def resampling_test(
     elif resampling == "conditional":
         pi = np.zeros((n, T.shape[1]))
         logger.info("resampling_test: treatment model of %d perturbations", used_p.size)
-        pi[:, used_p] = treatment_probabilities(T[:, used_p], covariates)
+        pi[:, used_p] = treatment_probabilities(T[:, used_p], covariates, n_jobs=n_jobs)
 
     B = int(n_resamples)
     K = gi.size
