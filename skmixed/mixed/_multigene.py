@@ -132,6 +132,7 @@ def fit_many(
     logger.info("PoissonGLMM: %d genes (%d without counts), %d distinct rows of %d cells, %d levels of %r",
                 G, G - idx.size, n_c, n, L, group_name)
     bar = progress(total=int(idx.size), desc="PoissonGLMM genes", unit="gene", verbose=verbose)
+
     def fit_chunk(genes):
         # the small reduced problem runs where the input lives: numpy, or CuPy on a GPU
         XtY, ylev, Yk = (to_device(np.ascontiguousarray(a[:, genes].T), xp) for a in (XtY_all, ylev_all, Yk_all))
