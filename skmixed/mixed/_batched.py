@@ -195,21 +195,24 @@ class BatchedScalarLaplace:
     def _masked_schur(self, S, frozen):
         """S with the frozen rows and columns replaced by those of the identity."""
         xp = self.xp
-        keep = ~frozen
-        S = S * (keep[:, :, None] & keep[:, None, :])
-        eye = xp.eye(self.p)[None, :, :] * frozen[:, :, None]
-        return S + eye
+        rows = xp.flatnonzero(xp.any(frozen, axis=1))
+        if rows.size == 0:
+            return S
+        fz = frozen[rows]
+        keep = ~fz
+        S = S.copy()
+        S[rows] = S[rows] * (keep[:, :, None] & keep[:, None, :]) + xp.eye(self.p)[None, :, :] * fz[:, :, None]
+        return S
 
     def joint_mode(self, theta, beta, u, max_iter=30):
         """Per gene, the joint mode ``beta~`` of the penalised deviance at ``theta``, by
         Newton steps on beta with the Schur complement (the profiled curvature; the
-        problem is convex in (u, beta)); genes leave the loop as they converge.
-        Returns ``beta~``, the state at the mode, S and the expected count per level."""
+        problem is convex in (u, beta)); a gene leaves the loop when its Newton
+        decrement is at round-off, its state evaluated at its final beta.
+        Returns ``beta~``, ``(u, M)`` at the mode, S and the expected count per level."""
         xp = self.xp
         beta, u = beta.copy(), u.copy()
-        ex, M, m = xp.empty_like(u), xp.empty_like(u), xp.empty_like(u)
-        e = xp.empty((self.G, self.d.K))
-        T = xp.empty((self.G, self.L, self.p))
+        M, m = xp.empty_like(u), xp.empty_like(u)
         S = xp.empty((self.G, self.p, self.p))
         act = xp.arange(self.G)
         for it in range(max_iter + 1):
@@ -218,33 +221,28 @@ class BatchedScalarLaplace:
             u_a, ex_a, M_a = eng.mode(theta[act], s_a, u[act])
             fz = eng.frozen()
             S_a = eng._masked_schur(eng.schur(theta[act], (u_a, ex_a, M_a, e_a, T_a)), fz)
-            u[act], ex[act], M[act], e[act], T[act], S[act], m[act] = u_a, ex_a, M_a, e_a, T_a, S_a, s_a * ex_a
+            u[act], M[act], S[act], m[act] = u_a, M_a, S_a, s_a * ex_a
             if it == max_iter:
                 break
             score = xp.where(fz, 0.0, eng.XtY - xp.sum(ex_a[:, :, None] * T_a, axis=1))  # X'(y - mu)
             step = xp.linalg.solve(S_a, score[:, :, None])[:, :, 0]
             # the Newton decrement, not the step: a cell group without counts has
             # beta -> -inf, steps of one unit and a vanishing score
-            still = xp.sum(score * step, axis=1) > 1e-14
             big = xp.max(xp.abs(step), axis=1)
-            step = step / xp.maximum(big, 1.0)[:, None]  # at most one unit on the log scale
-            beta[act] = beta[act] + step
-            # converged genes take this last step and one more evaluation of their state
-            if not bool(xp.any(still)) and it > 0:
-                e_a, s_a, T_a = self.d.rates(beta[act])
-                u_a, ex_a, M_a = eng.mode(theta[act], s_a, u[act])
-                S_a = eng._masked_schur(eng.schur(theta[act], (u_a, ex_a, M_a, e_a, T_a)), eng.frozen())
-                u[act], ex[act], M[act], e[act], T[act], S[act], m[act] = u_a, ex_a, M_a, e_a, T_a, S_a, s_a * ex_a
+            moving = (xp.sum(score * step, axis=1) > 1e-20) & (big > 1e-13 * (1.0 + xp.max(xp.abs(beta[act]), axis=1)))
+            if not bool(xp.any(moving)):
                 break
-            act = act[still] if bool(xp.any(still)) else act
-        return beta, (u, ex, M, e, T), S, m
+            step = step / xp.maximum(big, 1.0)[:, None]  # at most one unit on the log scale
+            act = act[moving]
+            beta[act] = beta[act] + step[moving]
+        return beta, (u, M), S, m
 
     def reml_deviance(self, theta, beta, u):
         """REML criterion per gene (the Laplace deviance at the joint mode plus
         ``log det S``), with ``beta~`` and the state there."""
         xp = self.xp
         beta, state, S, m = self.joint_mode(theta, beta, u)
-        u, M = state[0], state[2]
+        u, M = state
         dev = -2.0 * (xp.sum(beta * self.XtY, axis=1) + xp.sum(theta[:, None] * self.ylev * u - m, axis=1))
         sign, logdet_s = xp.linalg.slogdet(S)
         dev = dev + xp.sum(u * u, axis=1) + xp.sum(xp.log(M), axis=1) + xp.where(sign > 0, logdet_s, xp.inf)
@@ -274,6 +272,16 @@ class BatchedScalarLaplace:
         for it, act, eng in self._rounds(done, max_iter):
             th, b, uu = theta[act], beta[act], u[act]
             f0, g, H, _, b0, st0, _ = eng._reml_curvature(th, b, uu)
+            # near the boundary the criterion is flat (quartic when its minimum is at 0)
+            # and Newton creeps: try theta = 0 itself
+            near = th < 1e-3
+            if bool(xp.any(near)):
+                f_zero = eng.reml_deviance(xp.zeros_like(th), b0, st0[0])[0]
+                at_zero = near & (f_zero <= f0 + 1e-10 * (1.0 + xp.abs(f0)))
+                g = xp.where(at_zero, 0.0, g)
+                H = xp.where(at_zero, 1.0, H)
+                th = xp.where(at_zero, 0.0, th)
+                theta[act[at_zero]] = 0.0
             newton = H > 0
             step = xp.where(newton, -g / xp.where(newton, H, 1.0), -xp.sign(g) * 0.5 * (th + 0.1))
             step = xp.clip(step, -(1.0 + th), 1.0 + th)
@@ -299,7 +307,7 @@ class BatchedScalarLaplace:
             live = (theta > 1e-6) & (H > 0)
             scale = xp.where(live, 2.0 / xp.where(live, H, 1.0), 0.0)
             cov = cov + scale[:, None, None] * J[:, :, None] * J[:, None, :]
-        return BatchResult(theta, beta, cov, f, state[0], state[2], it, converged)
+        return BatchResult(theta, beta, cov, f, state[0], state[1], it, converged)
 
     def _grad_columns(self, params, u, du, h_rel, cols):
         """Central differences of the gradient along the parameters in ``cols``; PIRLS
