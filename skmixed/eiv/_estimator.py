@@ -12,12 +12,12 @@ import scipy.sparse
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
-from threadpoolctl import threadpool_limits
 
 from .._backend import get_namespace, gpu_namespace, to_host
 from .._families import Poisson
 from .._inputs import count_source, require_counts
 from .._parallel import Engine, call_item
+from .._threads import one_blas_thread
 from ._fit import MIN_PERTURBED_CELLS, draw_guesses, fit_block
 from ._inference import Z975, delta_method
 from ._init import fit_pilot
@@ -279,7 +279,7 @@ class GLMEIV(BaseEstimator):
         idx = self._pairs(pairs, gnames, pnames)
         # the work is many small matrix products: a multithreaded BLAS only spins (3x slower
         # on a loaded 2-core machine); parallelism is over blocks of pairs (n_jobs)
-        with threadpool_limits(limits=1, user_api="blas"):
+        with one_blas_thread():
             self._fit_arrays(Z, Y, Gr, Om, Og, idx, gnames, pnames)
         return self
 
