@@ -15,6 +15,7 @@ checked. One rule for every estimator that takes AnnData:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,7 +108,8 @@ class MatrixReader:
                 raise ValueError(f"{path!r} has no element {key!r}.")
             el = f[key]
             shape = tuple(el.attrs["shape"]) if isinstance(el, h5py.Group) else el.shape
-        return cls("h5ad", str(path), key=key, shape=shape, where=where, anndata=anndata)
+        # absolute: a Dask worker may run in another folder (on a shared file system)
+        return cls("h5ad", os.path.abspath(path), key=key, shape=shape, where=where, anndata=anndata)
 
     def __repr__(self):
         home = f"{self.data!r}[{self.key!r}]" if self.kind == "h5ad" else type(self.data).__name__

@@ -109,6 +109,58 @@ def parallel_config(*, client=_UNSET, n_jobs=_UNSET):
         _CONFIG.reset(token)
 
 
+@contextlib.contextmanager
+def dask_client(address, *, n_workers=None):
+    """Connect to a Dask scheduler and run skmixed's chunks there inside the block.
+
+    Parameters
+    ----------
+    address : str or None
+        ``"local"``: start a ``LocalCluster`` of worker processes on this machine (one
+        thread each), closed at the end of the block; a scheduler address such as
+        ``"tcp://10.0.0.5:8786"`` (``dask scheduler`` on a head node, or a
+        dask-jobqueue cluster's ``scheduler_address``): connect to it. None: nothing
+        (in-process).
+    n_workers : int, optional
+        Worker processes of the ``"local"`` cluster (default: one per CPU).
+
+    Yields
+    ------
+    client : dask.distributed.Client or None
+        Also set as :func:`parallel_config`'s client inside the block.
+
+    Examples
+    --------
+    >>> from skmixed._parallel import dask_client
+    >>> with dask_client(None) as client:
+    ...     client is None
+    True
+    """
+    if address is None:
+        yield None
+        return
+    if not isinstance(address, str) or not (address == "local" or "://" in address):
+        raise ValueError(f"scheduler must be 'local' or an address such as 'tcp://host:8786', got {address!r}.")
+    try:
+        import distributed  # noqa: PLC0415
+    except ImportError as exc:
+        raise ValueError("running on a Dask scheduler needs dask.distributed: pip install 'skmixed[dask]'.") from exc
+    with contextlib.ExitStack() as stack:
+        if address == "local":
+            cluster = stack.enter_context(distributed.LocalCluster(
+                n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None))
+            client = stack.enter_context(distributed.Client(cluster))
+        else:
+            try:
+                client = stack.enter_context(distributed.Client(address, timeout="20s"))
+            except (OSError, TimeoutError) as exc:
+                raise ValueError(f"cannot reach the Dask scheduler at {address!r}: {exc}") from exc
+        logger.info("skmixed: Dask scheduler %s, %d workers", client.scheduler.address,
+                    len(client.scheduler_info().get("workers", {})))
+        with parallel_config(client=client):
+            yield client
+
+
 def get_config() -> dict:
     """The current ``{"client": ..., "n_jobs": ...}`` of :func:`parallel_config`."""
     return dict(_CONFIG.get())

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ._parallel import dask_client
+
 __all__ = ["main", "parse_contrast", "volcano_plot"]
 
 _FORMULA_EXAMPLE = "~ 0 + cell_group + offset(log(total_count)) + (1 | patient)"
@@ -188,8 +190,9 @@ def volcano_plot(table, path=None, *, fdr=0.05, title=None, ax=None):
 
 
 # --------------------------------------------------------------------- reading
-def _read_h5ad(path, layer=None, what="DATA"):
-    """The AnnData of ``path``; a missing file or ``layer`` is a bad argument."""
+def _read_h5ad(path, layer=None, what="DATA", backed=False):
+    """The AnnData of ``path`` (``backed``: counts left in the file, read by chunks);
+    a missing file or ``layer`` is a bad argument."""
     p = Path(path)
     if not p.is_file():
         raise _BadArgument(f"{what} {str(path)!r}: no such file.")
@@ -198,7 +201,7 @@ def _read_h5ad(path, layer=None, what="DATA"):
     except ImportError as exc:  # an install without the cli extra
         raise ValueError("reading .h5ad files needs anndata: pip install 'skmixed[cli]'.") from exc
     try:
-        adata = anndata.read_h5ad(p)
+        adata = anndata.read_h5ad(p, backed="r" if backed else None)
     except Exception as exc:  # noqa: BLE001 - h5py/anndata raise many kinds; one line for the user
         raise ValueError(f"cannot read {str(path)!r} as an .h5ad file: {exc}") from exc
     if layer is not None and layer not in adata.layers:
@@ -257,7 +260,7 @@ def _run_de(args):
         raise _BadArgument(f"--fdr must lie between 0 and 1, got {args.fdr}.")
     if "~" not in args.formula:
         raise _BadArgument(f"--formula {args.formula!r} has no '~'; e.g. --formula '{_FORMULA_EXAMPLE}'.")
-    adata = _read_h5ad(args.data, args.layer)
+    adata = _read_h5ad(args.data, args.layer, backed=args.backed)
     if re.search(r"\btotal_count\b", args.formula) and "total_count" not in adata.obs.columns:
         _add_total_count(adata, args.layer)
     rhs = args.formula[args.formula.index("~"):]
@@ -401,7 +404,7 @@ def _run_screen(args):
         raise _BadArgument(f"--n-resamples must be >= 2, got {args.n_resamples}.")
     if args.pairs is not None and not Path(args.pairs).is_file():
         raise _BadArgument(f"--pairs {args.pairs!r}: no such file.")
-    adata = _read_h5ad(args.data, args.layer)
+    adata = _read_h5ad(args.data, args.layer, backed=args.backed)
     T = _treatment(args, adata)
     covariates = None if not args.covariates else _dummies(_obs_columns(adata, args.covariates, "--covariates"))
     pairs = None
@@ -434,7 +437,10 @@ def _common(p):
     p.add_argument("--layer", help="layer with the raw counts (default: layers['counts'] if present, else .X)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log messages on standard error")
-    p.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler (not supported yet: runs in this process)")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="run on Dask: 'local' (worker processes on this machine) "
+                   "or a scheduler address tcp://host:8786 (default: in this process)")
+    p.add_argument("--backed", action="store_true", help="read the counts from DATA by chunks instead of loading "
+                   "them (files larger than memory; with --scheduler the workers read DATA: a shared path)")
 
 
 def _command(sub, name, help, *, description, epilog):
@@ -587,12 +593,14 @@ def main(argv=None):
             parser.print_help()
             return 2
         prog = f"skmixed {args.command}"
-        if args.scheduler is not None:
-            raise _BadArgument("--scheduler: running on a Dask cluster is not supported yet; run without it.")
+        if args.scheduler is not None and not (args.scheduler == "local" or "://" in args.scheduler):
+            raise _BadArgument(f"--scheduler must be 'local' or an address such as tcp://host:8786, got {args.scheduler!r}.")
+        if args.scheduler is not None and args.command == "zinbwave":
+            raise _BadArgument("--scheduler: ZINBWaVE does not run on Dask yet; run without it.")
         if args.verbose:
             logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
             logging.getLogger("skmixed").setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), dask_client(args.scheduler):
             warnings.showwarning = lambda message, *a, **k: _warn_line(message)
             return args.run(args)
     except _BadArgument as exc:

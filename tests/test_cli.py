@@ -177,7 +177,7 @@ def test_console_script_errors_are_one_line(files, args, status, message):
         (["de", "boland.h5ad", "--formula", FORMULA, "--contrast", CONTRAST, "--out", "de.csv", "--layer", "raw"], 2,
          "--layer 'raw' is not a layer of boland.h5ad"),
         (["de", "boland.h5ad", "--formula", FORMULA, "--contrast", CONTRAST, "--out", "de.csv",
-          "--scheduler", "tcp://localhost:8786"], 2, "--scheduler: running on a Dask cluster is not supported yet"),
+          "--scheduler", "localhost:8786"], 2, "--scheduler must be 'local' or an address such as tcp://host:8786"),
         (["de", "boland.h5ad", "--formula", "~ 0 + cell_group + (1 | patient_assignment) + (1 | tissue)",
           "--contrast", CONTRAST, "--out", "de.csv"], 1, "exactly one random intercept"),
         (["de", "nototal_empty_cells.h5ad", "--formula", FORMULA, "--contrast", CONTRAST, "--out", "de.csv"], 1,

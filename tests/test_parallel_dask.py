@@ -9,6 +9,8 @@ arguments) must stay far below the size of the count matrix when the data are on
 
 import os
 import pickle
+import shutil
+import subprocess
 import warnings
 
 import numpy as np
@@ -23,7 +25,8 @@ cloudpickle = pytest.importorskip("cloudpickle")
 import skmixed.mixed._gene_chunks as gene_chunks  # noqa: E402
 import skmixed.mixed._multigene as multigene  # noqa: E402
 from skmixed import PoissonGLMM  # noqa: E402
-from skmixed._parallel import Engine, map_chunks, parallel_config  # noqa: E402
+from skmixed._parallel import Engine, dask_client, map_chunks, parallel_config  # noqa: E402
+from skmixed.cli import main  # noqa: E402
 from skmixed.datasets import make_boland_like_counts  # noqa: E402
 from skmixed.eiv import GLMEIV, make_glmeiv_data  # noqa: E402
 from skmixed.offset import make_perturbation_screen, resampling_test  # noqa: E402
@@ -171,3 +174,52 @@ def test_glmeiv_distributed_equals_in_process(client):
     with parallel_config(client=client):
         got = GLMEIV(n_restarts=3).fit(covariates, mrna, **kw).pairs_
     pd.testing.assert_frame_equal(got, ref, rtol=1e-10)
+
+
+# ------------------------------------------------------------------ command line
+CONTRAST = "UC = T : R : diseased - T : R : healthy"
+
+
+def _script(*args, cwd):
+    exe = shutil.which("skmixed")
+    if exe is None:
+        pytest.fail("the 'skmixed' console script is not on PATH; pip install . (or -e .) first")
+    return subprocess.run([exe, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_de_on_a_scheduler_address_equals_in_process(client, boland):
+    """The installed script with --scheduler tcp://... (this module's cluster) and
+    --backed: the workers read the file; the table is the in-process one."""
+    adata, path = boland
+    d = path.parent
+    r0 = _script("de", path.name, "--formula", FORMULA, "--contrast", CONTRAST, "--out", "de0.csv", "-q", cwd=d)
+    r1 = _script("de", path.name, "--formula", FORMULA, "--contrast", CONTRAST, "--out", "de1.csv", "-q",
+                 "--backed", "--scheduler", client.scheduler.address, cwd=d)
+    assert r0.returncode == 0, r0.stderr
+    assert r1.returncode == 0, r1.stderr
+    pd.testing.assert_frame_equal(pd.read_csv(d / "de1.csv"), pd.read_csv(d / "de0.csv"), rtol=1e-10)
+
+
+def test_cli_screen_with_a_local_cluster(tmp_path):
+    """--scheduler local starts (and closes) a LocalCluster of worker processes."""
+    counts, treatment, covariates, _ = make_perturbation_screen(600, 6, 3, random_state=8)
+    names = [f"cell{i}" for i in range(600)]
+    adata = anndata.AnnData(counts.to_numpy(dtype=float), obs=covariates.set_axis(names).join(
+        treatment.set_axis(names).astype(int)), var=pd.DataFrame(index=counts.columns))
+    adata.write_h5ad(tmp_path / "screen.h5ad")
+    common = ["screen", "screen.h5ad", "--treatment-obs", *treatment.columns, "--covariates", *covariates.columns,
+              "--n-resamples", "49", "-q"]
+    r0 = _script(*common, "--out", "r0.csv", cwd=tmp_path)
+    r1 = _script(*common, "--out", "r1.csv", "--scheduler", "local", "--backed", cwd=tmp_path)
+    assert r0.returncode == 0, r0.stderr
+    assert r1.returncode == 0, r1.stderr
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "r1.csv"), pd.read_csv(tmp_path / "r0.csv"), rtol=1e-10)
+
+
+def test_cli_scheduler_bad_arguments(boland, capsys):
+    _, path = boland
+    base = ["de", str(path), "--formula", FORMULA, "--contrast", CONTRAST, "--out", str(path.parent / "x.csv")]
+    assert main([*base, "--scheduler", "my-cluster"]) == 2
+    assert "--scheduler must be 'local' or an address such as tcp://host:8786, got 'my-cluster'" in capsys.readouterr().err
+    assert main(["zinbwave", str(path), "-k", "2", "--out", str(path.parent / "z.h5ad"), "--scheduler", "local"]) == 2
+    assert "ZINBWaVE does not run on Dask yet" in capsys.readouterr().err
