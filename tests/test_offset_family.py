@@ -139,6 +139,36 @@ def test_glm_engine_runs_the_nb_family():
     np.testing.assert_allclose(fam.score(Y, mu_hat).T @ X, 0.0, atol=1e-7)
 
 
+
+@pytest.mark.parametrize("family", [Poisson, NegativeBinomial(np.array([1.5, 8.0]))])
+def test_unchecked_full_steps_reach_the_same_fit(family):
+    """``full_step_below`` (the distillation's setting) skips the log-likelihood passes in
+    the quadratic region and reaches the line-searched fit; fewer passes are made."""
+    rng = np.random.default_rng(4)
+    n = 4000
+    X = np.column_stack([np.ones(n), rng.standard_normal(n), rng.uniform(size=n) < 0.4])
+    off = rng.normal(0, 0.3, n)
+    mu = np.exp(X @ np.array([[0.4, -0.3, 0.2], [1.0, 0.2, -0.1]]).T + off[:, None])
+    Y = rng.negative_binomial(2.0, 2.0 / (2.0 + mu)).astype(float)
+    calls = []
+
+    class Counted:  # the family, counting its log-likelihood passes
+        def __getattr__(self, name):
+            return getattr(family, name)
+
+        def loglik(self, *a, **k):
+            calls.append(1)
+            return family.loglik(*a, **k)
+
+    ref = fit_glm(X, Y, Counted(), offset=off)
+    n_ref = len(calls)
+    calls.clear()
+    fast = fit_glm(X, Y, Counted(), offset=off, full_step_below=1e-3)
+    assert fast.converged.all() and ref.converged.all()
+    np.testing.assert_allclose(fast.coef, ref.coef, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(fast.loglik, ref.loglik, rtol=1e-13)
+    assert len(calls) < n_ref
+
 @given(st.floats(1e-8, 1e8))
 def test_trigamma_matches_scipy(x):
     from skmixed._families import _trigamma

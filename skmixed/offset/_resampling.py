@@ -36,6 +36,7 @@ summed over the resamples, shared by the block's pairs.
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from dataclasses import dataclass
@@ -281,20 +282,25 @@ def distill(counts, covariates=None, *, family="negative_binomial", size=None, m
     converged = np.ones(G, bool)
     fixed = None if size is None else np.broadcast_to(np.asarray(size, dtype=float), (G,))
 
+    # the log-likelihoods are concave in the coefficients: once every Newton decrement
+    # is small the full step is taken unchecked (no log-likelihood pass per iteration)
+    glm = functools.partial(fit_glm, max_iter=max_iter, full_step_below=1e-3)
+
     def fit_chunk(sl):
         Yc = Y[:, sl]
-        res = fit_glm(X, Yc, _KernelLoglik(Poisson), max_iter=max_iter)
+        # for NB the Poisson fit is only a start (of the coefficients and the size)
+        res = glm(X, Yc, _KernelLoglik(Poisson), tol=1e-6 if family == "negative_binomial" else 1e-10)
         coef, conv = res.coef, res.converged
         r = np.full(Yc.shape[1], np.inf)
         if family == "negative_binomial":
             if fixed is not None:
                 r = fixed[sl].copy()
-                res = fit_glm(X, Yc, _KernelLoglik(NegativeBinomial(r)), coef0=coef, max_iter=max_iter)
+                res = glm(X, Yc, _KernelLoglik(NegativeBinomial(r)), coef0=coef)
                 coef, conv = res.coef, res.converged
             else:
                 r = _profile_size(Yc, X @ coef.T, None)
                 for _ in range(max_rounds):
-                    res = fit_glm(X, Yc, _KernelLoglik(NegativeBinomial(np.minimum(r, SIZE_MAX))), coef0=coef, max_iter=max_iter)
+                    res = glm(X, Yc, _KernelLoglik(NegativeBinomial(np.minimum(r, SIZE_MAX))), coef0=coef)
                     coef, conv = res.coef, res.converged
                     r_new = _profile_size(Yc, X @ coef.T, r)
                     change = np.abs(np.log(np.minimum(r_new, SIZE_MAX)) - np.log(np.minimum(r, SIZE_MAX)))
