@@ -41,11 +41,14 @@ import contextlib
 import contextvars
 import os
 import threading
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 from ._progress import logger
 
-_CONFIG = contextvars.ContextVar("skmixed_parallel_config", default={"client": None, "n_jobs": None})
+# read-only mapping as the default: a ContextVar's default is shared by every context
+_CONFIG = contextvars.ContextVar("skmixed_parallel_config",
+                                 default=types.MappingProxyType({"client": None, "n_jobs": None}))
 _UNSET = object()
 
 

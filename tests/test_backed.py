@@ -114,7 +114,7 @@ def test_reader_of_a_dask_array():
 
 @pytest.mark.parametrize("fmt", ["csc", "csr", "dense"])
 def test_many_gene_fit_from_backed_equals_in_memory(boland, fmt):
-    adata, paths, ref = boland
+    _, paths, ref = boland
     backed = anndata.read_h5ad(paths[fmt], backed="r")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -176,7 +176,7 @@ def test_chunk_size_and_n_jobs(boland, chunk, n_jobs):
 
 
 def test_bad_values_in_the_file_name_where_they_were_read(tmp_path):
-    cells, counts, truth = make_boland_like_counts(n_genes=6, n_cells=400, random_state=2)
+    cells, counts, _ = make_boland_like_counts(n_genes=6, n_cells=400, random_state=2)
     cells.index = cells.index.astype(str)
     X = sp.csc_matrix(counts, dtype=float)
     bad = X.copy()

@@ -25,7 +25,7 @@ cloudpickle = pytest.importorskip("cloudpickle")
 import skmixed.mixed._gene_chunks as gene_chunks  # noqa: E402
 import skmixed.mixed._multigene as multigene  # noqa: E402
 from skmixed import PoissonGLMM  # noqa: E402
-from skmixed._parallel import Engine, dask_client, map_chunks, parallel_config  # noqa: E402
+from skmixed._parallel import Engine, map_chunks, parallel_config  # noqa: E402
 from skmixed.cli import main  # noqa: E402
 from skmixed.datasets import make_boland_like_counts  # noqa: E402
 from skmixed.eiv import GLMEIV, make_glmeiv_data  # noqa: E402
@@ -190,7 +190,7 @@ def _script(*args, cwd):
 def test_cli_de_on_a_scheduler_address_equals_in_process(client, boland):
     """The installed script with --scheduler tcp://... (this module's cluster) and
     --backed: the workers read the file; the table is the in-process one."""
-    adata, path = boland
+    _, path = boland
     d = path.parent
     r0 = _script("de", path.name, "--formula", FORMULA, "--contrast", CONTRAST, "--out", "de0.csv", "-q", cwd=d)
     r1 = _script("de", path.name, "--formula", FORMULA, "--contrast", CONTRAST, "--out", "de1.csv", "-q",
