@@ -451,3 +451,6 @@ def test_tiled_column_tables_equal_the_whole_array_formulas(statistic):
         want = np.hstack([Yt.T, M])
         np.testing.assert_array_equal(cols.Q, 1.0 / M)
     np.testing.assert_array_equal(cols.X, want)
+    rows = np.array([4, 1, 1])  # a block's genes read in place from the whole table
+    sub = column_tables(Yt, Ot, shift[rows], phi[rows], statistic, rows=rows)
+    np.testing.assert_array_equal(sub.X, column_tables(Yt[rows], Ot[rows], shift[rows], phi[rows], statistic).X)

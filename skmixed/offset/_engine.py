@@ -204,14 +204,20 @@ class Columns:
 _TILE = 2048
 
 
-def column_tables(Yt, Ot, shift, phi, statistic, order=None):
+def column_tables(Yt, Ot, shift, phi, statistic, order=None, rows=None):
     """:class:`Columns` from gene-major counts ``Yt`` and offsets ``Ot`` (Gc, n) of the
     block's columns, ``shift`` (Gc,) at least the largest offset of each; ``order``
-    renumbers the cells (None: as given)."""
+    renumbers the cells (None: as given). With ``rows``, the block's columns are the
+    rows ``rows`` of ``Yt`` and ``Ot`` (read tile by tile: no (Gc, n) copies)."""
     xp = get_namespace(Yt, Ot)
+    if rows is not None and (order is not None or xp is not np):
+        Yt, Ot, rows = Yt[rows], Ot[rows], None
     if order is not None:
         Yt, Ot = xp.take(Yt, order, axis=1), xp.take(Ot, order, axis=1)
-    Gc, n = Yt.shape
+    Gc = Yt.shape[0] if rows is None else len(rows)
+    n = Yt.shape[1]
+    if rows is None:
+        rows = slice(None)
     X = xp.empty((n, 2 * Gc))
     # on the CPU the (Gc, n) inputs are read and the cell-major table written by tiles of
     # cells: the arithmetic runs on cache-resident gene-major rows and each tile is
@@ -220,16 +226,16 @@ def column_tables(Yt, Ot, shift, phi, statistic, order=None):
     for s in range(0, n, step):
         e = min(s + step, n)
         if statistic == "wald":
-            X[s:e, :Gc] = Yt[:, s:e].T
-            m = Ot[:, s:e] - shift[:, None]  # <= 0: exp never overflows
+            X[s:e, :Gc] = Yt[rows, s:e].T
+            m = Ot[rows, s:e] - shift[:, None]  # <= 0: exp never overflows
             xp.exp(m, out=m)
             X[s:e, Gc:] = m.T
         else:
-            mu0 = xp.exp(Ot[:, s:e])
+            mu0 = xp.exp(Ot[rows, s:e])
             d = phi[:, None] * mu0
             d += 1.0
             xp.reciprocal(d, out=d)
-            a = Yt[:, s:e] - mu0
+            a = Yt[rows, s:e] - mu0
             a *= d
             mu0 *= d
             X[s:e, :Gc] = a.T

@@ -855,7 +855,7 @@ def resampling_test(
             parts, order = parts()
         g = gpos[idx]
         if xp_dev is np:
-            cols = column_tables(Yt[g], Ot[g], gshift[g], phi[idx], statistic, order=order)
+            cols = column_tables(Yt, Ot, gshift[g], phi[idx], statistic, order=order, rows=g)
             return idx, block_statistics(parts, cols)
         parts = [(el.to(xp_dev), _to(thr, xp_dev), _to(cthr, xp_dev)) for el, thr, cthr in parts]
         cols = column_tables(*(to_device(a, xp_dev) for a in (Yt[g], Ot[g], gshift[g], phi[idx])), statistic)
