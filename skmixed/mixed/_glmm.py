@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -21,9 +20,10 @@ from .._inputs import align_names, count_source, is_anndata, require_counts
 from .._progress import check_verbose
 from ..glm._newton import fit_glm
 from ._design import RandomEffectsDesign, RandomTerm, distinct_rows
-from ._inference import BetweenWithin, check_test, critical_values, inference_columns, reference_df
+from ._contrast import FixedEffectsTests, GLMMSummary, _format_pvalues  # noqa: F401  (re-exported)
+from ._inference import BetweenWithin
 from ._laplace import LaplaceProblem, warn_not_converged
-from ._multigene import as_count_matrix, bh_columns, fit_many, poisson_d2_by_column, wald_contrasts
+from ._multigene import as_count_matrix, fit_many, poisson_d2_by_column
 
 _SINGULAR_TOL = 1e-4  # lme4's isSingular() tolerance on the diagonal of theta
 
@@ -36,37 +36,6 @@ def _is_count_matrix(y) -> bool:
         y = np.asarray(y)
     shape = getattr(y, "shape", None)  # array-likes without a shape are single responses
     return shape is not None and len(shape) == 2 and shape[1] > 1
-
-
-@dataclass
-class GLMMSummary:
-    """What ``summary(glmer_fit)`` prints, as DataFrames."""
-
-    fixed: pd.DataFrame
-    random: pd.DataFrame
-    fit: pd.Series | pd.DataFrame  # one fit; or, for many genes, one row per gene
-
-    def __repr__(self) -> str:
-        rows = 40  # many-gene tables: head and tail only
-        with pd.option_context("display.width", 120, "display.max_columns", 20):
-            return (
-                f"{self.fit.to_string(max_rows=rows)}\n\nRandom effects:\n"
-                f"{self.random.to_string(index=False, max_rows=rows)}"
-                f"\n\nFixed effects:\n{_format_pvalues(self.fixed).to_string(max_rows=rows)}"
-            )
-
-
-def _format_pvalues(table: pd.DataFrame) -> pd.DataFrame:
-    """p- and q-values as lme4 prints them: below machine epsilon, ``< 2e-16``."""
-    out = table.copy()
-    for col in ("p_value", "q_value"):
-        if col in out:
-            p = out[col].to_numpy(dtype=float)
-            out[col] = np.where(
-                p < np.finfo(float).eps, "< 2e-16",
-                np.array([f"{v:.4g}" for v in p], dtype=object),
-            )
-    return out
 
 
 def _as_2d_groups(groups, n):
@@ -133,7 +102,7 @@ def _parse_obs(parse_formula, formula, obs):
         raise
 
 
-class PoissonGLMM(RegressorMixin, BaseEstimator):
+class PoissonGLMM(FixedEffectsTests, RegressorMixin, BaseEstimator):
     """Poisson generalised linear mixed model fitted by maximum marginal likelihood.
 
     ``y_i ~ Poisson(exp(x_i' beta + z_i' b + offset_i))`` with ``b ~ N(0, Sigma(theta))``,
@@ -645,78 +614,6 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
             warn_not_converged(f"{n_bad} of {G} genes (flag 'not_converged' in genes_)")
         return self
 
-    def contrast(self, contrasts, *, names=None, test="t", ddf="between-within"):
-        """Tests of linear combinations of the fixed effects, per gene.
-
-        Parameters
-        ----------
-        contrasts : array-like of shape (n_contrasts, n_fixed) or (n_fixed,)
-            Rows of weights on the fixed effects in the order of ``fixed_names_``,
-            or a dict ``{name: {term: weight}}``.
-        names : list of str, optional
-            Contrast names (taken from the dict keys when a dict is given).
-        test : {"t", "z"}, default="t"
-            ``"t"``: the Wald statistic against a t distribution with ``ddf`` degrees
-            of freedom, the small-sample test that holds its level when a contrast
-            compares few groups (patients); ``"z"``: against the standard normal
-            (the Wald z of lme4's ``summary``; anticonservative with few groups).
-        ddf : "between-within" or float, default="between-within"
-            Denominator degrees of freedom of the t test: the between-within rule
-            (a contrast that compares levels of the grouping factor gets the number
-            of levels less the between-level fixed parameters, one estimable within
-            levels the residual df; see :class:`~skmixed.mixed._inference.BetweenWithin`),
-            or a number.
-
-        Returns
-        -------
-        DataFrame
-            gene, contrast, estimate, std_error, statistic, df, p_value, q_value
-            (Benjamini-Hochberg over genes, within each contrast) and distribution
-            (``"t"``, or ``"normal"`` for the z test).
-
-        Notes
-        -----
-        Subclasses inherit this method (and :meth:`summary`) by providing, after the
-        fit, ``fixed_names_``, ``coef_cov_``, the estimates (``fixed_effects_`` for
-        one response; ``intercept_`` and ``coef_`` per gene with ``gene_names_`` and
-        ``n_genes_`` for many) and ``_ddf``, a
-        :class:`~skmixed.mixed._inference.BetweenWithin` of the fixed design and the
-        grouping factors (``PoissonGLMM._fit`` and ``_fit_many`` set it).
-
-        Examples
-        --------
-        >>> from skmixed import PoissonGLMM
-        >>> from skmixed.datasets import make_poisson_glmm
-        >>> data, _ = make_poisson_glmm(12, 30, random_state=0)
-        >>> model = PoissonGLMM().fit(data[["x1", "x2"]], data["y"], groups=data["g"])
-        >>> model.contrast({"x1 - x2": {"x1": 1.0, "x2": -1.0}})[["statistic", "df", "distribution"]].round(2)
-           statistic     df distribution
-        0      11.12  346.0            t
-        """
-        check_test(test, ddf)
-        check_is_fitted(self)
-        if isinstance(contrasts, dict):
-            names = list(contrasts)
-            C = np.zeros((len(names), len(self.fixed_names_)))
-            for i, weights in enumerate(contrasts.values()):
-                for term, value in weights.items():
-                    if term not in self.fixed_names_:
-                        raise ValueError(f"contrast term {term!r} is not a fixed effect: {self.fixed_names_}.")
-                    C[i, self.fixed_names_.index(term)] = value
-        else:
-            C = np.atleast_2d(np.asarray(contrasts, dtype=float))
-            if C.shape[1] != len(self.fixed_names_):
-                raise ValueError(
-                    f"contrasts must have {len(self.fixed_names_)} columns (one per fixed effect), got {C.shape[1]}."
-                )
-        df = reference_df(getattr(self, "_ddf", None), C, test, ddf)
-        many = getattr(self, "n_genes_", None) is not None
-        if many:
-            beta = np.column_stack([self.intercept_, self.coef_]) if self.fit_intercept else self.coef_
-            return wald_contrasts(beta, self.coef_cov_, C, self.gene_names_, contrast_names=names, df=df)
-        beta = self.fixed_effects_.to_numpy()[None, :]
-        return wald_contrasts(beta, self.coef_cov_[None], C, ["y"], contrast_names=names, df=df)
-
     # ----------------------------------------------------------------- predict
     def _new_terms(self, X, groups):
         """Random terms of new data, coded against the training levels (-1 if unseen)."""
@@ -994,46 +891,3 @@ class PoissonGLMM(RegressorMixin, BaseEstimator):
             raise ValueError(f"y has {Y.shape[0]} rows but X has {mu.shape[0]}.")
         w = _check_weights(sample_weight, mu)
         return pd.Series(poisson_d2_by_column(Y, mu, w), index=pd.Index(self.gene_names_, name="gene"), name="d2")
-
-    # ----------------------------------------------------------------- summary
-    def summary(self, alpha: float = 0.05, *, test="t", ddf="between-within") -> GLMMSummary:
-        """Fixed-effects table (estimate, SE, statistic, df, p, CI, reference
-        distribution), random-effects table and fit statistics.
-
-        ``test`` and ``ddf`` as in :meth:`contrast`: by default t tests and intervals
-        with the between-within degrees of freedom; ``test="z"`` gives lme4's Wald z.
-        For a many-gene fit the tables are tidy, one row per gene (and term):
-        ``fixed`` is ``results_`` (recomputed for ``test``/``ddf``) with the
-        confidence limits, ``random`` the ``variance_components_`` and ``fit`` the
-        per-gene ``genes_`` table.
-        """
-        check_is_fitted(self)
-        check_test(test, ddf)
-        lo, hi = f"ci_{100 * alpha / 2:g}%", f"ci_{100 * (1 - alpha / 2):g}%"
-        df = reference_df(getattr(self, "_ddf", None), np.eye(len(self.fixed_names_)), test, ddf)
-        crit = critical_values(df, alpha)
-        if getattr(self, "n_genes_", None) is not None:
-            t = self.results_
-            G = self.n_genes_
-            est, se = t.estimate.to_numpy(), t.std_error.to_numpy()
-            cols = inference_columns(est, se, np.tile(df, G))
-            q = bh_columns(cols["p_value"].reshape(G, -1)).ravel()
-            c = np.tile(crit, G)
-            fixed = t.assign(**{k: v for k, v in cols.items()}, q_value=q, **{lo: est - c * se, hi: est + c * se})
-            return GLMMSummary(fixed=fixed, random=self.variance_components_.copy(), fit=self.genes_.copy())
-        est = self.fixed_effects_.to_numpy()
-        se = np.sqrt(np.diag(self.coef_cov_))
-        cols = inference_columns(est, se, df)
-        fixed = pd.DataFrame(
-            {"estimate": est, "std_error": se, **{k: v for k, v in cols.items() if k != "distribution"},
-             lo: est - crit * se, hi: est + crit * se, "distribution": cols["distribution"]},
-            index=pd.Index(self.fixed_names_, name="term"),
-        )
-        method = "Laplace" if self.nagq == 1 else f"adaptive Gauss-Hermite, nAGQ = {self.nagq}"
-        fit = pd.Series(
-            {"method": method + (", REML" if self.reml and self._b else ""),
-             "logLik": self.loglik_, "AIC": self.aic_, "BIC": self.bic_, "nobs": self.nobs_,
-             "converged": self.converged_, "singular": self.singular_},
-            name="fit",
-        )
-        return GLMMSummary(fixed=fixed, random=self.variance_components_.copy(), fit=fit)
