@@ -90,7 +90,7 @@ if NegativeBinomialGLMM is not None:
     k = min(n_nb, n_genes)
     nb, seconds = fit(NegativeBinomialGLMM(fit_intercept=False), counts[:, :k])
     p = np.concatenate([nb.contrast(contrast).p_value.to_numpy(), np.full(n_genes - k, np.nan)])
-    results["NegativeBinomialGLMM (REML, t)"] = (p, seconds, k)
+    results["NegativeBinomialGLMM (default)"] = (p, seconds, k)
 
 # %%
 # Pseudobulk: DESeq2 on the per-patient sums of the rectal T cells (PyDESeq2, when
