@@ -150,6 +150,17 @@ def test_plain_z_is_lme4s_wald_test():
     assert c5.df[0] == 5.0 and c5.distribution[0] == "t"
 
 
+def test_without_random_effects_the_reference_is_normal():
+    """groups=None fits a Poisson GLM: no variance component, so the default test is z."""
+    cells, counts, _ = make_multipatient_counts(2, 1500, random_state=0)
+    X = pd.get_dummies(cells.cell_group, prefix="", prefix_sep="", dtype=float)
+    y = np.asarray(counts[:, 0].todense()).ravel()
+    with pytest.warns(UserWarning, match="groups is None"):
+        m = PoissonGLMM(fit_intercept=False).fit(X, y, offset=np.log(cells.total_count))
+    s = m.summary().fixed
+    assert set(s.distribution) == {"normal"} and np.all(np.isinf(s.df))
+
+
 def test_bad_inference_arguments():
     cells, counts, _ = make_multipatient_counts(3, 1500, random_state=0)
     X = pd.get_dummies(cells.cell_group, prefix="", prefix_sep="", dtype=float)

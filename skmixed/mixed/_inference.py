@@ -125,10 +125,8 @@ def reference_df(rule, C, test, ddf):
     if test == "z":
         return np.full(m, np.inf)
     if ddf == "between-within":
-        if rule is None:
-            raise ValueError(
-                "this fit has no between-within rule (no grouping factor); pass test='z' or a numeric ddf."
-            )
+        if rule is None:  # no random effects (groups=None): a GLM, whose Wald test is z
+            return np.full(m, np.inf)
         return rule.df(C)
     return np.full(m, float(ddf))
 
