@@ -6,13 +6,16 @@ Not a gallery example: a benchmark script. Run from the repository root::
     python examples/offset_speed_vs_r.py --quick    # 20,000 cells instead of 200,000
     python examples/offset_speed_vs_r.py --no-r --repeat 3          # no R comparison
     python examples/offset_speed_vs_r.py --gpu --no-r               # also on a CUDA GPU (CuPy)
+    python examples/offset_speed_vs_r.py --no-resampling            # the one-fit comparison only
 
 It prints
 
 1. the time of one fit on 2,000 cells: R's ``glm(y ~ 1 + offset(o), family =
    negative.binomial(2))`` (and ``MASS::glm.nb``), against ``NegBinOffsetMean``
    called once, and per fit when G x B fits run in one call (all 2,000 cells in
-   every fit, and 1% of them: the SCEPTRE setting);
+   every fit, and 1% of them: the SCEPTRE setting), and per fit for one gene of 200,000
+   cells with 500 resampled 1%-treatment indicators as a CSC matrix (2,000 treated cells
+   per fit, as R's 2,000-cell fit; median of 15 calls);
 2. the resampling test of 1,000 gene x perturbation pairs with B = 500 resamples on
    200,000 cells (1% treated on average over cells and perturbations, each
    perturbation's probability depending on the covariates), laid out as 100 perturbations x 10 genes
@@ -67,6 +70,15 @@ def best(f, repeat=5, number=1):
     return min(times)
 
 
+def median_time(f, repeat=15):
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
 def one_fit_comparison(reps_r=200):
     rng = np.random.default_rng(0)
     n = 2000
@@ -104,6 +116,19 @@ def one_fit_comparison(reps_r=200):
             t = best(lambda est=est, W=W: est.fit(X, Y, sample_weight=W), repeat=3)
             ref = r_nb if density == 1.0 else r_nb_small
             rows.append((f"NegBinOffsetMean {name}, 10 x 500 fits per call, {label}: per fit", t / 5000, ref))
+    # issue 14's case: one gene, 200,000 cells, 500 resampled treatment indicators as a CSC
+    # matrix, 1% treated (2,000 cells per column: R's 2,000-cell fit is the comparison)
+    N = 200_000
+    o_big = rng.normal(0, 0.5, N)
+    y_big = rng.negative_binomial(2.0, 2.0 / (2.0 + np.exp(0.2 + o_big))).astype(float)
+    W = scipy.sparse.random(N, 500, density=0.01, format="csc", random_state=2)
+    W.data[:] = 1.0
+    for name, est in [("closed form, size 2", NegBinOffsetMean(size=2.0)),
+                      ("closed form, Poisson", NegBinOffsetMean(family="poisson"))]:
+        est.fit(o_big[:, None], y_big, sample_weight=W)  # warm-up (compiles the fused passes once)
+        t = median_time(lambda est=est: est.fit(o_big[:, None], y_big, sample_weight=W), repeat=15)
+        rows.append((f"NegBinOffsetMean {name}, 1 gene x 500 CSC x 200k cells: per fit", t / 500,
+                     r_nb if "size" in name else r_pois))
     print("\nOne fit, 2,000 cells (seconds; speed-up against the matching R fit)")
     for label, t, ref in rows:
         speed = f"{ref / t:10.0f}x" if ref else ""
@@ -164,8 +189,10 @@ if __name__ == "__main__":
     parser.add_argument("--gpu", action="store_true", help="also run the resampling test with device='gpu'")
     parser.add_argument("--no-r", action="store_true", help="skip the one-fit comparison with R")
     parser.add_argument("--layout", choices=["both", "100x10", "1000x1"], default="both")
+    parser.add_argument("--no-resampling", action="store_true", help="only the one-fit comparison")
     args = parser.parse_args()
     if not args.no_r:
         one_fit_comparison(reps_r=50 if args.quick else 200)
     layouts = {"both": ((100, 10), (1000, 1)), "100x10": ((100, 10),), "1000x1": ((1000, 1),)}[args.layout]
-    resampling_benchmark(20_000 if args.quick else 200_000, args.n_jobs, args.repeat, args.gpu, layouts)
+    if not args.no_resampling:
+        resampling_benchmark(20_000 if args.quick else 200_000, args.n_jobs, args.repeat, args.gpu, layouts)
