@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import scipy.integrate
 import scipy.stats
 from hypothesis import given, settings
@@ -14,6 +15,8 @@ from hypothesis import strategies as st
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from skmixed.mixed._glmm import PoissonGLMM
+from skmixed.mixed import _nb_fused, _nb_multigene
+from skmixed.mixed._nb_zeros import ZeroSumExact, ZeroSumTable
 from skmixed.mixed._nbglmm import NegativeBinomialGLMM
 
 REF = Path(__file__).parent / "reference" / "nbglmm"
@@ -82,6 +85,19 @@ def test_glmer_nb_stops_near_but_not_at_the_maximum(fitted):
     gap = np.abs(beta_nb - model.fixed_effects_.to_numpy()) / fixef.se.to_numpy()
     assert np.all(gap < 0.1)
     assert nb["theta"] == pytest.approx(model.size_, rel=0.05)
+
+
+@pytest.mark.parametrize("case", ["owls", "salamanders"])
+def test_reml_matches_glmmtmb(case):
+    """reml=True: glmmTMB's REML = TRUE, theta and the size by the restricted criterion."""
+    model = NegativeBinomialGLMM.from_formula(CASES[case], load_case(case), reml=True)
+    fixef = pd.read_csv(REF / f"{case}_reml_fixef.csv")
+    summ = pd.read_csv(REF / f"{case}_reml_summary.csv").iloc[0]
+    np.testing.assert_allclose(model.fixed_effects_.to_numpy(), fixef.estimate, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(np.sqrt(np.diag(model.coef_cov_)), fixef.se, rtol=1e-3)
+    np.testing.assert_allclose(model.size_, summ["size"], rtol=1e-3)
+    np.testing.assert_allclose(model.variance_components_.sdcor.iloc[0], summ["sd"], rtol=1e-3)
+    np.testing.assert_allclose(model.loglik_, summ["loglik"], rtol=0, atol=1e-3)
 
 
 def _nb_logpmf(y, mu, size):
@@ -219,6 +235,83 @@ def test_duplicated_rows_equal_weight_two(seed):
     a = NegativeBinomialGLMM(reml=False).fit(_X[rows], _Y[rows], groups=_G[rows], offset=_OFF[rows])
     b = NegativeBinomialGLMM(reml=False).fit(_X, _Y, groups=_G, offset=_OFF, sample_weight=w)
     _same_fit(a, b)
+
+
+# -- many genes ------------------------------------------------------------------------
+def _genes_data(n=1500, G=10, L=8, seed=0):
+    rng = np.random.default_rng(seed)
+    g = rng.integers(0, L, n)
+    X = np.eye(3)[rng.integers(0, 3, n)]
+    off = np.log(rng.integers(500, 5000, n)) - 7
+    sizes = np.exp(rng.uniform(-1, 2, G))
+    B = rng.normal(-0.5, 1, (G, 3))
+    b = rng.normal(0, 0.4, (G, L))
+    mu = np.exp(B @ X.T + b[:, g] + off).T
+    Y = rng.poisson(rng.gamma(sizes, mu / sizes)).astype(float)
+    Y[:, 1] = 0.0  # a gene without counts: flagged, the others fitted
+    Y[X[:, 2] == 1, 2] = 0.0  # a cell group without counts
+    return X, Y, g, off
+
+
+@pytest.fixture(scope="module")
+def many():
+    X, Y, g, off = _genes_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = NegativeBinomialGLMM(fit_intercept=False).fit(X, sp.csc_matrix(Y), groups=g, offset=off)
+    return X, Y, g, off, model
+
+
+def test_many_genes_equal_single_gene_fits(many):
+    X, Y, g, off, model = many
+    assert list(model.genes_.flag[:3]) == ["", "all_zero", "zero_count_group"]
+    for j in [0, 3, 4, 5, 6, 7, 8, 9]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            one = NegativeBinomialGLMM(fit_intercept=False).fit(X, Y[:, j], groups=g, offset=off)
+        np.testing.assert_allclose(model.coef_[j], one.coef_, atol=1e-6)
+        np.testing.assert_allclose(model.coef_se_[j], one.coef_se_, rtol=1e-6)
+        np.testing.assert_allclose(model.size_[j], one.size_, rtol=1e-6)
+        np.testing.assert_allclose(model.size_se_[j], one.size_se_, rtol=1e-6)
+        np.testing.assert_allclose(model.theta_[j, 0], one.theta_[0], atol=1e-6)
+        np.testing.assert_allclose(model.loglik_[j], one.loglik_, atol=1e-6)
+    assert np.isnan(model.coef_[1]).all() and np.isnan(model.size_[1])
+    table = model.contrast({"x0 - x1": {"x0": 1.0, "x1": -1.0}})
+    assert list(table.gene) == list(model.gene_names_) and table.p_value.notna().sum() == 9
+
+
+def test_many_genes_inputs_and_chunks_agree(many, monkeypatch):
+    """Dense, DataFrame and AnnData counts, another chunk size and the numpy (not
+    compiled) pass give the same fits."""
+    import anndata
+
+    X, Y, g, off, model = many
+    monkeypatch.setattr(_nb_multigene, "CHUNK_GENES", 3)
+    monkeypatch.setattr(_nb_fused, "AVAILABLE", False)
+    names = [f"g{j}" for j in range(Y.shape[1])]
+    for counts in (Y, pd.DataFrame(Y, columns=names), anndata.AnnData(sp.csr_matrix(Y))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            other = NegativeBinomialGLMM(fit_intercept=False).fit(X, counts, groups=g, offset=off)
+        np.testing.assert_allclose(other.coef_, model.coef_, atol=1e-8)
+        np.testing.assert_allclose(other.size_, model.size_, rtol=1e-8)
+
+
+def test_many_genes_reml_is_refused(many):
+    X, Y, g, off, _ = many
+    with pytest.raises(ValueError, match="reml"):
+        NegativeBinomialGLMM(reml=True, fit_intercept=False).fit(X, Y, groups=g, offset=off)
+
+
+def test_zero_sum_table_is_exact():
+    rng = np.random.default_rng(1)
+    n, P = 2000, 7
+    pair = rng.integers(0, P, n)
+    o = np.log(rng.integers(300, 40000, n)).astype(float)
+    w = rng.random(n) + 0.5
+    c = np.concatenate([rng.uniform(-70, 45, (30, P)), rng.uniform(-25, 5, (30, P))])
+    exact, table = ZeroSumExact(pair, o, w, P)(c), ZeroSumTable(pair, o, w, P)(c)
+    np.testing.assert_allclose(table, exact, rtol=1e-10)
 
 
 EXPECTED_FAILED_CHECKS = {

@@ -25,10 +25,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+import scipy.special
 
 from .._backend import sparse_csr
 from .._families import NegativeBinomial
 from ._design import distinct_rows
+from . import _nb_fused as _fused
 from ._laplace import abs_eigen_step
 from ._nb_zeros import ZeroSumExact, ZeroSumTable
 
@@ -101,6 +103,41 @@ class NonZeros:
         gene = np.repeat(np.arange(Yc.shape[1]), np.diff(Yc.indptr))
         return cls(gene, Yc.indices, Yc.data.astype(float), weights, design, Yc.shape[1])
 
+    SMALL = 64  # counts up to this go through the sums over k < y below
+
+    def cache(self):
+        """Which counts are small integers, and their ``log y!``."""
+        if not hasattr(self, "_small"):
+            self._small = (self.y <= self.SMALL) & (self.y == np.round(self.y))
+            self._log_fact = scipy.special.gammaln(self.y + 1.0)
+
+    def count_terms(self, phi, mu, q):
+        """Per entry: the log-normaliser ``log C(y + size - 1, y)`` plus ``y log phi``,
+        and ``d (loglik(y) - loglik(0)) / d phi`` at fixed ``eta``.
+
+        For an integer count both are sums over ``k < y``, ``sum log1p(phi k) - log y!``
+        and ``sum (k - mu) / ((1 + phi mu)(1 + phi k))``, exact at ``phi = 0`` (no
+        ``size`` appears); larger or non-integer counts use the family's formulas."""
+        y = self.y
+        self.cache()
+        if not hasattr(self, "_k_rows"):
+            small = self._small
+            self._k_rows = [np.flatnonzero(small & (y > k)) for k in range(int(y[small].max(initial=0)))]
+        ll = -self._log_fact.copy()
+        acc = np.zeros_like(y)
+        for k, rows in enumerate(self._k_rows):
+            if k:
+                ll[rows] += np.log1p(phi[rows] * k)
+            acc[rows] += (k - mu[rows]) / (1.0 + phi[rows] * k)
+        dl = acc / q
+        big = np.flatnonzero(~self._small)
+        if big.size:
+            fam = NegativeBinomial(1.0 / phi[big])
+            yb, mb = y[big], mu[big]
+            ll[big] = fam.log_normaliser(yb) + yb * np.log(phi[big])
+            dl[big] = -fam.size[...] * (fam.size_score(yb, mb) - fam.size_score(np.zeros_like(yb), mb))
+        return ll, dl
+
     def subset(self, rows):
         starts, ends = self.indptr[rows], self.indptr[rows + 1]
         counts = ends - starts
@@ -146,6 +183,8 @@ class BatchedNBLaplace:
             out = {"s": -rc * A1, "W": rc * (A1 - A2)}
         if nz.y.size == 0:
             return out
+        if _fused.AVAILABLE:
+            return self._pair_sums_fused(c, pe, full, out)
         g = nz.gene
         ce = c[g, nz.pair] + nz.o  # log(phi mu) of each non-zero cell
         y, w = nz.y, nz.w
@@ -154,15 +193,42 @@ class BatchedNBLaplace:
         flat = g * P + nz.pair
         add = {"s": w * y / q, "W": w * y * ec / (q * q)}
         if full:
-            re, mu = r[g], ec * r[g]
-            fam = NegativeBinomial(re)
-            add["ll"] = w * (fam.log_normaliser(y) + y * (ce - np.logaddexp(0.0, ce)))
+            mu = ec * r[g]
+            ll, dl = nz.count_terms(pe[g], mu, q)
+            # ll carries + y log phi, which y (ce - softplus(ce)) = y log(phi mu / (1 + phi mu)) has too
+            add["ll"] = w * (ll + y * (ce - np.log(pe[g]) - np.logaddexp(0.0, ce)))
             add["Wd"] = w * y * ec * (1.0 - ec) / (q * q * q)
-            add["dl"] = -w * re * (fam.size_score(y, mu) - fam.size_score(np.zeros_like(y), mu))
+            add["dl"] = w * dl
             add["ds"] = -w * y * mu / (q * q)
             add["dW"] = w * y * mu * (1.0 - ec) / (q * q * q)
         for key, val in add.items():
             out[key] = out[key] + np.bincount(flat, weights=val, minlength=G * P).reshape(G, P)
+        return out
+
+    def _pair_sums_fused(self, c, pe, full, out):
+        """The non-zero corrections of :meth:`_pair_sums` in one compiled pass."""
+        nz = self.nz
+        G, P = c.shape
+        nz.cache()
+        acc = np.zeros((len(_fused.KEYS), G * P))
+        _fused.entry_pass(np.ascontiguousarray(c).ravel(), P, nz.gene, nz.pair, nz.o, nz.y, nz.w, pe,
+                          nz._small, nz._log_fact, full, acc)
+        big = np.flatnonzero(~nz._small) if full else np.zeros(0, dtype=np.int64)
+        if big.size:  # large or non-integer counts: the family's formulas
+            g = nz.gene[big]
+            ce = c[g, nz.pair[big]] + nz.o[big]
+            ec = np.exp(np.minimum(ce, 700.0))
+            mu = ec / pe[g]
+            yb, wb = nz.y[big], nz.w[big]
+            fam = NegativeBinomial(1.0 / pe[g])
+            flat = g * P + nz.pair[big]
+            ll = wb * (fam.log_normaliser(yb) + yb * (ce - np.logaddexp(0.0, ce)))
+            dl = -wb * fam.size * (fam.size_score(yb, mu) - fam.size_score(np.zeros_like(yb), mu))
+            acc[2] += np.bincount(flat, weights=ll, minlength=G * P)
+            acc[4] += np.bincount(flat, weights=dl, minlength=G * P)
+        for j, key in enumerate(_fused.KEYS):
+            if key in out:
+                out[key] = out[key] + acc[j].reshape(G, P)
         return out
 
     def _c(self, theta, beta, phi, u):
@@ -263,7 +329,9 @@ class BatchedNBLaplace:
         H[:, 0, -1] = H[:, -1, 0] = 0.5 * (Hc[:, 0, 1] + Hc[:, -1, 0])
         at_zero = params[:, cols] <= 1e-12
         curv = np.stack([Hc[:, 0, 0], Hc[:, -1, 1]], axis=1)
-        escape = at_zero & (curv < 0)
+        # theta = 0 is a stationary point by symmetry, left where the curvature is
+        # negative; phi = 0 is a true boundary, held wherever the deviance rises from it
+        escape = at_zero & (curv < 0) & np.array([True, False])
         fixed = at_zero & (g[:, cols] >= 0) & ~escape
         gg = g.copy()
         for j, c in enumerate(cols):
@@ -282,7 +350,9 @@ class BatchedNBLaplace:
     def _project(params):
         out = params.copy()
         out[:, 0] = np.abs(out[:, 0])  # theta and -theta fit alike
-        out[:, -1] = np.maximum(out[:, -1], 0.0)  # phi < 0 is no distribution
+        # phi < 0 is no distribution; below 1e-10 it is the Poisson boundary itself (the
+        # deviance differs from there by less than round-off)
+        out[:, -1] = np.where(out[:, -1] < 1e-10, 0.0, out[:, -1])
         return out
 
     def fit(self, params0, *, max_iter=200, hessian_cov=True):
@@ -301,16 +371,27 @@ class BatchedNBLaplace:
             step, small = eng._newton_step(pa, ga, du[act], st, fa)
             # theta moves at most by 1 + its size at first; the line search does the rest
             t = np.minimum(1.0, (1.0 + pa[:, 0]) / np.maximum(np.abs(step[:, 0]), 1e-300))
-            t = np.where(small, 0.0, t)
+            # backtracking on the genes whose step is not yet accepted only
+            trial, f_new, g_new, du_new = pa.copy(), fa.copy(), ga.copy(), du[act].copy()
+            st_new = [x.copy() for x in st]
+            pending = np.flatnonzero(~small)
             for _ in range(60):
-                trial = self._project(pa + t[:, None] * step)
-                with np.errstate(over="ignore", invalid="ignore"):
-                    f_new, g_new, st_new, du_new = eng.evaluate(trial, st[0])
-                ok = small | (np.isfinite(f_new) & (f_new <= fa + 1e-4 * np.sum(ga * (trial - pa), axis=1)
-                                                   + 1e-13 * np.abs(fa)))
-                if np.all(ok):
+                if pending.size == 0:
                     break
-                t = np.where(ok, t, 0.5 * t)
+                sub = eng if pending.size == act.size else eng.subset(pending)
+                tp = self._project(pa[pending] + t[pending, None] * step[pending])
+                with np.errstate(over="ignore", invalid="ignore"):
+                    fn, gn, stn, dun = sub.evaluate(tp, st[0][pending])
+                trial[pending], f_new[pending], g_new[pending], du_new[pending] = tp, fn, gn, dun
+                for x, xn in zip(st_new, stn):
+                    x[pending] = xn
+                armijo = fa[pending] + 1e-4 * np.sum(ga[pending] * (tp - pa[pending]), axis=1)
+                good = np.isfinite(fn) & (fn <= armijo + 1e-13 * np.abs(fa[pending]))
+                pending = pending[~good]
+                t[pending] *= 0.5
+            ok = np.ones(act.size, dtype=bool)
+            ok[pending] = False
+            # no descent along the Newton direction: at round-off, stop there
             done[act] = small | ~ok
             move = ok & ~small
             rows = act[move]
@@ -381,6 +462,7 @@ def fit_many_nb(fixed, Y, codes, levels, offset, weights, *, names, fixed_names,
     per-gene arrays and tables of :func:`skmixed.mixed._multigene.fit_many`, with the
     per-gene ``size`` and ``size_se`` and the flag ``"poisson_limit"``."""
     from .._inputs import MatrixReader  # noqa: PLC0415
+    from .._parallel import Engine, call_item  # noqa: PLC0415
     from .._progress import progress  # noqa: PLC0415
     from ._gene_chunks import check_count_values  # noqa: PLC0415
 
@@ -397,33 +479,42 @@ def fit_many_nb(fixed, Y, codes, levels, offset, weights, *, names, fixed_names,
     }
     empty_group = np.zeros(G, dtype=bool)
     indicator = np.all(design.Xd >= 0, axis=0)
-    bar = progress(total=G, desc="NegativeBinomialGLMM genes", unit="gene", verbose=verbose)
-    for start in range(0, G, CHUNK_GENES):
-        genes = np.arange(start, min(start + CHUNK_GENES, G))
+
+    def fit_chunk(genes):
         block = Y.columns(genes) if isinstance(Y, MatrixReader) else Y[:, genes]
         if isinstance(Y, MatrixReader):
             check_count_values(block.data if sp.issparse(block) else block, "y")
         nz = NonZeros.from_columns(block, w, design)
         totals = np.bincount(nz.gene, weights=nz.w * nz.y, minlength=genes.size)
-        out["totals"][genes] = totals
         ypair = np.bincount(nz.gene * design.P + nz.pair, weights=nz.y, minlength=genes.size * design.P)
         ypair = ypair.reshape(genes.size, design.P)
-        if indicator.any():
-            empty_group[genes] = np.any((ypair @ design.Xp[:, indicator]) == 0, axis=1)
+        empty = np.any((ypair @ design.Xp[:, indicator]) == 0, axis=1) if indicator.any() else None
         live = np.flatnonzero(totals > 0)
+        res = None
         if live.size:
             eng = BatchedNBLaplace(design, nz.subset(live))
             res = eng.fit(_start(design, eng.nz), hessian_cov=(vcov == "hessian"))
-            rows = genes[live]
-            th = res.params[:, 0]
-            out["theta"][rows], out["beta"][rows], out["phi"][rows] = th, res.params[:, 1:-1], res.params[:, -1]
-            out["cov"][rows] = res.cov[:, 1:-1, 1:-1]
-            out["phi_var"][rows] = res.cov[:, -1, -1]
-            out["loglik"][rows] = -0.5 * res.deviance
-            out["converged"][rows] = res.converged
-            out["b"][rows] = th[:, None] * res.u
-            out["condsd"][rows] = np.abs(th)[:, None] / np.sqrt(res.M)
-        bar.update(genes.size)
+        return genes, totals, empty, live, res
+
+    chunks = [np.arange(a, min(a + CHUNK_GENES, G)) for a in range(0, G, CHUNK_GENES)]
+    bar = progress(total=G, desc="NegativeBinomialGLMM genes", unit="gene", verbose=verbose)
+    with Engine(n_jobs=_engine.get("n_jobs"), client=_engine.get("client")) as pool:
+        for genes, totals, empty, live, res in pool.map(call_item, range(len(chunks)), pool.share(fit_chunk),
+                                                        pool.share(chunks)):
+            out["totals"][genes] = totals
+            if empty is not None:
+                empty_group[genes] = empty
+            if res is not None:
+                rows = genes[live]
+                th = res.params[:, 0]
+                out["theta"][rows], out["beta"][rows], out["phi"][rows] = th, res.params[:, 1:-1], res.params[:, -1]
+                out["cov"][rows] = res.cov[:, 1:-1, 1:-1]
+                out["phi_var"][rows] = res.cov[:, -1, -1]
+                out["loglik"][rows] = -0.5 * res.deviance
+                out["converged"][rows] = res.converged
+                out["b"][rows] = th[:, None] * res.u
+                out["condsd"][rows] = np.abs(th)[:, None] / np.sqrt(res.M)
+            bar.update(genes.size)
     bar.close()
     return _tables(out, names, fixed_names, group_name, empty_group, term_df)
 

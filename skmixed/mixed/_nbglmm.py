@@ -30,7 +30,7 @@ import scipy.optimize
 from .._families import NegativeBinomial, Poisson
 from ..glm._newton import fit_glm
 from ._glmm import PoissonGLMM
-from ._laplace import LaplaceProblem
+from ._laplace import LaplaceProblem, central_gradient
 
 PHI_FLOOR = 1e-12  # phi below this is evaluated as size 1e12: Poisson to round-off
 POISSON_LIMIT = 1e-8  # phi at or below this at the optimum: the Poisson boundary
@@ -126,7 +126,9 @@ class NBLaplaceProblem(LaplaceProblem):
     def reflect(self, params):
         out = super().reflect(params)
         if out.size == self.n_theta + self.p + 1:
-            out[-1] = max(out[-1], 0.0)  # phi < 0 is no distribution: projected
+            # phi < 0 is no distribution: projected; below 1e-10 it is the Poisson boundary
+            # itself (the deviance differs from there by less than round-off)
+            out[-1] = out[-1] if out[-1] >= 1e-10 else 0.0
         return out
 
     # -- deviance and gradient over (theta, beta, phi) -----------------------------------
@@ -181,6 +183,10 @@ class NBLaplaceProblem(LaplaceProblem):
         H[np.ix_(fd, fd)] = 0.5 * (cols[fd] + cols[fd].T)
         b = slice(nt, nt + self.p)
         H[b, b] = 2.0 * np.linalg.inv(self.conditional_cov(st))
+        if params[-1] <= 1e-12:
+            # phi = 0 is a true boundary (no symmetry makes it a saddle, unlike theta = 0):
+            # the optimiser's escape along negative curvature must not apply to it
+            H[-1, -1] = max(H[-1, -1], 1e-8)
         return H
 
     def hessian(self, params, nagq: int, rel=1e-4):
@@ -198,6 +204,38 @@ class NBLaplaceProblem(LaplaceProblem):
             return H[:-1, :-1]
         return H[:-1, :-1] - np.outer(H[:-1, -1], H[-1, :-1]) / H[-1, -1]
 
+    def optimise_reml(self, theta0, beta0, *, max_iter=500):
+        """The REML criterion (glmmTMB's ``REML = TRUE``: beta integrated out with u)
+        minimised over ``(theta, phi)``; the Hessian there in ``reml_hessian`` (for the
+        size's standard error). Returns as the parent's."""
+        beta_box = [np.asarray(beta0, dtype=float)]
+
+        def fun(x):
+            self.set_phi(x[-1])
+            f, (beta, _, _) = self.reml_deviance(x[:-1], beta_box[0])
+            beta_box[0] = beta
+            return f
+
+        diag = np.isfinite(self.design.theta_lower)
+        # theta = 0 is a stationary point of the criterion (by the sign symmetry): start off it
+        x0 = np.append(np.where(diag, np.maximum(np.abs(theta0), 0.05), theta0), self.phi)
+        bounds = [(0.0, None) if d else (None, None) for d in diag] + [(0.0, None)]
+        res = scipy.optimize.minimize(
+            lambda x: (fun(x), central_gradient(fun, x, rel=1e-6)), x0, jac=True, method="L-BFGS-B",
+            bounds=bounds, options={"maxiter": max_iter, "ftol": 1e-15, "gtol": 1e-7},
+        )
+        x = res.x.copy()
+        x[-1] = x[-1] if x[-1] >= 1e-10 else 0.0  # the Poisson boundary, as in reflect
+        g = central_gradient(fun, x, rel=1e-6)
+        self.reml_hessian = _fd_hessian(fun, x)
+        self.set_phi(x[-1])
+        f, (beta, _, _) = self.reml_deviance(x[:-1], beta_box[0])
+        free = ~(np.append(diag, True) & (x <= 1e-8) & (g >= 0))
+        gnorm = float(np.max(np.abs(g[free]))) if free.any() else 0.0
+        converged = gnorm < 1e-2
+        message = "" if converged else f"REML gradient at the optimum is {gnorm:.3g} ({res.message})"
+        return x[:-1], beta, f, int(res.nit), converged, message
+
     def optimise(self, params0, nagq: int = 1, *, max_iter: int = 500):
         params0 = np.asarray(params0, dtype=float)
         if params0.size == self.n_theta + self.p:
@@ -206,6 +244,29 @@ class NBLaplaceProblem(LaplaceProblem):
         self.opt_params = res[0]
         self.state(res[0])
         return res
+
+
+def _fd_hessian(fun, x, rel=1e-4):
+    """Hessian of a scalar ``fun`` by central differences (forward along a last
+    coordinate ``phi`` too close to 0 for a central step)."""
+    n = x.size
+    h = rel * np.maximum(1.0, np.abs(x))
+    if x[-1] < 2 * h[-1]:
+        x = x.copy()
+        x[-1] = 2 * h[-1]  # the curvature just inside the boundary
+    H = np.empty((n, n))
+    f0 = fun(x)
+    for i in range(n):
+        ei = np.zeros(n)
+        ei[i] = h[i]
+        H[i, i] = (fun(x + ei) - 2 * f0 + fun(x - ei)) / h[i] ** 2
+        for j in range(i):
+            ej = np.zeros(n)
+            ej[j] = h[j]
+            H[i, j] = H[j, i] = (
+                fun(x + ei + ej) - fun(x + ei - ej) - fun(x - ei + ej) + fun(x - ei - ej)
+            ) / (4 * h[i] * h[j])
+    return H
 
 
 def moment_phi(X, y, offset, weights):
@@ -257,6 +318,12 @@ class NegativeBinomialGLMM(PoissonGLMM):
     fit_intercept, random_slopes, random_correlated, nagq, vcov, max_iter, layer, verbose
         As for :class:`~skmixed.PoissonGLMM`. ``vcov="hessian"`` (the default) is
         glmmTMB's: the fixed-effects block of the inverse Hessian over every parameter.
+    reml : bool, default=False
+        Maximum likelihood (False, glmmTMB's default) or glmmTMB's ``REML = TRUE``
+        (theta and the size by the restricted Laplace criterion, beta integrated out;
+        a single response only). Unlike :class:`~skmixed.PoissonGLMM` the default is
+        ML, the fit glmmTMB and ``glmer.nb`` give; the t tests with the design's degrees
+        of freedom of :meth:`contrast` and :meth:`summary` apply either way.
     collapse : bool, default=True
         Ignored: the NB likelihood does not reduce to sums over rows sharing a design.
 
@@ -289,6 +356,26 @@ class NegativeBinomialGLMM(PoissonGLMM):
     """
 
     _collapsible = False
+
+    def __init__(
+        self,
+        *,
+        fit_intercept=True,
+        random_slopes=None,
+        random_correlated=True,
+        nagq=1,
+        reml=False,
+        vcov="hessian",
+        collapse=True,
+        max_iter=500,
+        layer=None,
+        verbose=0,
+    ):
+        # PoissonGLMM's parameters; only reml's default differs (glmmTMB's default, ML)
+        super().__init__(
+            fit_intercept=fit_intercept, random_slopes=random_slopes, random_correlated=random_correlated,
+            nagq=nagq, reml=reml, vcov=vcov, collapse=collapse, max_iter=max_iter, layer=layer, verbose=verbose,
+        )
 
     def _laplace_problem(self, X, y, design, offset, weights):
         self._prob = NBLaplaceProblem(
@@ -326,16 +413,18 @@ class NegativeBinomialGLMM(PoissonGLMM):
     def _fit_glmm(self, terms, Xu, y, off, w, beta0):
         out = super()._fit_glmm(terms, Xu, y, off, w, beta0)
         prob = self._prob
-        params = prob.opt_params
-        H = prob.full_hessian
-        if H is None:  # vcov="conditional": the size's variance still needs the Hessian
-            prob.hessian(params, int(self.nagq))
-            H = prob.full_hessian
+        if self.reml:
+            phi, H = prob.phi, prob.reml_hessian
+        else:
+            phi, H = float(prob.opt_params[-1]), prob.full_hessian
+            if H is None:  # vcov="conditional": the size's variance still needs the Hessian
+                prob.hessian(prob.opt_params, int(self.nagq))
+                H = prob.full_hessian
         try:
             var_phi = float(2.0 * np.linalg.inv(H)[-1, -1])
         except np.linalg.LinAlgError:
             var_phi = np.nan
-        self._set_size(float(params[-1]), var_phi)
+        self._set_size(phi, var_phi)
         del self._prob
         return out
 
@@ -362,6 +451,11 @@ class NegativeBinomialGLMM(PoissonGLMM):
         return self._nb_many
 
     def _fit_many(self, *args, **kwargs):
+        if self.reml:
+            raise ValueError(
+                "reml=True is available for a single response; the many-gene NegativeBinomialGLMM "
+                "is fitted by maximum likelihood (reml=False, the default)."
+            )
         super()._fit_many(*args, **kwargs)
         out = self._nb_many
         del self._nb_many
