@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import scipy.special
 
-from ._backend import expit, gammaln, get_namespace, safe_exp, segment_sum, to_host, xlogy
+from ._backend import expit, gammaln, get_namespace, safe_exp, segment_sum, softplus, to_host, xlogy
 
 
 def _canonical_score(y, mu, weights=None):
@@ -216,8 +216,7 @@ class NegativeBinomial:
         return mu + mu * mu / self.size
 
     def _softplus(self, x):
-        xp = get_namespace(x)
-        return xp.logaddexp(0.0, x)
+        return softplus(x)
 
     def log_normaliser(self, y, weights=None):
         """``log C(y + r - 1, y)``, the part of ``loglik`` free of ``eta``.

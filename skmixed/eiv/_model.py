@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._backend import get_namespace, safe_exp, to_host
+from .._backend import get_namespace, safe_exp, softplus, to_host
 from .._families import NegativeBinomial, Poisson
 
 
@@ -57,7 +57,7 @@ def kernel(family, y, eta):
     xp = get_namespace(y, eta)
     r = family.size
     t = eta - xp.log(r)
-    return y * t - (y + r) * xp.logaddexp(0.0, t)
+    return y * t - (y + r) * softplus(t)
 
 
 def normaliser(family, y):
