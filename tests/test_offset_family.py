@@ -168,6 +168,10 @@ def test_unchecked_full_steps_reach_the_same_fit(family):
     np.testing.assert_allclose(fast.coef, ref.coef, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(fast.loglik, ref.loglik, rtol=1e-13)
     assert len(calls) < n_ref
+    calls.clear()
+    bare = fit_glm(X, Y, Counted(), offset=off, full_step_below=1e-3, summary=False)
+    np.testing.assert_array_equal(bare.coef, fast.coef)
+    assert bare.loglik is None and bare.hessian is None and len(calls) < n_ref
 
 @given(st.floats(1e-8, 1e8))
 def test_trigamma_matches_scipy(x):

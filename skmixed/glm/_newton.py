@@ -50,7 +50,8 @@ class GLMResult:
     hessian: np.ndarray  # (G, p, p): observed information at coef
 
 
-def fit_glm(X, Y, family, *, offset=None, weights=None, coef0=None, max_iter=100, tol=1e-10, full_step_below=None):
+def fit_glm(X, Y, family, *, offset=None, weights=None, coef0=None, max_iter=100, tol=1e-10, full_step_below=None,
+            summary=True):
     """Maximum-likelihood fit of ``Y[:, g] ~ family(X @ coef[g] + offset)`` for every g.
 
     Parameters
@@ -72,6 +73,10 @@ def fit_glm(X, Y, family, *, offset=None, weights=None, coef0=None, max_iter=100
         region of quadratic convergence, where the full step increases it); the
         log-likelihood is then evaluated once, at the end. None: every step is checked
         by the line search.
+    summary : bool
+        False skips the passes over the data that only the result's ``loglik`` and
+        ``hessian`` need (both None then; with ``full_step_below``, a fit that ends in
+        full steps makes no log-likelihood pass at all).
 
     Returns
     -------
@@ -110,7 +115,7 @@ def fit_glm(X, Y, family, *, offset=None, weights=None, coef0=None, max_iter=100
         if bool(xp.all(converged)):
             # in the region of quadratic convergence: one last full step reaches round-off
             coef = coef + step
-            ll = loglik(coef)
+            ll = loglik(coef) if summary or full_step_below is None else None
             break
         if full_step_below is not None and bool(xp.all(decrement < full_step_below)):
             coef = coef + step
@@ -128,6 +133,8 @@ def fit_glm(X, Y, family, *, offset=None, weights=None, coef0=None, max_iter=100
                 break
             t = xp.where(ok, t, 0.5 * t)
         coef, ll = trial, ll_new
+    if not summary:
+        return GLMResult(coef=coef, loglik=None, n_iter=n_iter, converged=converged, hessian=None)
     if ll is None:
         ll = loglik(coef)
     eta = X @ coef.T + off[:, None]

@@ -283,8 +283,9 @@ def distill(counts, covariates=None, *, family="negative_binomial", size=None, m
     fixed = None if size is None else np.broadcast_to(np.asarray(size, dtype=float), (G,))
 
     # the log-likelihoods are concave in the coefficients: once every Newton decrement
-    # is small the full step is taken unchecked (no log-likelihood pass per iteration)
-    glm = functools.partial(fit_glm, max_iter=max_iter, full_step_below=1e-3)
+    # is small the full step is taken unchecked (no log-likelihood pass per iteration);
+    # only the coefficients are used (no log-likelihood or Hessian at the solution)
+    glm = functools.partial(fit_glm, max_iter=max_iter, full_step_below=1e-3, summary=False)
 
     def fit_chunk(sl):
         Yc = Y[:, sl]
