@@ -352,7 +352,7 @@ class NegativeBinomialGLMM(PoissonGLMM):
     >>> y = rng.poisson(rng.gamma(2.0, mu / 2.0))
     >>> model = NegativeBinomialGLMM().fit(x[:, None], y, groups=g)
     >>> round(float(model.size_), 1), model.coef_.round(2)
-    (2.2, array([0.28]))
+    (2.3, array([0.27]))
     """
 
     _collapsible = False
