@@ -82,6 +82,27 @@ class ManyFits:
         self.model.fit(self.X, self.Y, sample_weight=self.W)
 
 
+class SingleGeneSparse:
+    """Issue 14's case: one gene, 200,000 cells, 500 resampled 1% treatment indicators as a
+    CSC (or CSR) matrix; divide by 500 for the time per fit (R's 2,000-cell
+    ``glm(negative.binomial(2))``: 2.4 ms on the idle development machine)."""
+
+    params = (["csc", "csr"], ["nb_closed_form", "poisson"])
+    param_names = ["weight_format", "model"]
+
+    def setup(self, fmt, model):
+        X, Y, _ = offset_data(200_000, 1, 0, 0.0)
+        self.X, self.y = X, Y
+        W = scipy.sparse.random(200_000, 500, density=0.01, format=fmt, random_state=2, dtype=float)
+        W.data[:] = 1.0
+        self.W = W
+        self.model = NegBinOffsetMean(size=2.0) if model == "nb_closed_form" else NegBinOffsetMean(family="poisson")
+        self.model.fit(self.X, self.y, sample_weight=self.W)  # compiles the fused passes once
+
+    def time_fit(self, fmt, model):
+        self.model.fit(self.X, self.y, sample_weight=self.W)
+
+
 @functools.cache
 def screen(n_cells, n_perts, genes_per_pert):
     G = n_perts * genes_per_pert
