@@ -1,6 +1,6 @@
 """GLMEIV vs glmeiv (R), side by side, on the stored reference pairs (50,000 cells each).
 
-    python asv_bench/compare_glmeiv.py [--r] [--repeat 5] [--screen PAIRS CELLS] [--threads N]
+    python asv_bench/compare_glmeiv.py [--r] [--rounds 3] [--repeat 5] [--screen PAIRS CELLS] [--threads N]
 
 For each of the four reference pairs (Poisson / NB mRNA x gRNA effect log 1.5 / log 4) the
 script times ``GLMEIV().fit`` on one pair (pilot GLMs, NB size, reduced EM with 15 restarts,
@@ -8,7 +8,9 @@ full EM, Louis information: everything glmeiv's accelerated fit does) as the bes
 ``--repeat`` wall-clock runs, and reports the full-EM iterations of both initialisations.
 glmeiv's time is the one stored by tests/reference/eiv/make_reference.R (``time_s``, its
 accelerated fit with default tolerance, pre-computations included), or re-measured now on
-this machine with ``--r`` (needs R and glmeiv in /tmp/rlib). ``--screen`` times one call on
+this machine with ``--r`` (needs R and glmeiv in /tmp/rlib), in ``--rounds`` rounds that
+alternate the two sides (each side's figure: the median over rounds of its best time in the
+round, so that a shared machine's load falls on both). ``--screen`` times one call on
 PAIRS pairs of CELLS cells (1% perturbed). Prints an RST table.
 """
 
@@ -106,12 +108,27 @@ def main():
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--screen", nargs=2, type=int, metavar=("PAIRS", "CELLS"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3, help="with --r: interleaved rounds of both sides (medians)")
     args = ap.parse_args()
     if args.screen:
         screen(*args.screen, args.threads)
         return
-    a = ours(args.repeat)
-    b = glmeiv_times(args.r, 3 if args.r else 1)
+    # rounds interleave the two sides (skmixed, glmeiv, skmixed, glmeiv, ...) so that a
+    # shared machine's load falls on both; each side's figure is the median over rounds of
+    # its best time in the round
+    parts_a, parts_b = [], []
+    for _ in range(args.rounds if args.r else 1):
+        parts_a.append(ours(args.repeat))
+        parts_b.append(glmeiv_times(args.r, 3 if args.r else 1))
+    keys = ["gene", "perturbation"]
+    a = parts_a[0].copy()
+    a["skmixed_s"] = np.median([p["skmixed_s"].to_numpy() for p in parts_a], axis=0)
+    a["skmixed_cpu_s"] = np.median([p["skmixed_cpu_s"].to_numpy() for p in parts_a], axis=0)
+    b = parts_b[0].copy()
+    b["time_s"] = np.median([p.set_index(keys).loc[list(zip(b.gene, b.perturbation)), "time_s"].to_numpy()
+                             for p in parts_b], axis=0)
+    print(f"rounds: {len(parts_a)}; per round skmixed {[list(np.round(p['skmixed_s'], 3)) for p in parts_a]}, "
+          f"glmeiv {[list(np.round(p['time_s'], 2)) for p in parts_b]}")
     t = a.merge(b.rename(columns={"time_s": "glmeiv_s", "n_iter": "glmeiv_em_iter"}), on=["gene", "perturbation"])
     t["speedup"] = t["glmeiv_s"] / t["skmixed_s"]
     print(f"load average before: {os.getloadavg()}")
