@@ -377,7 +377,7 @@ def test_score_of_a_constant_response_is_nan():
         assert np.isnan(m.score(o[:, None], y))
 
 
-@pytest.mark.parametrize("kw", [dict(family="poisson"), dict(size=2.0), dict(), dict(size=2.0, method="mle")])
+@pytest.mark.parametrize("kw", [{"family": "poisson"}, {"size": 2.0}, {}, {"size": 2.0, "method": "mle"}])
 def test_compiled_single_gene_passes_equal_the_numpy_passes(kw, monkeypatch):
     """One gene with CSC weights takes the compiled passes of ``offset/_fused.py`` (when
     numba is installed); they give the numpy passes' sums to rounding."""

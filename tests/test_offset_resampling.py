@@ -415,7 +415,11 @@ def test_all_zero_treated_counts_give_minus_inf_and_their_documented_pvalue(smal
 def test_distillation_and_treatment_model_do_not_depend_on_threads(monkeypatch):
     """Chunks of genes / perturbations on 2 threads give the 1-thread results exactly."""
     import skmixed.offset._resampling as R
-    from skmixed.offset import distill, make_perturbation_screen, treatment_probabilities
+    from skmixed.offset import (
+        distill,
+        make_perturbation_screen,
+        treatment_probabilities,
+    )
 
     counts, treatment, cov, _ = make_perturbation_screen(1500, 7, 5, treated_fraction=0.05, random_state=3)
     monkeypatch.setattr(R, "_column_chunks", lambda k, n, budget=0: [slice(s, min(s + 2, k)) for s in range(0, k, 2)])
