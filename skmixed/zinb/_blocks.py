@@ -29,6 +29,7 @@ class BlockPlan:
     def __init__(self, has_mu, has_pi):
         has_mu, has_pi = np.asarray(has_mu, bool), np.asarray(has_pi, bool)
         self.P = P = has_mu.size
+        self.mu, self.pi = np.flatnonzero(has_mu), np.flatnonzero(has_pi)
         p, q = np.triu_indices(P)
         self.aa = (p[has_mu[p] & has_mu[q]], q[has_mu[p] & has_mu[q]])
         self.bb = (p[has_pi[p] & has_pi[q]], q[has_pi[p] & has_pi[q]])
@@ -44,22 +45,37 @@ class BlockPlan:
         Cab = Umu[:, pc] * Upi[:, qc] + Upi[:, pc] * Umu[:, qc]
         return xp.ascontiguousarray(Caa), xp.ascontiguousarray(Cab), xp.ascontiguousarray(Cbb)
 
-    def pair_sums(self, Umu, Upi, iaa, iab, ibb, *, units_are_rows: bool):
+    def pair_sums(self, Umu, Upi, iaa, iab, ibb, *, units_are_rows: bool, dtype=None):
         """Information pair sums, shape (units, n_pairs) for aa, ab, bb.
 
         ``units_are_rows``: the units (cells) are the rows of the per-entry arrays and
         the design vectors run along their columns (genes); otherwise the units are the
-        columns (genes) and the design vectors run along the rows (cells).
+        columns (genes) and the design vectors run along the rows (cells). ``dtype``
+        (e.g. float32): the precision of the products, which are most of a fit's
+        arithmetic; the information only steers the Newton directions.
         """
-        Caa, Cab, Cbb = self.pair_designs(Umu, Upi)
+        C = self.pair_designs(Umu, Upi)
+        info = (iaa, iab, ibb)
+        if dtype is not None:
+            C = tuple(c.astype(dtype) for c in C)
+            info = tuple(i.astype(dtype) for i in info)
         if units_are_rows:
-            return iaa @ Caa, iab @ Cab, ibb @ Cbb
-        return (Caa.T @ iaa).T, (Cab.T @ iab).T, (Cbb.T @ ibb).T
+            return tuple(i @ c for i, c in zip(info, C))
+        return tuple((c.T @ i).T for i, c in zip(info, C))
 
     def gradient(self, Umu, Upi, ga, gb, *, units_are_rows: bool):
+        """Per-unit gradient; only the parameters that move a predictor take a product."""
+        xp = get_namespace(Umu)
+        mu, pi = _ix(xp, self.mu), _ix(xp, self.pi)
+        Um, Up = Umu[:, mu], Upi[:, pi]
         if units_are_rows:
-            return ga @ Umu + gb @ Upi
-        return (Umu.T @ ga + Upi.T @ gb).T
+            gm, gp = ga @ Um, gb @ Up
+        else:
+            gm, gp = (Um.T @ ga).T, (Up.T @ gb).T
+        g = xp.zeros((gm.shape[0], self.P))
+        g[:, mu] = gm
+        g[:, pi] += gp
+        return g
 
     def assemble(self, Saa, Sab, Sbb):
         """Symmetric (units, P, P) information from pair sums."""

@@ -39,8 +39,12 @@ def _finite_ge(new, old, xp):
 class Optimizer:
     """Fits (or refits parts of) a :class:`~skmixed.zinb._model.Params` by blockwise Newton."""
 
-    def __init__(self, counts, design, *, common_dispersion: bool, fit_genes: bool = True, fit_zeta: bool = True):
+    def __init__(self, counts, design, *, common_dispersion: bool, fit_genes: bool = True, fit_zeta: bool = True,
+                 info_dtype=None):
         self.counts, self.design = counts, design
+        # precision of the information products (None: float64); they only steer the
+        # Newton directions, and every step is accepted on the float64 objective
+        self.info_dtype = info_dtype
         self.xp = design.xp
         self.common = common_dispersion
         self.fit_genes = fit_genes
@@ -101,7 +105,7 @@ class Optimizer:
         Umu, Upi = self._cell_designs(P, cols)
         plan = self.cell_plan
         g = plan.gradient(Umu, Upi, E[1], E[2], units_are_rows=True)
-        H = plan.assemble(*plan.pair_sums(Umu, Upi, *E[3:6], units_are_rows=True))
+        H = plan.assemble(*plan.pair_sums(Umu, Upi, *E[3:6], units_are_rows=True, dtype=self.info_dtype))
         return g, H, E[0].sum(axis=1)
 
     def _cell_newton_chunk(self, P, rows, cached=None):
@@ -169,7 +173,8 @@ class Optimizer:
             if self.fit_genes:
                 Umu, Upi = self._gene_designs(P, rows)
                 acc["grad"] += plan.gradient(Umu, Upi, E[1], E[2], units_are_rows=False)
-                for S, part in zip(acc["S"], plan.pair_sums(Umu, Upi, *E[3:6], units_are_rows=False)):
+                sums = plan.pair_sums(Umu, Upi, *E[3:6], units_are_rows=False, dtype=self.info_dtype)
+                for S, part in zip(acc["S"], sums):
                     S += part
         acc["H"] = plan.assemble(*acc.pop("S"))
         if keep:
