@@ -25,7 +25,7 @@ REF = Path(__file__).resolve().parents[2] / "tests" / "reference" / "nbglmm"
 N_CELLS = 68_627
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def nb_counts(n_genes, n_cells=N_CELLS, size=5.0, mean_log_rate=-11.2, seed=0):
     """Cells of ``make_zeb2_like`` and (n_cells x n_genes) CSC counts, NB2 with ``size``:
     per gene a baseline, cell-group deviations (SD 0.3) and patient effects (SD 0.2)."""
@@ -88,7 +88,7 @@ class OneGene:
         _quiet(lambda: NegativeBinomialGLMM.from_formula(self.formula, self.data))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference_data(case):
     if case == "owls":
         return pd.read_csv(REF / "owls.csv")

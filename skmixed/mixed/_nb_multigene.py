@@ -24,14 +24,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import scipy.special
 
 from .._backend import sparse_csr
-from .._families import NegativeBinomial
-from ._design import distinct_rows
+from .._families import NegativeBinomial, Poisson
+from .._inputs import MatrixReader
+from .._parallel import Engine, call_item
+from .._progress import progress
+from ..glm._newton import fit_glm
 from . import _nb_fused as _fused
+from ._design import distinct_rows
+from ._gene_chunks import check_count_values
 from ._laplace import abs_eigen_step
+from ._multigene import wald_contrasts
 from ._nb_zeros import ZeroSumExact, ZeroSumTable
 
 PHI_FLOOR = 1e-12  # as in _nbglmm: phi = 0 is evaluated as size 1e12
@@ -258,7 +265,7 @@ class BatchedNBLaplace:
             lam = np.ones_like(u)
             for _ in range(60):
                 u_new = u + lam * step
-                g_new, M_new = grad(u_new)
+                g_new, _ = grad(u_new)
                 ok = done | (np.abs(g_new) <= np.abs(g)) | (lam < 1e-12)
                 if np.all(ok):
                     break
@@ -428,9 +435,6 @@ def _start(design: PairDesign, nz: NonZeros):
     """Starting ``(theta, beta, phi)`` per gene: a Poisson GLM on the distinct rows of X,
     the spread of the level totals around it (theta) and the moment estimate of the
     overdispersion left after the level effects (phi)."""
-    from .._families import Poisson  # noqa: PLC0415
-    from ..glm._newton import fit_glm  # noqa: PLC0415
-
     d = design
     G, P = nz.G, d.P
     flat = nz.gene * P + nz.pair
@@ -461,11 +465,6 @@ def fit_many_nb(fixed, Y, codes, levels, offset, weights, *, names, fixed_names,
     """Fit one random-intercept NB2 GLMM per column of ``Y`` (n x G): the dict of
     per-gene arrays and tables of :func:`skmixed.mixed._multigene.fit_many`, with the
     per-gene ``size`` and ``size_se`` and the flag ``"poisson_limit"``."""
-    from .._inputs import MatrixReader  # noqa: PLC0415
-    from .._parallel import Engine, call_item  # noqa: PLC0415
-    from .._progress import progress  # noqa: PLC0415
-    from ._gene_chunks import check_count_values  # noqa: PLC0415
-
     n, G = Y.shape
     L, p = len(levels), fixed.shape[1]
     off = np.zeros(n) if offset is None else offset
@@ -521,10 +520,6 @@ def fit_many_nb(fixed, Y, codes, levels, offset, weights, *, names, fixed_names,
 
 def _tables(out, names, fixed_names, group_name, empty_group, term_df):
     """Flags, sizes and the tidy tables of the many-gene fit."""
-    import pandas as pd  # noqa: PLC0415
-
-    from ._multigene import wald_contrasts  # noqa: PLC0415
-
     G, p = out["beta"].shape
     phi = out["phi"]
     limit = phi <= 1e-8

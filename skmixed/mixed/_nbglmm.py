@@ -31,6 +31,7 @@ from .._families import NegativeBinomial, Poisson
 from ..glm._newton import fit_glm
 from ._glmm import PoissonGLMM
 from ._laplace import LaplaceProblem, central_gradient
+from ._nb_multigene import fit_many_nb
 
 PHI_FLOOR = 1e-12  # phi below this is evaluated as size 1e12: Poisson to round-off
 POISSON_LIMIT = 1e-8  # phi at or below this at the optimum: the Poisson boundary
@@ -445,8 +446,6 @@ class NegativeBinomialGLMM(PoissonGLMM):
 
     # -- many genes: the engine of _nb_multigene; the rest is PoissonGLMM's ----------------
     def _fit_many_core(self, *args, **kwargs):
-        from ._nb_multigene import fit_many_nb  # noqa: PLC0415
-
         self._nb_many = fit_many_nb(*args, **kwargs)
         return self._nb_many
 
