@@ -93,7 +93,8 @@ def parallel_config(*, client=_UNSET, n_jobs=_UNSET):
 
     Examples
     --------
-    >>> from skmixed._parallel import map_chunks, parallel_config
+    >>> from skmixed import parallel_config
+    >>> from skmixed._parallel import map_chunks
     >>> with parallel_config(n_jobs=2):  # or parallel_config(client=Client(...))
     ...     map_chunks(sum, [[1, 2], [3, 4]])
     [3, 7]
@@ -223,14 +224,23 @@ class Engine:
         self._shared.append(fut)
         return fut
 
-    def share_each(self, objs):
-        """Handles to several objects spread over the workers (one copy each), e.g.
-        per-chunk data kept on the cluster across the iterations of an algorithm; pass
-        them as the chunks of :meth:`map`. In-process: the objects themselves."""
-        objs = list(objs)
+    def share_each(self, objs, replicas=1):
+        """Handles to several objects spread over the workers, e.g. the blocks of an
+        in-memory matrix, or per-chunk data kept on the cluster across the iterations of
+        an algorithm; pass them as the chunks of :meth:`map`. In-process: the objects
+        themselves. Each object is sent on its own (an iterator is consumed one object
+        at a time, so the caller need not hold them all), to ``replicas`` workers:
+        with 1, an object whose worker dies is lost and so is the map; with 2, one
+        worker's death is survived."""
         if self.client is None:
-            return objs
-        futs = self.client.scatter(objs, broadcast=False, hash=False)
+            return list(objs)
+        futs = []
+        for obj in objs:
+            fut = self.client.scatter([obj], broadcast=False, hash=False)[0]
+            futs.append(fut)
+        n = min(int(replicas), self.workers)
+        if n > 1 and futs:
+            self.client.replicate(futs, n=n)
         self._shared.extend(futs)
         return futs
 

@@ -137,17 +137,18 @@ def _killer(marker, func):
     return run
 
 
-def test_worker_killed_mid_run_is_recovered(client, boland, monkeypatch, tmp_path):
+@pytest.mark.parametrize("source", ["backed", "memory"])
+def test_worker_killed_mid_run_is_recovered(client, boland, monkeypatch, tmp_path, source):
     """The first task to run kills its worker; Dask reruns the lost task on the other
-    worker (the shared data were broadcast, so a copy survives) and the fit completes
-    with the in-process numbers."""
+    worker (the shared data were broadcast, the in-memory blocks sent to two workers,
+    so a copy survives) and the fit completes with the in-process numbers."""
     adata, path = boland
     monkeypatch.setattr(multigene, "CHUNK_GENES", 5)
     ref = _fit(adata)
     marker = tmp_path / "killed"
     monkeypatch.setattr(gene_chunks, "_reduce_chunk", _killer(str(marker), gene_chunks._reduce_chunk))
     with parallel_config(client=client):
-        m = _fit(anndata.read_h5ad(path, backed="r"))
+        m = _fit(anndata.read_h5ad(path, backed="r") if source == "backed" else adata)
     assert marker.exists()  # a worker did die
     _same(m, ref)
     client.wait_for_workers(2, timeout=60)  # the nanny restarts it for the next tests

@@ -47,10 +47,12 @@ class GeneSums:
 
 
 def _reduce_chunk(cols, reader, S, off, weights, integer, anndata):
-    """The sums of the genes ``cols`` (a slice): read, check, reduce."""
+    """The sums of the genes ``cols`` (a slice) read by ``reader``, or of the block
+    ``cols`` itself when ``reader`` is None: check, reduce."""
     from ._multigene import _column_sums_lgamma_saturated  # noqa: PLC0415
 
-    Y = reader.columns(cols)
+    Y = cols if reader is None else reader.columns(cols)
+    where = "y" if reader is None else reader.where
     if sp.issparse(Y):
         Y = sp.csc_matrix(Y, dtype=float)
         values = Y.data
@@ -58,8 +60,8 @@ def _reduce_chunk(cols, reader, S, off, weights, integer, anndata):
         Y = np.asarray(Y, dtype=float)
         values = Y
     if integer is None:  # not checked up front (read by chunks)
-        integer = check_count_values(values, reader.where)
-        require_counts(CountSource(None, None, reader.where, anndata), integer)
+        integer = check_count_values(values, where)
+        require_counts(CountSource(None, None, where, anndata), integer)
     w = np.ones(Y.shape[0]) if weights is None else weights
     yo = np.asarray((off * w) @ Y).reshape(-1)
     lg, saturated = _column_sums_lgamma_saturated(Y, weights, integer)
@@ -80,8 +82,12 @@ def gene_sums(Y, S, off, weights, integer, *, pool, chunk, anndata=False) -> Gen
         reader = MatrixReader.from_array(Y)
     G = reader.shape[1]
     chunks = [slice(s, min(s + chunk, G)) for s in range(0, G, chunk)]
-    # the reader of a file or a dask array is small: with the design it goes to each
-    # worker once; an in-memory matrix too (once per worker, not once per task)
+    if pool.distributed and reader.kind == "memory":
+        # an in-memory matrix on a cluster: each chunk's columns sent once, to two
+        # workers (a copy survives the loss of one), not the whole matrix to every worker
+        chunks = pool.share_each((reader.columns(c) for c in chunks), replicas=2)
+        reader = None
+    # a reader of a file or a dask array is small; it and the design go to each worker once
     shared = [pool.share(a) for a in (reader, S, off, weights)]
     parts = list(pool.map(_reduce_chunk, chunks, *shared, integer, anndata))
     if not parts:
