@@ -178,3 +178,17 @@ def test_trigamma_matches_scipy(x):
     from skmixed._families import _trigamma
 
     assert _trigamma(np.array([x]), np)[0] == pytest.approx(scipy.special.polygamma(1, x), rel=1e-13)
+
+
+def test_glm_engine_takes_one_offset_column_per_response():
+    """An (n, G) offset is one offset per response: the fit of each column alone."""
+    rng = np.random.default_rng(6)
+    n = 2000
+    X = np.column_stack([np.ones(n), rng.standard_normal(n)])
+    O = rng.normal(0, 0.4, (n, 3))
+    Y = rng.poisson(np.exp(0.3 + 0.2 * X[:, 1:2] + O)).astype(float)
+    both = fit_glm(X, Y, Poisson, offset=O)
+    for g in range(3):
+        one = fit_glm(X, Y[:, g], Poisson, offset=O[:, g])
+        np.testing.assert_allclose(both.coef[g], one.coef[0], rtol=1e-10)
+        np.testing.assert_allclose(both.loglik[g], one.loglik[0], rtol=1e-12)

@@ -54,6 +54,7 @@ from .._inputs import MatrixReader, count_source, require_counts
 from .._parallel import Engine, call_item
 from .._progress import check_verbose, logger, progress
 from .._threads import one_blas_thread
+from ..glm._newton import KernelLoglik as _KernelLoglik
 from ..glm._newton import _column_products, _weighted_gram, fit_glm
 from ._engine import (
     Elements,
@@ -69,21 +70,6 @@ from ._kernels import (
 )
 
 _ALTERNATIVES = ("two-sided", "less", "greater")
-
-
-class _KernelLoglik:
-    """A family whose ``loglik`` omits the terms free of ``eta``: fit_glm compares
-    log-likelihoods only between coefficient values, and the NB normaliser (betaln
-    per cell) would dominate the cost of a distillation."""
-
-    def __init__(self, family):
-        self.family = family
-        self.mean = family.mean
-        self.score = family.score
-        self.information = family.information
-
-    def loglik(self, y, eta, weights=None):
-        return self.family.loglik_kernel(y, eta, weights)
 
 
 # ------------------------------------------------------------------ input handling
