@@ -281,6 +281,22 @@ def test_many_genes_equal_single_gene_fits(many):
     assert list(table.gene) == list(model.gene_names_) and table.p_value.notna().sum() == 9
 
 
+def test_many_genes_poisson_limit_is_flagged():
+    """An under-dispersed gene among overdispersed ones: flagged "poisson_limit" with
+    size inf and the Poisson GLMM's estimates; the batch goes on."""
+    X, Y, g, off = _genes_data(G=4, seed=3)
+    patient = np.random.default_rng(5).normal(0, 0.5, 8)[g]
+    Y[:, 3] = np.round(np.exp(1.0 + off + patient))  # the mean rounded: less variable than Poisson
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = NegativeBinomialGLMM(fit_intercept=False).fit(X, Y, groups=g, offset=off)
+        pois = PoissonGLMM(fit_intercept=False, reml=False).fit(X, Y[:, 3], groups=g, offset=off)
+    assert model.genes_.flag[3] == "poisson_limit" and model.poisson_limit_[3]
+    assert np.isinf(model.size_[3]) and np.isfinite(model.size_[0])
+    np.testing.assert_allclose(model.coef_[3], pois.coef_, atol=1e-6)
+    np.testing.assert_allclose(model.loglik_[3], pois.loglik_, atol=1e-6)
+
+
 def test_many_genes_inputs_and_chunks_agree(many, monkeypatch):
     """Dense, DataFrame and AnnData counts, another chunk size and the numpy (not
     compiled) pass give the same fits."""

@@ -459,5 +459,5 @@ class NegativeBinomialGLMM(PoissonGLMM):
         out = self._nb_many
         del self._nb_many
         self.size_, self.size_se_ = out["size"], out["size_se"]
-        self.poisson_limit_ = out["flag"] == "poisson_limit"
+        self.poisson_limit_ = np.isinf(out["size"])  # also where another flag ("singular") won
         return self
