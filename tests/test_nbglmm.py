@@ -298,16 +298,18 @@ def test_many_genes_poisson_limit_is_flagged():
 
 
 def test_many_genes_inputs_and_chunks_agree(many, monkeypatch):
-    """Dense, DataFrame and AnnData counts, another chunk size and the numpy (not
-    compiled) pass give the same fits."""
+    """Dense, DataFrame and AnnData counts, another chunk size, two threads and the
+    numpy (not compiled) pass give the same fits."""
     import anndata
+
+    from skmixed._parallel import parallel_config
 
     X, Y, g, off, model = many
     monkeypatch.setattr(_nb_multigene, "CHUNK_GENES", 3)
     monkeypatch.setattr(_nb_fused, "AVAILABLE", False)
     names = [f"g{j}" for j in range(Y.shape[1])]
     for counts in (Y, pd.DataFrame(Y, columns=names), anndata.AnnData(sp.csr_matrix(Y))):
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), parallel_config(n_jobs=2):
             warnings.simplefilter("ignore", UserWarning)
             other = NegativeBinomialGLMM(fit_intercept=False).fit(X, counts, groups=g, offset=off)
         np.testing.assert_allclose(other.coef_, model.coef_, atol=1e-8)
