@@ -396,3 +396,33 @@ def test_compiled_single_gene_passes_equal_the_numpy_passes(kw, monkeypatch):
     plain = NegBinOffsetMean(**kw).fit(o[:, None], y, sample_weight=W)
     for name in ("coef_", "coef_se_", "z_", "score_z_", "size_"):
         np.testing.assert_allclose(getattr(fused, name), getattr(plain, name), rtol=1e-11, atol=1e-14)
+
+
+def test_compiled_dense_weight_scan_equals_the_numpy_reading(monkeypatch):
+    """Dense weights large enough for the compiled scan (C and Fortran order) give the fits
+    of the numpy reading; bad values and empty columns still raise the named errors."""
+    from skmixed.offset import _fused
+
+    if not _fused.AVAILABLE:
+        pytest.skip("numba is not installed: only the numpy reading exists")
+    rng = np.random.default_rng(12)
+    n, B = 3000, 30
+    o = rng.normal(0, 0.5, n)
+    y = rng.negative_binomial(2.0, 2.0 / (2.0 + np.exp(0.2 + o))).astype(float)
+    W = np.where(rng.uniform(size=(n, B)) < 0.05, np.round(rng.uniform(size=(n, B)), 2), 0.0)
+    W[:3, :] = 1.0  # no empty column
+    fits = [NegBinOffsetMean(size=2.0).fit(o[:, None], y, sample_weight=w) for w in (W, np.asfortranarray(W))]
+    monkeypatch.setattr(_fused, "AVAILABLE", False)
+    plain = NegBinOffsetMean(size=2.0).fit(o[:, None], y, sample_weight=W)
+    monkeypatch.undo()
+    for fit in fits:
+        for name in ("coef_", "coef_se_", "score_z_"):
+            np.testing.assert_allclose(getattr(fit, name), getattr(plain, name), rtol=1e-12, atol=1e-14)
+    Wz = W.copy()
+    Wz[:, 7] = 0.0
+    with pytest.raises(ValueError, match="column 7 is all zero"):
+        NegBinOffsetMean(size=2.0).fit(o[:, None], y, sample_weight=Wz)
+    Wb = W.copy()
+    Wb[2000, 5] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        NegBinOffsetMean(size=2.0).fit(o[:, None], y, sample_weight=np.asfortranarray(Wb))

@@ -67,10 +67,64 @@ def _nb_information(rows, ptr, w, m, t, phi):
     return out
 
 
+def _dense_scan(A, rows_per_block):
+    n, B = A.shape
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    cap = max(1024, (n * B) // 64)
+    indices = np.empty(cap, dtype=np.int64)
+    data = np.empty(cap, dtype=np.float64)
+    ok = True
+    nnz = 0
+    for r0 in range(0, n, rows_per_block):
+        r1 = min(r0 + rows_per_block, n)
+        # the block is read from memory once: counting and checking bring it into the
+        # cache, where the copy of its non-zeros reads it again
+        k = 0
+        for i in range(r0, r1):
+            for j in range(B):
+                v = A[i, j]
+                if not (v >= 0.0 and v <= 1.0):  # NaN fails both
+                    ok = False
+                if v != 0.0:
+                    k += 1
+        if not ok:
+            return indptr, indices[:0], data[:0], False
+        if nnz + k > cap:
+            cap = max(2 * cap, nnz + k)
+            grown_i = np.empty(cap, dtype=np.int64)
+            grown_d = np.empty(cap, dtype=np.float64)
+            grown_i[:nnz] = indices[:nnz]
+            grown_d[:nnz] = data[:nnz]
+            indices, data = grown_i, grown_d
+        for i in range(r0, r1):
+            for j in range(B):
+                v = A[i, j]
+                if v != 0.0:
+                    indices[nnz] = j
+                    data[nnz] = v
+                    nnz += 1
+            indptr[i + 1] = nnz
+    return indptr, indices[:nnz], data[:nnz], True
+
+
 if AVAILABLE:
     # nogil: callers' threads may run these side by side
     _linear_pass = numba.njit(cache=True, nogil=True)(_linear_pass)
     _nb_information = numba.njit(cache=True, nogil=True)(_nb_information)
+    _dense_scan = numba.njit(cache=True, nogil=True)(_dense_scan)
+
+
+def dense_to_csr(A):
+    """The CSR matrix of a dense weight matrix ``A`` (n, B), C-contiguous float64, read from
+    memory once, and whether every value lies in [0, 1] (None when not: the caller then
+    finds and reports the offending value)."""
+    import scipy.sparse  # noqa: PLC0415
+
+    n, B = A.shape
+    indptr, indices, data, ok = _dense_scan(A, max(1, (1 << 17) // max(B, 1)))
+    if not ok:
+        return None
+    return scipy.sparse.csr_matrix((data, indices, indptr), shape=(n, B))
 
 
 def usable(cols):

@@ -15,9 +15,12 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .._backend import get_namespace, is_device_sparse, ndtr, nonzero_entries, safe_exp, to_host
 from .._families import NegativeBinomial, Poisson, check_counts
+from . import _fused
 from ._kernels import DeviceWeightColumns, WeightColumns, fit_offset_mean
 
 _FAMILIES = ("poisson", "negative_binomial")
+# dense weight matrices at least this large are scanned by the compiled pass
+_SCAN_MIN = 1 << 16
 _METHODS = ("closed_form", "mle")
 
 
@@ -64,6 +67,18 @@ def check_weights(sample_weight, n):
         W = W.reshape(W.shape[0], -1)
     if W.shape[0] != n:
         raise ValueError(f"sample_weight has {W.shape[0]} rows but X has {n}.")
+    if not scipy.sparse.issparse(W) and W.shape[1] > 1 and _fused.AVAILABLE and W.size >= _SCAN_MIN:
+        # one compiled pass checks the values and collects the non-zeros (C or Fortran order:
+        # the latter scanned as its transpose, whose CSR matrix is W's CSC matrix)
+        fortran = W.flags.f_contiguous and not W.flags.c_contiguous
+        csr = _fused.dense_to_csr(W.T if fortran else np.ascontiguousarray(W))
+        if csr is not None:
+            W = csr.T if fortran else csr
+            cols = WeightColumns.from_sparse(W)
+            empty = np.flatnonzero(cols.count == 0)
+            if empty.size:
+                raise ValueError(f"sample_weight column {int(empty[0])} is all zero: no observation to fit.")
+            return cols, one
     lo = _check_weight_values(W.data if scipy.sparse.issparse(W) else W)
     if scipy.sparse.issparse(W):
         if lo == 0.0:  # explicit zeros: drop them from a copy (the caller's matrix is left as it was)
