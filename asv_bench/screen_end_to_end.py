@@ -15,13 +15,14 @@ cells, which stay 1% of 200,000). The stages are those a user runs:
 2. ``treatment_probabilities(treatment, covariates)``: one logistic regression per
    perturbation, batched;
 3. ``resampling_test(..., distillation=, propensity=)``: the conditional-resampling test of
-   every pair with ``--resamples`` resamples (SCEPTRE's default 500 is not needed by the
-   skew-normal p-values; the default here is SCEPTRE's), ``n_jobs=--threads``.
+   every pair with ``--resamples`` resamples (default 500, as SCEPTRE) and the ``--statistic``
+   (default the score statistic), ``n_jobs=--threads``.
 
 Simulation is not timed. The table (wall and CPU seconds per stage, the extrapolation to the
 full size when ``--scale`` < 1, linear in genes / perturbations / pairs) is printed and written
 to ``doc/benchmarks_screen.rst`` (``--write``). Full size needs about 11 GB for the propensity
-matrix (200,000 x 6,600 doubles) and 3 GB for the counts.
+matrix (200,000 x 6,600 doubles), 3 GB each for the counts and the distillation offsets, and the
+simulation holds two (cells x perturbations) double arrays while it draws.
 """
 
 from __future__ import annotations
