@@ -75,7 +75,9 @@ class PairDesign:
         self.pair_level, self.pair_row = np.divmod(uniq, self.K)
         self.Xp = self.Xd[self.pair_row]  # (P, p)
         self.offset, self.weights = offset, weights
-        zs = ZeroSumExact if exact_zeros else ZeroSumTable
+        # the table holds about 150 kB per pair: beyond a few thousand pairs (hundreds of
+        # patients times tens of cell groups) the direct sums take less memory
+        zs = ZeroSumExact if exact_zeros or self.P > 4_000 else ZeroSumTable
         self.zeros = zs(self.cell_pair, offset, weights, self.P)
         P, p, L = self.P, self.p, self.L
         ar = np.arange(P)

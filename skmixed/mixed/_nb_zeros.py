@@ -61,10 +61,10 @@ class ZeroSumExact:
         self.pair, self.o = pair, offset
         self.S = sp.csr_matrix((weights, (pair, np.arange(pair.size))), shape=(n_pairs, pair.size))
 
-    def __call__(self, c):
-        """``c`` (G, P) -> (G, P, 5) weighted sums."""
+    def __call__(self, c, which=range(N_BASIS)):
+        """``c`` (G, P) -> (G, P, len(which)) weighted sums of the basis functions ``which``."""
         B = basis(c[:, self.pair] + self.o[None, :])  # (G, n, 5)
-        return np.stack([(self.S @ B[:, :, j].T).T for j in range(N_BASIS)], axis=-1)
+        return np.stack([(self.S @ B[:, :, j].T).T for j in which], axis=-1)
 
 
 class ZeroSumTable:
