@@ -86,9 +86,20 @@ def component_logliks(fm, fg, m, g, eta0_m, pert_m, eta0_g, pert_g):
 
     The Poisson difference ``k1 - k0 = y b - mu0 (e^b - 1)`` needs no second exp/log pass.
     """
-    k0 = kernel(fm, m, eta0_m) + kernel(fg, g, eta0_g)
-    k1 = _shifted(fm, m, eta0_m, pert_m) + _shifted(fg, g, eta0_g, pert_g)
-    return k0, k1
+    a0, a1 = _pair(fm, m, eta0_m, pert_m)
+    b0, b1 = _pair(fg, g, eta0_g, pert_g)
+    a0 += b0
+    a1 += b1
+    return a0, a1
+
+
+def _pair(family, y, eta0, pert):
+    """``kernel`` at ``eta0`` and at ``eta0 + pert``; for Poisson one exp pass serves both."""
+    if isinstance(family, Poisson):
+        xp = get_namespace(y)
+        mu0 = safe_exp(eta0)
+        return y * eta0 - mu0, y * (eta0 + pert[None, :]) - mu0 * xp.exp(xp.minimum(pert, 700.0))[None, :]
+    return kernel(family, y, eta0), _shifted(family, y, eta0, pert)
 
 
 def _shifted(family, y, eta0, pert):
