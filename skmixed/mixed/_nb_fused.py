@@ -19,7 +19,8 @@ KEYS = ("s", "W", "ll", "Wd", "dl", "ds", "dW")
 
 
 def entry_pass(cflat, P, gene, pair, o, y, w, phi, small, log_fact, full, out):
-    """Add each non-zero entry's correction to ``out`` (7, G * P); with ``full`` the
+    """Add each non-zero entry's correction to ``out`` (G * P, 7: an entry's seven sums
+    side by side in memory); with ``full`` the
     log-likelihood and phi derivatives too (those of ``small`` integer counts only:
     the others are added by the caller)."""
     for e in range(gene.size):
@@ -29,15 +30,15 @@ def entry_pass(cflat, P, gene, pair, o, y, w, phi, small, log_fact, full, out):
         ec = math.exp(min(ce, 700.0))
         q = 1.0 + ec
         we, ye = w[e], y[e]
-        out[0, idx] += we * ye / q
-        out[1, idx] += we * ye * ec / (q * q)
+        out[idx, 0] += we * ye / q
+        out[idx, 1] += we * ye * ec / (q * q)
         if full:
             ph = phi[g]
             mu = ec / ph
             q3 = q * q * q
-            out[3, idx] += we * ye * ec * (1.0 - ec) / q3
-            out[5, idx] -= we * ye * mu / (q * q)
-            out[6, idx] += we * ye * mu * (1.0 - ec) / q3
+            out[idx, 3] += we * ye * ec * (1.0 - ec) / q3
+            out[idx, 5] -= we * ye * mu / (q * q)
+            out[idx, 6] += we * ye * mu * (1.0 - ec) / q3
             if small[e]:
                 ll = -log_fact[e]
                 acc = 0.0
@@ -46,8 +47,8 @@ def entry_pass(cflat, P, gene, pair, o, y, w, phi, small, log_fact, full, out):
                         ll += math.log1p(ph * k)
                     acc += (k - mu) / (1.0 + ph * k)
                 spl = ce + math.log1p(math.exp(-ce)) if ce > 0 else math.log1p(math.exp(ce))
-                out[2, idx] += we * (ll + ye * (ce - math.log(ph) - spl))
-                out[4, idx] += we * acc / q
+                out[idx, 2] += we * (ll + ye * (ce - math.log(ph) - spl))
+                out[idx, 4] += we * acc / q
 
 
 if AVAILABLE:

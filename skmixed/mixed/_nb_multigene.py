@@ -219,7 +219,7 @@ class BatchedNBLaplace:
         nz = self.nz
         G, P = c.shape
         nz.cache()
-        acc = np.zeros((len(_fused.KEYS), G * P))
+        acc = np.zeros((G * P, len(_fused.KEYS)))
         _fused.entry_pass(np.ascontiguousarray(c).ravel(), P, nz.gene, nz.pair, nz.o, nz.y, nz.w, pe,
                           nz._small, nz._log_fact, full, acc)
         big = np.flatnonzero(~nz._small) if full else np.zeros(0, dtype=np.int64)
@@ -233,11 +233,11 @@ class BatchedNBLaplace:
             flat = g * P + nz.pair[big]
             ll = wb * (fam.log_normaliser(yb) + yb * (ce - np.logaddexp(0.0, ce)))
             dl = -wb * fam.size * (fam.size_score(yb, mu) - fam.size_score(np.zeros_like(yb), mu))
-            acc[2] += np.bincount(flat, weights=ll, minlength=G * P)
-            acc[4] += np.bincount(flat, weights=dl, minlength=G * P)
+            acc[:, 2] += np.bincount(flat, weights=ll, minlength=G * P)
+            acc[:, 4] += np.bincount(flat, weights=dl, minlength=G * P)
         for j, key in enumerate(_fused.KEYS):
             if key in out:
-                out[key] = out[key] + acc[j].reshape(G, P)
+                out[key] = out[key] + acc[:, j].reshape(G, P)
         return out
 
     def _c(self, theta, beta, phi, u):

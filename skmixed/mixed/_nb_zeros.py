@@ -151,18 +151,18 @@ class ZeroSumTable:
     def __call__(self, c, which=range(N_BASIS)):
         """``c`` (G, P) -> (G, P, len(which)) weighted sums of the basis functions ``which``."""
         which = list(which)
-        P = c.shape[1]
+        G, P = c.shape
         j = np.clip(np.rint((c - self.lo) / self.h), 0, self.J - 1).astype(np.int64)
-        delta = c - (self.lo + self.h * j)
-        cols = np.arange(P)[None, :]
-        out = []
-        for f in which:
-            coefs = self.table[f][cols, j]  # (G, P, order + 1)
-            v = coefs[..., self.order]
+        delta = (c - (self.lo + self.h * j)).ravel()
+        flat = (np.arange(P)[None, :] * self.J + j).ravel()  # np.take on rows: a fast gather
+        out = np.empty((G * P, len(which)))
+        for i, f in enumerate(which):
+            coefs = np.take(self.table[f].reshape(P * self.J, self.order + 1), flat, axis=0)
+            v = coefs[:, self.order]
             for t in range(self.order - 1, -1, -1):
-                v = v * delta + coefs[..., t]
-            out.append(v)
-        out = np.stack(out, axis=-1)
+                v = v * delta + coefs[:, t]
+            out[:, i] = v
+        out = out.reshape(G, P, len(which))
         below, above = c < self.lo, c > self.hi
         if np.any(below):
             out = np.where(below[..., None], self._below(np.minimum(c, self.lo))[..., which], out)
