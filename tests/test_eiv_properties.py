@@ -58,9 +58,13 @@ def test_stacked_gram_is_the_gram_of_the_stacked_design(seed):
     got = Design(Z).stacked_gram(w0, w1)
     for b in range(2):
         w = np.concatenate([w0[:, b], w1[:, b]])
-        np.testing.assert_allclose(got[b], Xs.T @ (Xs * w[:, None]), rtol=1e-12)
+        want = Xs.T @ (Xs * w[:, None])
+        # entries are sums of signed products that can cancel: round-off relative to the
+        # matrix's scale, not to each (possibly tiny) entry
+        np.testing.assert_allclose(got[b], want, rtol=1e-12, atol=1e-13 * np.abs(want).max())
     a0, a1 = rng.normal(size=(n, 2)), rng.normal(size=(n, 2))
-    np.testing.assert_allclose(Design(Z).stacked_grad(a0, a1), (Xs.T @ np.vstack([a0, a1])).T, rtol=1e-12)
+    want = (Xs.T @ np.vstack([a0, a1])).T
+    np.testing.assert_allclose(Design(Z).stacked_grad(a0, a1), want, rtol=1e-12, atol=1e-13 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("family", ["poisson", "negative_binomial"])
