@@ -30,10 +30,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     import anndata  # noqa: PLC0415
-    from distributed import Client, LocalCluster  # noqa: PLC0415
+    from distributed import Client  # noqa: PLC0415
 
     from skmixed import PoissonGLMM  # noqa: PLC0415
-    from skmixed._parallel import parallel_config  # noqa: PLC0415
+    from skmixed._parallel import local_cluster, parallel_config  # noqa: PLC0415
     from skmixed.datasets import make_boland_like_counts  # noqa: PLC0415
     from skmixed.offset import make_perturbation_screen, resampling_test  # noqa: PLC0415
 
@@ -51,7 +51,7 @@ def main(argv=None):
             Y, T, C, pairs=pairs, n_resamples=500, random_state=0, n_jobs=n_jobs).pvalue.to_numpy(),
     }
     t = time.perf_counter()
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    cluster = local_cluster(2)  # LocalCluster(n_workers=2, threads_per_worker=1), without the malloc setting
     client = Client(cluster)
     print(f"LocalCluster(2 worker processes x 1 thread) started in {time.perf_counter() - t:.1f} s")
     engines = {

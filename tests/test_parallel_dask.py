@@ -25,7 +25,7 @@ cloudpickle = pytest.importorskip("cloudpickle")
 import skmixed.mixed._gene_chunks as gene_chunks  # noqa: E402
 import skmixed.mixed._multigene as multigene  # noqa: E402
 from skmixed import PoissonGLMM  # noqa: E402
-from skmixed._parallel import Engine, map_chunks, parallel_config  # noqa: E402
+from skmixed._parallel import Engine, local_cluster, map_chunks, parallel_config  # noqa: E402
 from skmixed.cli import main  # noqa: E402
 from skmixed.datasets import make_boland_like_counts  # noqa: E402
 from skmixed.eiv import GLMEIV, make_glmeiv_data  # noqa: E402
@@ -38,10 +38,9 @@ FORMULA = "~ 0 + cell_group + offset(log(total_count)) + (1 | patient_assignment
 
 @pytest.fixture(scope="module")
 def client():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address=None, worker_dashboard_address=None) as cluster:
-        with distributed.Client(cluster) as c:
-            yield c
+    with local_cluster(2, host="127.0.0.1", worker_dashboard_address=None) as cluster, distributed.Client(cluster) as c:
+        assert c.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_")) == dict.fromkeys(c.scheduler_info()["workers"])
+        yield c
 
 
 def _fit(data, **kw):
