@@ -62,3 +62,31 @@ class Transform:
     def time_transform(self, fitted):
         model, new = fitted
         model.transform(new)
+
+
+class Kernel:
+    """Three iterations with the fused numba kernel or the numpy passes, and with float32
+    or float64 information products (issue 14); 100,000 x 1,000 is the published case
+    (asv_bench/zinb_compare.py, doc/benchmarks_zinb.rst)."""
+
+    params = (sizes([(2000, 1000)], [(20000, 1000)]), ["numba", "numpy"], ["mixed", "double"])
+    param_names = ["cells_x_genes", "kernel", "precision"]
+    timeout = 900
+
+    def setup(self, shape, kernel, precision):
+        from skmixed.zinb import _evaluate, _kernels_numba  # noqa: PLC0415
+
+        if kernel == "numba" and not _kernels_numba.available():
+            raise NotImplementedError("numba is not installed")  # asv skips the case
+        self.Y = counts(*shape)
+        self.previous = _evaluate.use_kernel(kernel)
+
+    def teardown(self, shape, kernel, precision):
+        from skmixed.zinb import _evaluate  # noqa: PLC0415
+
+        _evaluate.use_kernel(self.previous)
+
+    def time_fit(self, shape, kernel, precision):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ZINBWaVE(10, random_state=0, max_iter=3, tol=0.0, n_jobs=2, precision=precision).fit(self.Y)

@@ -15,6 +15,7 @@ from sklearn.utils.validation import check_is_fitted
 from .._backend import get_namespace, to_host
 from .._families import ZINB
 from .._inputs import check_obsm_key, write_obsm
+from .._parallel import Engine
 from .._progress import logger, progress
 from ._data import Counts
 from ._init import initialize, initialize_cells
@@ -275,7 +276,11 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         logger.info("ZINBWaVE: %d cells x %d genes, K = %d: initialisation", n, J, K)
         P = initialize(counts, design, K, gen)
         prefit_dispersion(counts, design, P, common=self.common_dispersion, rng=gen)
-        opt = Optimizer(counts, design, common_dispersion=self.common_dispersion, info_dtype=self._info_dtype(xp))
+        # a Dask client of skmixed.parallel_config runs the iterations' passes over the
+        # cells on the cluster (CPU arrays only: a GPU fit stays on its device)
+        engine = Engine(client=None if xp is np else False)
+        opt = Optimizer(counts, design, common_dispersion=self.common_dispersion, info_dtype=self._info_dtype(xp),
+                        engine=engine)
         bar = progress(total=self.max_iter, desc="ZINBWaVE iterations", unit="iter", verbose=self.verbose)
         last = [opt.objective(P)[1] if self.verbose else None]
 
@@ -286,12 +291,12 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
             bar.set_postfix_str(f"penalized loglik {pll:.6g}, relative gain {gain:.1e} (tol {self.tol:g})")
             logger.info("ZINBWaVE iteration %d: loglik %.6f, penalized loglik %.6f", it, ll, pll)
 
-        with bar:
+        with bar, engine:
             history, converged = opt.run(P, max_iter=self.max_iter, tol=self.tol, callback=callback)
             if converged:  # the bar ends full: max_iter was only the bound of its ETA
                 bar.total = bar.n
                 bar.refresh()
-        ll, pll = opt.objective(P)
+            ll, pll = opt.objective(P)
         self._store(P, penalty, X, V, ll, pll)
         self.objective_history_ = [float(h) for h in history]
         self.n_iter_ = len(history) - 1

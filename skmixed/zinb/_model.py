@@ -99,6 +99,11 @@ class Params:
     def copy(self):
         return replace(self, **{f.name: getattr(self, f.name).copy() for f in fields(self)})
 
+    def take_cells(self, rows):
+        """The parameters with only the cells ``rows`` (copies; gene arrays shared)."""
+        return replace(self, gamma_mu=self.gamma_mu[:, rows].copy(), gamma_pi=self.gamma_pi[:, rows].copy(),
+                       W=self.W[rows].copy())
+
     # -- blocks ----------------------------------------------------------------------
     def gene_block(self):
         """(J, 2(M + K)): per gene ``(beta_mu, alpha_mu, beta_pi, alpha_pi)``."""

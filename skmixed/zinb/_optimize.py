@@ -24,23 +24,17 @@ from __future__ import annotations
 import numpy as np
 
 from ._blocks import BlockPlan, newton_direction
-from ._evaluate import evaluate
+from ._chunks import MAX_HALVINGS, Chunks, ChunkWork
+from ._chunks import finite_ge as _finite_ge
 
-MAX_HALVINGS = 12
 ZETA_BOUNDS = (-30.0, 30.0)
-
-
-def _finite_ge(new, old, xp):
-    """``new >= old`` with NaN counted as a decrease, allowing round-off."""
-    tol = 1e-12 * xp.maximum(xp.abs(old), 1.0)
-    return xp.isfinite(new) & (new >= old - tol)
 
 
 class Optimizer:
     """Fits (or refits parts of) a :class:`~skmixed.zinb._model.Params` by blockwise Newton."""
 
     def __init__(self, counts, design, *, common_dispersion: bool, fit_genes: bool = True, fit_zeta: bool = True,
-                 info_dtype=None):
+                 info_dtype=None, engine=None):
         self.counts, self.design = counts, design
         # precision of the information products (None: float64); they only steer the
         # Newton directions, and every step is accepted on the float64 objective
@@ -54,24 +48,12 @@ class Optimizer:
         self.cell_plan = BlockPlan([True] * L + [False] * L + [True] * K, [False] * L + [True] * L + [True] * K)
         self.gene_plan = BlockPlan([True] * (M + K) + [False] * (M + K), [False] * (M + K) + [True] * (M + K))
         self.M, self.L, self.K = M, L, K
+        self.work = ChunkWork(self.cell_plan, self.gene_plan, info_dtype, fit_genes)
+        # the passes over the cells: in-process, or tasks on a Dask client (engine)
+        self.chunks = Chunks(counts, design, engine)
         self._cache = None  # per chunk: the cells' Newton statistics at the current parameters
         self._omega = 1.0  # extrapolation factor
         self._wait = 0  # iterations before the next extrapolation attempt
-
-    # -- design vectors --------------------------------------------------------------
-    def _cell_designs(self, P, cols=None):
-        xp = self.xp
-        V = self.design.V if cols is None else self.design.V[cols]
-        am = P.alpha_mu.T if cols is None else P.alpha_mu[:, cols].T
-        ap = P.alpha_pi.T if cols is None else P.alpha_pi[:, cols].T
-        Z = xp.zeros_like(V)
-        return xp.concatenate([V, Z, am], axis=1), xp.concatenate([Z, V, ap], axis=1)
-
-    def _gene_designs(self, P, rows):
-        xp = self.xp
-        A = xp.concatenate([self.design.X[rows], P.W[rows]], axis=1)
-        Z = xp.zeros_like(A)
-        return xp.concatenate([A, Z], axis=1), xp.concatenate([Z, A], axis=1)
 
     # -- objective pieces --------------------------------------------------------------
     def zeta_surrogate(self, zeta, center):
@@ -87,9 +69,8 @@ class Optimizer:
         xp = self.xp
         width = self.counts.J if cols is None else int(cols.shape[0])
         total = xp.zeros(width)
-        for rows in self.counts.chunks:
-            (ll,) = evaluate(self.design, self.counts, P, rows, cols, derivs=False)
-            total += ll.sum(axis=0)
+        for part in self.chunks.map(self.work, "loglik", P, args=(cols,)):
+            total += part
         return total
 
     def objective(self, P, ll_gene=None):
@@ -97,52 +78,6 @@ class Optimizer:
             ll_gene = self.loglik_by_gene(P)
         ll = float(ll_gene.sum())
         return ll, ll - self.design.total_penalty(P, self.common)
-
-    # -- 1. cells ------------------------------------------------------------------------
-    def _cell_stats(self, P, E, cols=None):
-        """Per-cell gradient and information (without the penalty) and log-likelihood
-        sums of the per-entry arrays ``E`` (over the genes ``cols``)."""
-        Umu, Upi = self._cell_designs(P, cols)
-        plan = self.cell_plan
-        g = plan.gradient(Umu, Upi, E[1], E[2], units_are_rows=True)
-        H = plan.assemble(*plan.pair_sums(Umu, Upi, *E[3:6], units_are_rows=True, dtype=self.info_dtype))
-        return g, H, E[0].sum(axis=1)
-
-    def _cell_newton_chunk(self, P, rows, cached=None):
-        """Newton step with per-cell backtracking for the cells ``rows``; returns the
-        derivative arrays at the accepted parameters (with dispersion derivatives).
-        ``cached``: the cells' ``(gradient, information, loglik)`` at the current
-        parameters, computed during the previous gene pass (saves one evaluation)."""
-        xp, design = self.xp, self.design
-        start = rows.start
-        if cached is None:
-            E0 = evaluate(design, self.counts, P, rows, derivs=True, zeta=False)
-            cached = self._cell_stats(P, E0)
-            del E0
-        g, H, ll0 = cached
-        C0 = P.cell_block(rows)
-        f0 = ll0 - design.cell_penalty(C0)
-        d = newton_direction(H + xp.diag(design.pen_cell), g - design.pen_cell * C0)
-        step = xp.ones(C0.shape[0])
-        C = C0 + d
-        P.set_cell_block(C, rows)
-        E = list(evaluate(design, self.counts, P, rows, derivs=True, zeta=True))
-        f = E[0].sum(axis=1) - design.cell_penalty(C)
-        bad = ~_finite_ge(f, f0, xp)
-        for it in range(MAX_HALVINGS + 1):
-            idx = xp.flatnonzero(bad)
-            if idx.size == 0:
-                break
-            last = it == MAX_HALVINGS
-            step[idx] = 0.0 if last else step[idx] * 0.5
-            C[idx] = C0[idx] + step[idx, None] * d[idx]
-            P.set_cell_block(C[idx], idx + start)
-            Es = evaluate(design, self.counts, P, idx + start, derivs=True, zeta=True)
-            for full, part in zip(E, Es):
-                full[idx] = part
-            f[idx] = Es[0].sum(axis=1) - design.cell_penalty(C[idx])
-            bad[idx] = False if last else ~_finite_ge(f[idx], f0[idx], xp)
-        return E
 
     # -- 2. genes and dispersion --------------------------------------------------------------
     def cell_pass(self, P, *, update_cells: bool = True):
@@ -159,22 +94,18 @@ class Optimizer:
         # with the genes and the dispersion fixed, the cells' statistics at the accepted
         # values are the next pass's starting statistics (one evaluation per pass saved)
         keep = update_cells and not self.fit_genes and not self.fit_zeta
+        self.work.fit_genes = self.fit_genes
+        per_chunk = [(update_cells, None if cache is None else cache[k], keep) for k in range(len(self.chunks))]
         new_cache = []
-        for k, rows in enumerate(self.counts.chunks):
-            if update_cells:
-                E = self._cell_newton_chunk(P, rows, None if cache is None else cache[k])
-                if keep:
-                    new_cache.append(self._cell_stats(P, E))
-            else:
-                E = evaluate(self.design, self.counts, P, rows, derivs=True, zeta=True)
-            acc["ll"] += E[0].sum(axis=0)
-            acc["gz"] += E[6].sum(axis=0)
-            acc["izz"] += E[7].sum(axis=0)
+        for rows, (cells, sums, stats) in zip(self.chunks.rows, self.chunks.map(self.work, "cell_pass", P, per_chunk)):
+            if cells is not None:
+                P.set_cell_block(cells, rows)
+            new_cache.append(stats)
+            for key in ("ll", "gz", "izz"):
+                acc[key] += sums[key]
             if self.fit_genes:
-                Umu, Upi = self._gene_designs(P, rows)
-                acc["grad"] += plan.gradient(Umu, Upi, E[1], E[2], units_are_rows=False)
-                sums = plan.pair_sums(Umu, Upi, *E[3:6], units_are_rows=False, dtype=self.info_dtype)
-                for S, part in zip(acc["S"], sums):
+                acc["grad"] += sums["grad"]
+                for S, part in zip(acc["S"], sums["S"]):
                     S += part
         acc["H"] = plan.assemble(*acc.pop("S"))
         if keep:
@@ -244,11 +175,10 @@ class Optimizer:
             trial = P.copy()
             trial.set_gene_block((G0 + d)[moved], moved)
             trial.zeta[moved] = xp.clip(zeta0[moved] + dz[moved], lo, hi)
-            for k, rows in enumerate(self.counts.chunks):
-                Et = evaluate(design, self.counts, trial, rows, moved, derivs=True, zeta=False)
-                Ef = evaluate(design, self.counts, P, rows, moved, derivs=True, zeta=False)
-                st, sf = self._cell_stats(trial, Et, moved), self._cell_stats(P, Ef, moved)
-                cache[k] = tuple(c - a + b for c, a, b in zip(cache[k], st, sf))
+            # the trial values travel with each task, the accepted ones as its parameters
+            per_chunk = [(self.chunks.cells_of(trial, rows),) for rows in self.chunks.rows]
+            for k, delta in enumerate(self.chunks.map(self.work, "moved", P, per_chunk, args=(moved,))):
+                cache[k] = tuple(c + dd for c, dd in zip(cache[k], delta))
         self._cache = cache
         return ll
 
@@ -257,10 +187,9 @@ class Optimizer:
         xp = self.xp
         ll = xp.zeros(self.counts.J)
         cache = []
-        for rows in self.counts.chunks:
-            E = evaluate(self.design, self.counts, P, rows, derivs=True, zeta=False)
-            ll += E[0].sum(axis=0)
-            cache.append(self._cell_stats(P, E))
+        for part, stats in self.chunks.map(self.work, "trial", P):
+            ll += part
+            cache.append(stats)
         return ll, cache
 
     def common_zeta_step(self, P, acc, ll_gene, min_gain=0.0):

@@ -23,8 +23,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from ._data import Counts
-from ._model import Design, Params
+from ._chunks import row_problem
+from ._model import Params
 from ._optimize import Optimizer
 
 
@@ -39,21 +39,12 @@ def _sub_penalty(penalty, scale: float):
     )
 
 
-def _take_rows(off, idx):
-    return None if off is None else off[idx]
-
-
 def subsample_problem(counts, design, P, idx):
     """Counts, design and parameters of the cells ``idx`` (sorted host indices)."""
     xp = design.xp
     ix = idx if xp is np else xp.asarray(idx)
     scale = idx.size / counts.n
-    sub_counts = Counts(counts.Y[ix], xp, counts.batch_size)
-    sub_counts.n_threads = counts.n_threads
-    sub_design = Design(
-        design.X[ix], design.V, _take_rows(design.off_mu, ix), _take_rows(design.off_pi, ix),
-        _sub_penalty(design.penalty, scale), design.K,
-    )
+    sub_counts, sub_design = row_problem(counts, design, ix, _sub_penalty(design.penalty, scale))
     Ps = Params(
         beta_mu=P.beta_mu.copy(), beta_pi=P.beta_pi.copy(),
         gamma_mu=P.gamma_mu[:, ix].copy(), gamma_pi=P.gamma_pi[:, ix].copy(), W=P.W[ix].copy(),
