@@ -82,7 +82,7 @@ def test_between_within_df_on_the_boland_design():
     """Disease is a patient-level factor: 16 patients, 2 between-patient parameters
     (healthy and diseased levels) -> 14 df; a contrast of two cell groups of the same
     patients is estimated within patients -> n - rank(X_w) - 16."""
-    cells, X, codes = _boland_design()
+    _, X, codes = _boland_design()
     rule = BetweenWithin(X.to_numpy(), [(codes, np.ones((len(X), 1)))], len(X))
     names = list(X.columns)
 
@@ -195,7 +195,7 @@ def test_default_test_holds_the_level_between_patients():
     cells, counts, _ = make_multipatient_counts(400, 4000, sd_patient=0.4, frac_de=0.0, random_state=3)
     rates = _null_rejections(PoissonGLMM(fit_intercept=False), cells, counts, "t")
     for contrast in ("between", "within"):
-        k = int(round(rates[contrast] * 400))
+        k = round(rates[contrast] * 400)
         assert scipy.stats.binomtest(k, 400, 0.05).pvalue > 1e-3, (contrast, rates[contrast])
 
 

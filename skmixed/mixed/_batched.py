@@ -286,14 +286,11 @@ class BatchedScalarLaplace:
             step = xp.where(newton, -g / xp.where(newton, H, 1.0), -xp.sign(g) * 0.5 * (th + 0.1))
             step = xp.clip(step, -(1.0 + th), 1.0 + th)
             small = (xp.abs(step) <= 1e-8 * (1.0 + th)) | (xp.abs(g * step) < 1e-11)
-            t = xp.where(small, 0.0, 1.0)
-            for _ in range(40):
-                trial = xp.abs(th + t * step)
-                f_new, b_new, st_new, _ = eng.reml_deviance(trial, b0, st0[0])
-                ok = small | (f_new <= f0 + 1e-4 * t * g * step + 1e-13 * xp.abs(f0))
-                if bool(xp.all(ok)):
-                    break
-                t = xp.where(ok, t, 0.5 * t)
+            trial, (_, b_new, st_new, _), ok = eng._line_search(
+                lambda t: xp.abs(th + t * step),  # noqa: B023
+                lambda trial: eng.reml_deviance(trial, b0, st0[0]),  # noqa: B023
+                f0, lambda trial: g * (trial - th), small, xp.where(small, 0.0, 1.0), 40,  # noqa: B023
+            )
             done[act] = small | ~ok
             move = ok & ~small
             rows = act[move]
@@ -308,6 +305,21 @@ class BatchedScalarLaplace:
             scale = xp.where(live, 2.0 / xp.where(live, H, 1.0), 0.0)
             cov = cov + scale[:, None, None] * J[:, :, None] * J[:, None, :]
         return BatchResult(theta, beta, cov, f, state[0], state[1], it, converged)
+
+    def _line_search(self, trial_at, evaluate, f0, decrease, small, t, n_halvings):
+        """Backtracking for every gene at once: ``t`` is halved where the trial point
+        ``trial_at(t)`` misses the Armijo condition ``f <= f0 + 1e-4 decrease(trial)``
+        (``evaluate(trial)[0]`` is f); genes marked ``small`` accept any step.
+        Returns the last trial, its evaluation and the mask of genes that succeeded."""
+        xp = self.xp
+        for _ in range(n_halvings):
+            trial = trial_at(t)
+            out = evaluate(trial)
+            ok = small | (out[0] <= f0 + 1e-4 * decrease(trial) + 1e-13 * xp.abs(f0))
+            if bool(xp.all(ok)):
+                break
+            t = xp.where(ok, t, 0.5 * t)
+        return trial, out, ok
 
     def _grad_columns(self, params, u, du, h_rel, cols):
         """Central differences of the gradient along the parameters in ``cols``; PIRLS
@@ -376,14 +388,16 @@ class BatchedScalarLaplace:
             # theta moves at most by 1 + its size at first; the line search does the rest
             t = xp.minimum(1.0, (1.0 + pa[:, 0]) / xp.maximum(xp.abs(step[:, 0]), 1e-300))
             t = xp.where(small, 0.0, t)
-            for _ in range(60):
-                trial = pa + t[:, None] * step
+
+            def trial_at(t):
+                trial = pa + t[:, None] * step  # noqa: B023
                 trial[:, 0] = xp.abs(trial[:, 0])  # reflected: theta and -theta fit alike
-                f_new, g_new, st_new, du_new = eng.evaluate(trial[:, 0], trial[:, 1:], st[0])
-                ok = small | (f_new <= fa + 1e-4 * t * xp.sum(ga * (trial - pa), axis=1) + 1e-13 * xp.abs(fa))
-                if bool(xp.all(ok)):
-                    break
-                t = xp.where(ok, t, 0.5 * t)
+                return trial
+
+            trial, (f_new, g_new, st_new, du_new), ok = eng._line_search(
+                trial_at, lambda trial: eng.evaluate(trial[:, 0], trial[:, 1:], st[0]),  # noqa: B023
+                fa, lambda trial: xp.sum(ga * (trial - pa), axis=1), small, t, 60,  # noqa: B023
+            )
             # no descent along the Newton direction: at round-off, stop there
             done[act] = small | ~ok
             move = ok & ~small
