@@ -219,7 +219,7 @@ def dask_client(address, *, n_workers=None):
                 client = stack.enter_context(distributed.Client(address, timeout="20s"))
             except (OSError, TimeoutError) as exc:
                 raise ValueError(f"cannot reach the Dask scheduler at {address!r}: {exc}") from exc
-        logger.info("skmixed: Dask scheduler %s, %d workers", client.scheduler.address,
+        logger.info("Dask scheduler %s, %d workers", client.scheduler.address,
                     len(client.scheduler_info().get("workers", {})))
         with parallel_config(client=client):
             yield client
@@ -321,7 +321,7 @@ class Engine:
         return self._pool.map(lambda c: func(c, *shared), chunks)
 
     def _map_client(self, func, chunks, shared):
-        logger.info("skmixed: %d chunks on the Dask cluster at %s", len(chunks), self.client.scheduler.address)
+        logger.debug("%d chunks on the Dask cluster at %s", len(chunks), self.client.scheduler.address)
         futures = [self.client.submit(_unpacked_call, func, c, *shared, pure=False) for c in chunks]
 
         def results():

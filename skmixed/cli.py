@@ -595,8 +595,6 @@ def main(argv=None):
         prog = f"skmixed {args.command}"
         if args.scheduler is not None and not (args.scheduler == "local" or "://" in args.scheduler):
             raise _BadArgument(f"--scheduler must be 'local' or an address such as tcp://host:8786, got {args.scheduler!r}.")
-        if args.scheduler is not None and args.command == "zinbwave":
-            raise _BadArgument("--scheduler: ZINBWaVE does not run on Dask yet; run without it.")
         if args.verbose:
             logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
             logging.getLogger("skmixed").setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)

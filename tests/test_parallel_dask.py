@@ -27,7 +27,7 @@ import skmixed.mixed._multigene as multigene  # noqa: E402
 from skmixed import PoissonGLMM  # noqa: E402
 from skmixed._parallel import Engine, local_cluster, map_chunks, parallel_config  # noqa: E402
 from skmixed.cli import main  # noqa: E402
-from skmixed.datasets import make_boland_like_counts  # noqa: E402
+from skmixed.datasets import make_boland_like_counts, make_zinb_counts  # noqa: E402
 from skmixed.eiv import GLMEIV, make_glmeiv_data  # noqa: E402
 from skmixed.offset import make_perturbation_screen, resampling_test  # noqa: E402
 
@@ -221,5 +221,20 @@ def test_cli_scheduler_bad_arguments(boland, capsys):
     base = ["de", str(path), "--formula", FORMULA, "--contrast", CONTRAST, "--out", str(path.parent / "x.csv")]
     assert main([*base, "--scheduler", "my-cluster"]) == 2
     assert "--scheduler must be 'local' or an address such as tcp://host:8786, got 'my-cluster'" in capsys.readouterr().err
-    assert main(["zinbwave", str(path), "-k", "2", "--out", str(path.parent / "z.h5ad"), "--scheduler", "local"]) == 2
-    assert "ZINBWaVE does not run on Dask yet" in capsys.readouterr().err
+
+
+def test_cli_zinbwave_on_a_scheduler_address(client, tmp_path):
+    """skmixed zinbwave --scheduler: ZINBWaVE's passes over the cells run on the cluster
+    (its own tests compare the objective paths); the command's W is the in-process one."""
+    sim = make_zinb_counts(150, 30, random_state=9)
+    adata = anndata.AnnData(sim.counts, obs=sim.cells.set_axis([f"cell{i}" for i in range(150)]))
+    adata.write_h5ad(tmp_path / "zinb.h5ad")
+    common = ["zinbwave", "zinb.h5ad", "-k", "2", "--max-iter", "5", "-q"]
+    r0 = _script(*common, "--out", "z0.h5ad", "--csv", "W0.csv", cwd=tmp_path)
+    r1 = _script(*common, "--out", "z1.h5ad", "--csv", "W1.csv", "--scheduler", client.scheduler.address, "-vv",
+                 cwd=tmp_path)
+    assert r0.returncode == 0, r0.stderr
+    assert r1.returncode == 0, r1.stderr
+    assert f"chunks on the Dask cluster at {client.scheduler.address}" in r1.stderr  # the debug log
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "W1.csv", index_col=0), pd.read_csv(tmp_path / "W0.csv", index_col=0),
+                               rtol=1e-6, atol=1e-8)
