@@ -8,25 +8,27 @@ Where the chunks run is chosen here, never in the estimator:
 
 - in-process (the default): in order in the calling thread (``n_jobs=1``) or on a pool
   of ``n_jobs`` threads (the kernels release the GIL in numpy / scipy);
-- on a Dask cluster: when a ``dask.distributed.Client`` is given, by the ``client=``
-  argument of an estimator or function, or for a whole block of code by
+- on a Dask cluster: when a ``dask.distributed.Client`` is set for a block of code by
   ``with skmixed.parallel_config(client=client):`` (the habit joblib's
-  ``parallel_config(backend="dask")`` gives scikit-learn users).
+  ``parallel_config(backend="dask")`` gives scikit-learn users), or given to
+  :class:`Engine` / :func:`map_chunks` directly.
 
 Results never depend on the engine: the chunks are the same, each chunk's function is
 deterministic, and results come back in chunk order, so the caller's reduction runs in
 the same order everywhere.
 
 Data on a cluster. A chunk's function is called as ``func(chunk, *shared)``.
-``shared`` objects (the per-cell design, the offsets, an in-memory count matrix) are
-sent to the workers once per map (``Engine.share``: ``client.scatter(...,
-broadcast=True)``; broadcast rather than one copy because every task needs them and a
-copy on each worker survives the loss of a worker) instead of once per task. The
-chunks themselves should be small descriptions of where the data are (a gene slice
+``shared`` objects (the per-cell design, the offsets, a block function with the data it
+closes over) are sent to the workers once per map (:meth:`Engine.share`:
+``client.scatter(..., broadcast=True)``; a copy on every worker because every task
+needs them, and the copies on the others survive the loss of a worker), not once per
+task. The chunks themselves are small descriptions of where the data are (a gene slice
 and an :class:`skmixed._inputs.MatrixReader` that opens a backed ``.h5ad`` file or
-computes a slice of a ``dask.array`` on the worker), so the client never holds or
-sends the whole matrix. A worker lost mid-run is handled by Dask: its tasks run again
-elsewhere (the scattered data have copies on the other workers).
+computes a slice of a ``dask.array`` on the worker), so the client never reads or
+sends the matrix; an in-memory matrix goes as one block per chunk, each to two workers
+(:meth:`Engine.share_each`). A worker lost mid-run is handled by Dask: its tasks run
+again elsewhere. Everything sent is pickled once (:class:`_Packed`), so that numpy
+arrays arrive aligned.
 
 Examples
 --------
