@@ -23,8 +23,6 @@ for CuPy arrays, the numpy / CuPy path runs.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 try:  # the `fast` extra
@@ -129,28 +127,13 @@ def _vlog(v, out, ibuf):
         out[j] = k * _LN2_HI + (_atanh_series((m - 1.0) / (m + 1.0)) + k * _LN2_LO)
 
 
-# -- scalar pieces of the rare branches ---------------------------------------------------------
-def _softplus(x):
-    """numpy's ``logaddexp(0, x)``."""
-    if x > 0.0:
-        return x + math.log1p(math.exp(-x))
-    return math.log1p(math.exp(x))
-
-
-def _expit(x):
-    if x >= 0.0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
-    return e / (1.0 + e)
-
-
 def _log1pmx_series(x):
     return x * x * (-1 / 2 + x * (1 / 3 + x * (-1 / 4 + x * (1 / 5 + x * (-1 / 6 + x * (1 / 7 - x / 8))))))
 
 
 # -- the kernel ---------------------------------------------------------------------------
 def _row(ai, bi, z, theta, cols, ys, lognorm, dpsi, dtri, mode, fuse, out, i, s):
-    """Row ``i`` of the block; ``cols``/``ys``: the row's non-zeros; ``s``: scratch (10, w)."""
+    """Row ``i`` of the block; ``cols``/``ys``: the row's non-zeros; ``s``: scratch (14, w)."""
     w = ai.shape[0]
     t, x, e, em1, L, eb, l0, p0, ll, r = s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9]
     ibuf = s[10].view(np.int64)
@@ -175,26 +158,33 @@ def _row(ai, bi, z, theta, cols, ys, lognorm, dpsi, dtri, mode, fuse, out, i, s)
     small = False
     for j in range(w):
         small = small or p0[j] < 1e-3
+    rs = s[12]
     if small:
+        # the log-space form where P(0) < 1e-3, vectorised over the row:
+        # l0 + softplus(b - l0) - softplus(b), and r = expit(b - l0)
         for j in range(w):
+            x[j] = -abs(bi[j] - l0[j])
+        _vexp(x, em1, s[13], ibuf, pbuf)  # em1 = exp(-|d|)
+        for j in range(w):
+            d = bi[j] - l0[j]
+            ed = em1[j]
+            sp_d = max(d, 0.0) + _log1p_unit(ed)
+            sp_b = max(bi[j], 0.0) + _log1p_unit(eb[j])
             if p0[j] < 1e-3:
-                d = bi[j] - l0[j]
-                ll[j] = l0[j] + _softplus(d) - _softplus(bi[j])
+                ll[j] = l0[j] + sp_d - sp_b
+            rs[j] = 1.0 / (1.0 + ed) if d >= 0.0 else ed / (1.0 + ed)
     out[0, i, :] = ll
     if mode != LOGLIK:
-        _derivs_loop(ai, bi, t, e, eb, p0, theta, r, out, i)
+        _derivs_loop(ai, bi, t, e, eb, p0, rs, theta, r, out, i)
         if mode == DERIVS_ZETA:
             _zeta_loop(t, e, L, l0, theta, r, out, i)
-        if small:  # r = expit(b - l0) where P(0) is tiny: redo those entries
-            for j in range(w):
-                if p0[j] < 1e-3:
-                    _small_entry(bi[j], l0[j], t[j], e[j], L[j], theta[j], mode, out, i, j)
     if fuse:
         _positive_loop(cols, ys, bi, theta, t, e, L, eb, lognorm, dpsi, dtri, mode, out, i)
 
 
-def _derivs_loop(ai, bi, t, e, eb, p0, theta, r, out, i):
-    """``g_a, g_b, i_aa, i_ab, i_bb`` of zeros (``r``: the dropout posterior, stored)."""
+def _derivs_loop(ai, bi, t, e, eb, p0, rs, theta, r, out, i):
+    """``g_a, g_b, i_aa, i_ab, i_bb`` of zeros (``r``: the dropout posterior, stored;
+    ``rs``: its log-space value, used where ``P(0) < 1e-3``)."""
     for j in range(ai.shape[0]):
         inv = 1.0 / (1.0 + e[j])
         sig = inv if t[j] >= 0.0 else e[j] * inv
@@ -202,7 +192,7 @@ def _derivs_loop(ai, bi, t, e, eb, p0, theta, r, out, i):
         pos_b = bi[j] >= 0.0
         pi = invb if pos_b else eb[j] * invb
         omp = eb[j] * invb if pos_b else invb
-        rj = pi / p0[j] if p0[j] >= 1e-3 else 0.0
+        rj = pi / p0[j] if p0[j] >= 1e-3 else rs[j]
         r[j] = rj
         nr = 1.0 - rj
         rr = rj * nr
@@ -225,30 +215,6 @@ def _zeta_loop(t, e, L, l0, theta, r, out, i):
         lmx = _log1pmx_series(xt) if xt < 1e-2 else L[j] - xt
         g0 = theta[j] * (-xt * xt / (1.0 + xt) - lmx) if t[j] < -5.0 else theta[j] * sig + l0[j]
         h0 = g0 + theta[j] * sig * sig
-        out[6, i, j] = nr * g0
-        out[7, i, j] = -(nr * h0 + rr * g0 * g0)
-
-
-def _small_entry(b, l0, t, e, L, theta, mode, out, i, j):
-    r = _expit(b - l0)
-    eb = math.exp(-abs(b))
-    invb = 1.0 / (1.0 + eb)
-    pi = invb if b >= 0.0 else eb * invb
-    omp = eb * invb if b >= 0.0 else invb
-    inv = 1.0 / (1.0 + e)
-    sig = inv if t >= 0.0 else e * inv
-    nr = 1.0 - r
-    rr = r * nr
-    q = -theta * sig
-    out[1, i, j] = nr * q
-    out[2, i, j] = r - pi
-    out[3, i, j] = nr * (theta * sig * (1.0 - sig)) - rr * q * q
-    out[4, i, j] = rr * q
-    out[5, i, j] = pi * omp - rr
-    if mode == DERIVS_ZETA:
-        lmx = _log1pmx_series(e) if e < 1e-2 else L - e
-        g0 = theta * (-e * e / (1.0 + e) - lmx) if t < -5.0 else theta * sig + l0
-        h0 = g0 + theta * sig * sig
         out[6, i, j] = nr * g0
         out[7, i, j] = -(nr * h0 + rr * g0 * g0)
 
@@ -289,7 +255,7 @@ def _block(a, b, z, theta, indptr, indices, data, row0, lognorm, dpsi, dtri, mod
     nr, w = a.shape
     per = (nr + n_tasks - 1) // n_tasks
     for task in _prange(n_tasks):
-        s = np.empty((12, w))
+        s = np.empty((14, w))
         for i in range(task * per, min(nr, (task + 1) * per)):
             lo, hi = indptr[row0 + i], indptr[row0 + i + 1]
             _row(a[i], b[i], z, theta, indices[lo:hi], data[lo:hi], lognorm, dpsi, dtri, mode, fuse, out, i, s)
@@ -304,9 +270,6 @@ if numba is not None:
     _log1pmx_series = numba.njit(inline="always", **_opts)(_log1pmx_series)
     _vexp = numba.njit(**_opts)(_vexp)
     _vlog = numba.njit(**_opts)(_vlog)
-    _softplus = numba.njit(**_opts)(_softplus)
-    _expit = numba.njit(**_opts)(_expit)
-    _small_entry = numba.njit(**_opts)(_small_entry)
     _derivs_loop = numba.njit(**_opts)(_derivs_loop)
     _zeta_loop = numba.njit(**_opts)(_zeta_loop)
     _positive_loop = numba.njit(**_opts)(_positive_loop)
