@@ -263,8 +263,7 @@ def write_report(args, type1, power_rows, times, versions, have_nb):
                        "per 1,000 genes": [f"{1000 * np.median(times[m]) / args.genes:.2f}" for m in methods]},
                       index=pd.Index(methods, name="method"))
     cpu = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})"
-    text = f""":orphan:
-
+    text = f"""
 .. _benchmarks_de_calibration:
 
 Calibration of differential-expression tests (type-I error, power, FDR)

@@ -113,8 +113,6 @@ def main():
 def write_page(path, args, size, rows, extrap, load0, res):
     scaled = args.scale < 1
     lines = [
-        ":orphan:",
-        "",
         "A whole screen, end to end",
         "==========================",
         "",
