@@ -74,7 +74,7 @@ def test_random_effects_match_glmmtmb(fitted):
     np.testing.assert_allclose(ours.loc[ref.level.astype(str)].to_numpy(), ref.condval, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["owls", "salamanders"])
+@pytest.mark.parametrize("case", list(CASES))
 def test_glmer_nb_stops_near_but_not_at_the_maximum(case):
     """lme4's glmer.nb alternates size and GLMM fits and stops on a tolerance: its
     estimates are close to the joint maximum (documented in the user guide) but not
