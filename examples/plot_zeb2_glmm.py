@@ -54,7 +54,11 @@ print(summary.random)
 # %%
 # Estimates beside the truth
 # --------------------------
-# ``summary().fixed`` holds lme4's ``summary()`` table with Wald 95% intervals.
+# ``summary().fixed`` holds the estimates, standard errors and 95% intervals. By
+# default the variance is fitted by REML and the intervals refer to a t distribution
+# with the between-within degrees of freedom (14 for a cell-group mean estimated from
+# 16 patients' cells; see :ref:`small_sample_inference`); ``reml=False`` and
+# ``summary(test="z")`` give lme4's ``summary()`` table with Wald intervals.
 # The truth used by the simulation is lme4's fit of the real data.
 truth = load_zeb2_truth()
 true_fixed = truth.loc[truth["kind"] == "fixed"].set_index("name")["value"]
