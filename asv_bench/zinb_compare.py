@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import os
 import platform
 import sys
@@ -60,6 +61,13 @@ def pbmc():
 CPU = {}
 
 
+def sim_counts():
+    """The counts of zinbwave's reference simulation (tests/reference/zinb/make_data.py)."""
+    with gzip.open(os.path.join(REF, "sim_counts.csv.gz"), "rt") as fh:
+        rows = list(csv.reader(fh))
+    return np.array([[float(v) for v in r[1:]] for r in rows[1:]])
+
+
 def timed_fit(Y, K, threads, **kw):
     """The fit and its wall seconds (its CPU seconds, all threads, go to ``CPU[id(model)]``)."""
     t, c = time.perf_counter(), time.process_time()
@@ -84,8 +92,13 @@ def main():
     ap.add_argument("--large-iter", type=int, default=None, help="cap the iterations of the large fit")
     ap.add_argument("--skip-pbmc", action="store_true")
     ap.add_argument("--kernel", choices=("numba", "numpy"), default=None, help="the CPU kernel (default: numba if installed)")
+    ap.add_argument("--kernels-only", type=int, default=0, metavar="N_CELLS",
+                    help="only the side-by-side of the kernels and precisions (3 iterations, N_CELLS x 1000, K = 10)")
     ap.add_argument("--out", default=os.path.join(ROOT, "doc", "benchmarks_zinb.rst"))
     args = ap.parse_args()
+    if args.kernels_only:
+        kernels(args.kernels_only, args.threads)
+        return
     if args.kernel:
         _evaluate.use_kernel(args.kernel)
     fits = {r["fit"]: r for r in dicts("fits.csv")}
@@ -107,6 +120,14 @@ def main():
             lines.append((label, f"{Y.shape[0]} x {Y.shape[1]}", K,
                           m.penalized_loglik_, float(r["penalized_loglik"]) if r else None,
                           sec, float(r["elapsed_s"]) if r else None, m.n_iter_))
+        # zinbwave's own simulation, K = 2, at zinbwave's stopping rule
+        r2 = fits.get("sim_K2")
+        if r2 is not None:
+            Ys = sim_counts()
+            m, sec = timed_fit(Ys, 2, args.threads, tol=1e-4)
+            lines.append(("zinbwave's simulation (sim_K2), zinbwave's stopping rule (tol = 1e-4)",
+                          f"{Ys.shape[0]} x {Ys.shape[1]}", 2, m.penalized_loglik_, float(r2["penalized_loglik"]),
+                          sec, float(r2["elapsed_s"]), m.n_iter_))
         # held-out log-likelihood
         mt, sec_t = timed_fit(Y[split], K, args.threads)
         held = mt.score(Y[~split])
@@ -163,6 +184,28 @@ def large(args, lines):
         f"{load_before} before and {load_after} after (the fit itself keeps both cores busy). "
         f"k-means (8 clusters) on its W recovers the 8 simulated cell types with ARI {ari:.3f}.\n"
     )
+
+
+def kernels(n_cells, threads, repeats=3):
+    """numba vs numpy kernel, mixed vs double precision, interleaved: median seconds."""
+    sim = make_zinb_counts(n_cells, 1000, n_clusters=8, n_latent=10, mean_log_mu=-1.0, random_state=0)
+    cases = [("numpy", "double"), ("numba", "double"), ("numba", "mixed")]
+    wall = {c: [] for c in cases}
+    cpu = {c: [] for c in cases}
+    obj = {}
+    for _ in range(repeats):
+        for kernel, precision in cases:
+            _evaluate.use_kernel(kernel)
+            m, sec = timed_fit(sim.counts, 10, threads, max_iter=3, tol=0.0, precision=precision)
+            wall[(kernel, precision)].append(sec)
+            cpu[(kernel, precision)].append(CPU[id(m)])
+            obj[(kernel, precision)] = m.penalized_loglik_
+    base = obj[("numpy", "double")]
+    print(f"{n_cells} x 1000, K = 10, 3 iterations (initialisation included), {threads} thread(s), "
+          f"median of {repeats} interleaved runs; load average {load()} at the end")
+    for c in cases:
+        print(f"  {c[0]:6s} {c[1]:7s} wall {np.median(wall[c]):7.1f} s  CPU {np.median(cpu[c]):7.1f} s  "
+              f"objective {obj[c]:.6f} (relative difference {abs(obj[c] - base) / abs(base):.1e})")
 
 
 def fmt(v, spec="{:.1f}"):
