@@ -79,7 +79,7 @@ def test_glmer_nb_stops_near_but_not_at_the_maximum(case):
     """lme4's glmer.nb alternates size and GLMM fits and stops on a tolerance: its
     estimates are close to the joint maximum (documented in the user guide) but not
     on it; the fixed effects differ by less than a tenth of their standard errors."""
-    model = NegativeBinomialGLMM.from_formula(CASES[case], load_case(case))
+    model = NegativeBinomialGLMM.from_formula(CASES[case], load_case(case), reml=False)
     nb = pd.read_csv(REF / f"{case}_glmernb.csv").set_index("term").estimate
     fixef = pd.read_csv(REF / f"{case}_fixef.csv")
     beta_nb = nb.loc[fixef.term].to_numpy()
@@ -259,23 +259,30 @@ def many():
     X, Y, g, off = _genes_data()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        model = NegativeBinomialGLMM(fit_intercept=False).fit(X, sp.csc_matrix(Y), groups=g, offset=off)
+        model = NegativeBinomialGLMM(fit_intercept=False, reml=False).fit(X, sp.csc_matrix(Y), groups=g, offset=off)
     return X, Y, g, off, model
 
 
-def test_many_genes_equal_single_gene_fits(many):
-    X, Y, g, off, model = many
+def assert_genes_equal_single_fits(model, X, Y, g, off, *, reml, size_se_rtol=1e-6):
+    """Each fitted gene of the many-gene ``model`` is the single-response fit of it."""
     assert list(model.genes_.flag[:3]) == ["", "all_zero", "zero_count_group"]
     for j in [0, 3, 4, 5, 6, 7, 8, 9]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            one = NegativeBinomialGLMM(fit_intercept=False).fit(X, Y[:, j], groups=g, offset=off)
+            one = NegativeBinomialGLMM(fit_intercept=False, reml=reml).fit(X, Y[:, j], groups=g, offset=off)
         np.testing.assert_allclose(model.coef_[j], one.coef_, atol=1e-6)
         np.testing.assert_allclose(model.coef_se_[j], one.coef_se_, rtol=1e-6)
         np.testing.assert_allclose(model.size_[j], one.size_, rtol=1e-6)
-        np.testing.assert_allclose(model.size_se_[j], one.size_se_, rtol=1e-6)
+        np.testing.assert_allclose(model.size_se_[j], one.size_se_, rtol=size_se_rtol)
         np.testing.assert_allclose(model.theta_[j, 0], one.theta_[0], atol=1e-6)
         np.testing.assert_allclose(model.loglik_[j], one.loglik_, atol=1e-6)
+        np.testing.assert_allclose(model._b_genes[j], one.random_effects_.condval, atol=1e-6)
+        assert model.converged_[j]
+
+
+def test_many_genes_equal_single_gene_fits(many):
+    X, Y, g, off, model = many
+    assert_genes_equal_single_fits(model, X, Y, g, off, reml=False)
     assert np.isnan(model.coef_[1]).all() and np.isnan(model.size_[1])
     table = model.contrast({"x0 - x1": {"x0": 1.0, "x1": -1.0}})
     assert list(table.gene) == list(model.gene_names_) and table.p_value.notna().sum() == 9
@@ -289,7 +296,7 @@ def test_many_genes_poisson_limit_is_flagged():
     Y[:, 3] = np.round(np.exp(1.0 + off + patient))  # the mean rounded: less variable than Poisson
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        model = NegativeBinomialGLMM(fit_intercept=False).fit(X, Y, groups=g, offset=off)
+        model = NegativeBinomialGLMM(fit_intercept=False, reml=False).fit(X, Y, groups=g, offset=off)
         pois = PoissonGLMM(fit_intercept=False, reml=False).fit(X, Y[:, 3], groups=g, offset=off)
     assert model.genes_.flag[3] == "poisson_limit" and model.poisson_limit_[3]
     assert np.isinf(model.size_[3]) and np.isfinite(model.size_[0])
@@ -312,15 +319,9 @@ def test_many_genes_inputs_and_chunks_agree(many, monkeypatch):
     for counts in (Y, pd.DataFrame(Y, columns=names), anndata.AnnData(sp.csr_matrix(Y))):
         with warnings.catch_warnings(), parallel_config(n_jobs=2):
             warnings.simplefilter("ignore", UserWarning)
-            other = NegativeBinomialGLMM(fit_intercept=False).fit(X, counts, groups=g, offset=off)
+            other = NegativeBinomialGLMM(fit_intercept=False, reml=False).fit(X, counts, groups=g, offset=off)
         np.testing.assert_allclose(other.coef_, model.coef_, atol=1e-8)
         np.testing.assert_allclose(other.size_, model.size_, rtol=1e-8)
-
-
-def test_many_genes_reml_is_refused(many):
-    X, Y, g, off, _ = many
-    with pytest.raises(ValueError, match="reml"):
-        NegativeBinomialGLMM(reml=True, fit_intercept=False).fit(X, Y, groups=g, offset=off)
 
 
 def test_zero_sum_table_is_exact():

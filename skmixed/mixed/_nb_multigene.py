@@ -39,6 +39,7 @@ from ._design import distinct_rows
 from ._gene_chunks import check_count_values
 from ._laplace import abs_eigen_step
 from ._multigene import wald_contrasts
+from ._nb_reml import NBRemlMixin, backtrack
 from ._nb_zeros import ZeroSumExact, ZeroSumTable
 
 PHI_FLOOR = 1e-12  # as in _nbglmm: phi = 0 is evaluated as size 1e12
@@ -159,7 +160,7 @@ class NonZeros:
         return out
 
 
-class BatchedNBLaplace:
+class BatchedNBLaplace(NBRemlMixin):
     """Laplace deviance of ``G`` random-intercept NB2 GLMMs sharing ``design``."""
 
     def __init__(self, design: PairDesign, nz: NonZeros):
@@ -364,53 +365,41 @@ class BatchedNBLaplace:
         out[:, -1] = np.where(out[:, -1] < 1e-10, 0.0, out[:, -1])
         return out
 
-    def fit(self, params0, *, max_iter=200, hessian_cov=True):
+    def fit(self, params0, *, max_iter=200, hessian_cov=True, reml=False):
+        """Laplace fits of every gene (maximum likelihood), refined by :meth:`fit_reml`
+        under ``reml``."""
         params = self._project(params0)
         G, P = params.shape
         f, g, state, du = self.evaluate(params, np.zeros((G, self.L)))
         state = list(state)
         done = np.zeros(G, dtype=bool)
-        for _ in range(max_iter):
-            act = np.flatnonzero(~done)
-            if act.size == 0:
-                break
-            eng = self if act.size == G else self.subset(act)
+        for _, act, eng in self._rounds(done, max_iter):
             pa, fa, ga = params[act], f[act], g[act]
             st = [x[act] for x in state]
             step, small = eng._newton_step(pa, ga, du[act], st, fa)
             # theta moves at most by 1 + its size at first; the line search does the rest
             t = np.minimum(1.0, (1.0 + pa[:, 0]) / np.maximum(np.abs(step[:, 0]), 1e-300))
-            # backtracking on the genes whose step is not yet accepted only
-            trial, f_new, g_new, du_new = pa.copy(), fa.copy(), ga.copy(), du[act].copy()
-            st_new = [x.copy() for x in st]
-            pending = np.flatnonzero(~small)
-            for _ in range(60):
-                if pending.size == 0:
-                    break
-                sub = eng if pending.size == act.size else eng.subset(pending)
-                tp = self._project(pa[pending] + t[pending, None] * step[pending])
-                with np.errstate(over="ignore", invalid="ignore"):
-                    fn, gn, stn, dun = sub.evaluate(tp, st[0][pending])
-                trial[pending], f_new[pending], g_new[pending], du_new[pending] = tp, fn, gn, dun
-                for x, xn in zip(st_new, stn):
-                    x[pending] = xn
-                armijo = fa[pending] + 1e-4 * np.sum(ga[pending] * (tp - pa[pending]), axis=1)
-                good = np.isfinite(fn) & (fn <= armijo + 1e-13 * np.abs(fa[pending]))
-                pending = pending[~good]
-                t[pending] *= 0.5
-            ok = np.ones(act.size, dtype=bool)
-            ok[pending] = False
+            trial, outs, ok = backtrack(
+                eng, pa, step, t, fa, ga, small, self._project,
+                lambda sub, tp, rows: _flat(sub.evaluate(tp, st[0][rows])), 60,  # noqa: B023
+            )
             # no descent along the Newton direction: at round-off, stop there
             done[act] = small | ~ok
             move = ok & ~small
             rows = act[move]
-            params[rows], f[rows], g[rows], du[rows] = trial[move], f_new[move], g_new[move], du_new[move]
-            for x, x_new in zip(state, st_new):
-                x[rows] = x_new[move]
+            if rows.size:
+                f_new, g_new, du_new, *st_new = outs
+                params[rows], f[rows], g[rows], du[rows] = trial[move], f_new[move], g_new[move], du_new[move]
+                for x, x_new in zip(state, st_new):
+                    x[rows] = x_new[move]
         bound = np.zeros_like(g, dtype=bool)
         bound[:, [0, -1]] = (params[:, [0, -1]] <= 1e-12) & (g[:, [0, -1]] >= 0)
         converged = done & (np.max(np.abs(np.where(bound, 0.0, g)), axis=1) < 1e-2)
         u, M = state[0], state[1]
+        if reml:
+            res = NBBatchResult(*self.fit_reml(params, u, max_iter=max_iter, hessian_cov=hessian_cov))
+            res.converged &= converged
+            return res
         cov = np.full((G, P, P), np.nan)
         if hessian_cov:
             H = self._grad_columns(params, u, du, g, 1e-4, list(range(P)))
@@ -427,6 +416,12 @@ class BatchedNBLaplace:
         else:
             cov[:, 1:-1, 1:-1] = np.linalg.inv(state[2])
         return NBBatchResult(params, cov, f, u, M, converged)
+
+
+def _flat(evaluated):
+    """``evaluate``'s answer as one tuple of per-gene arrays (deviance first)."""
+    f, g, state, du = evaluated
+    return (f, g, du, *state)
 
 
 # -- the many-gene fit ------------------------------------------------------------------
@@ -463,7 +458,7 @@ def _start(design: PairDesign, nz: NonZeros):
 
 
 def fit_many_nb(fixed, Y, codes, levels, offset, weights, *, names, fixed_names, group_name, vcov,
-                verbose=0, term_df=None, exact_zeros=False, **_engine):
+                verbose=0, term_df=None, exact_zeros=False, reml=False, **_engine):
     """Fit one random-intercept NB2 GLMM per column of ``Y`` (n x G): the dict of
     per-gene arrays and tables of :func:`skmixed.mixed._multigene.fit_many`, with the
     per-gene ``size`` and ``size_se`` and the flag ``"poisson_limit"``."""
@@ -494,7 +489,7 @@ def fit_many_nb(fixed, Y, codes, levels, offset, weights, *, names, fixed_names,
         res = None
         if live.size:
             eng = BatchedNBLaplace(design, nz.subset(live))
-            res = eng.fit(_start(design, eng.nz), hessian_cov=(vcov == "hessian"))
+            res = eng.fit(_start(design, eng.nz), hessian_cov=(vcov == "hessian"), reml=reml)
         return genes, totals, empty, live, res
 
     chunks = [np.arange(a, min(a + CHUNK_GENES, G)) for a in range(0, G, CHUNK_GENES)]
@@ -511,7 +506,8 @@ def fit_many_nb(fixed, Y, codes, levels, offset, weights, *, names, fixed_names,
                 out["theta"][rows], out["beta"][rows], out["phi"][rows] = th, res.params[:, 1:-1], res.params[:, -1]
                 out["cov"][rows] = res.cov[:, 1:-1, 1:-1]
                 out["phi_var"][rows] = res.cov[:, -1, -1]
-                out["loglik"][rows] = -0.5 * res.deviance
+                # REML: glmmTMB's restricted log-likelihood, with the flat prior's 2 pi terms
+                out["loglik"][rows] = -0.5 * res.deviance + (0.5 * p * np.log(2 * np.pi) if reml else 0.0)
                 out["converged"][rows] = res.converged
                 out["b"][rows] = th[:, None] * res.u
                 out["condsd"][rows] = np.abs(th)[:, None] / np.sqrt(res.M)

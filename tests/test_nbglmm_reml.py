@@ -1,0 +1,79 @@
+"""Many-gene NegativeBinomialGLMM under REML (glmmTMB's REML = TRUE per gene): each
+gene's fit is the single-response REML fit (itself glmmTMB-exact, test_nbglmm.py),
+and the between-patient t test holds its level on null NB counts."""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+from test_nbglmm import _genes_data, assert_genes_equal_single_fits
+
+from skmixed.datasets import make_multipatient_counts
+from skmixed.mixed._nbglmm import NegativeBinomialGLMM
+
+BETWEEN = {"between": {"T : R : diseased": 1.0, "T : R : healthy": -1.0}}
+WITHIN = {"within": {"T : R : healthy": 1.0, "T : PBMC : healthy": -1.0}}
+
+
+def _fit(X, Y, g, off, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return NegativeBinomialGLMM(fit_intercept=False, **kwargs).fit(X, Y, groups=g, offset=off)
+
+
+@pytest.fixture(scope="module")
+def many_reml():
+    X, Y, g, off = _genes_data()
+    return X, Y, g, off, _fit(X, Y, g, off, reml=True)
+
+
+def test_many_gene_reml_equals_single_gene_reml(many_reml):
+    """Each gene's REML fit is the single-response REML fit (glmmTMB's REML = TRUE to
+    the tolerances of test_nbglmm.py): estimates, SEs, size, theta, the REML logLik and
+    the random effects at 1e-6; the size's SE (a second difference) at 1e-5."""
+    X, Y, g, off, model = many_reml
+    assert_genes_equal_single_fits(model, X, Y, g, off, reml=True, size_se_rtol=1e-5)
+
+
+def test_reml_variance_exceeds_ml(many_reml):
+    """Eight levels and three fixed effects: REML's patient variance is larger."""
+    X, Y, g, off, reml = many_reml
+    ml = _fit(X, Y, g, off, reml=False)
+    live = reml.genes_.flag == ""
+    assert np.all(reml.theta_[live, 0] ** 2 > ml.theta_[live, 0] ** 2)
+
+
+def test_reml_between_patient_test_holds_the_level():
+    """300 null genes with NB(size 5) cell noise on the 16-patient design, patient SD
+    0.3: the rejection rate at 5% of the between- and within-patient t tests is within
+    binomial noise of 5% (two-sided binomial test, p > 0.001)."""
+    G = 300
+    cells, counts, _ = make_multipatient_counts(G, 3000, sd_patient=0.3, noise="nb", size=5.0, frac_de=0.0,
+                                                mean_log_rate=-9.5, random_state=5)
+    X = pd.get_dummies(cells.cell_group, prefix="", prefix_sep="", dtype=float)
+    m = _fit(X, counts, cells.patient_assignment, np.log(cells.total_count), reml=True)
+    tab = m.contrast({**BETWEEN, **WITHIN})
+    tab = tab[np.isfinite(tab.p_value.to_numpy())]
+    for contrast in ("between", "within"):
+        p = tab.p_value[tab.contrast == contrast].to_numpy()
+        assert p.size > 0.9 * G
+        k = int(np.sum(p < 0.05))
+        assert scipy.stats.binomtest(k, p.size, 0.05).pvalue > 1e-3, (contrast, k / p.size)
+
+
+def test_reml_chunks_and_numpy_pass_agree(many_reml, monkeypatch):
+    """Another chunk size, the numpy (not compiled) pass and the zeros summed cell by
+    cell give the same REML fits."""
+    from skmixed.mixed import _nb_fused, _nb_multigene
+    from skmixed.mixed._nb_zeros import ZeroSumExact
+
+    X, Y, g, off, model = many_reml
+    monkeypatch.setattr(_nb_multigene, "CHUNK_GENES", 3)
+    monkeypatch.setattr(_nb_fused, "AVAILABLE", False)
+    monkeypatch.setattr(_nb_multigene, "ZeroSumTable", ZeroSumExact)
+    other = _fit(X, Y, g, off, reml=True)
+    np.testing.assert_allclose(other.coef_, model.coef_, atol=1e-8)
+    np.testing.assert_allclose(other.size_, model.size_, rtol=1e-8)
+    np.testing.assert_allclose(other.theta_, model.theta_, atol=1e-8)
