@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.stats
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_nbglmm import _genes_data, assert_genes_equal_single_fits
 
 from skmixed.datasets import make_multipatient_counts
@@ -77,3 +79,19 @@ def test_reml_chunks_and_numpy_pass_agree(many_reml, monkeypatch):
     np.testing.assert_allclose(other.coef_, model.coef_, atol=1e-8)
     np.testing.assert_allclose(other.size_, model.size_, rtol=1e-8)
     np.testing.assert_allclose(other.theta_, model.theta_, atol=1e-8)
+
+
+@settings(max_examples=3, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**16))
+def test_reml_row_order_and_level_labels_do_not_matter(many_reml, seed):
+    """Permuting the cells and relabelling the levels leaves every gene's REML fit."""
+    X, Y, g, off, model = many_reml
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(Y.shape[0])
+    labels = rng.permutation(100)[:8].astype(str)
+    other = _fit(X[perm], Y[perm], labels[g][perm], off[perm], reml=True)
+    live = model.genes_.flag.to_numpy() != "all_zero"
+    np.testing.assert_allclose(other.coef_[live], model.coef_[live], atol=1e-6)
+    np.testing.assert_allclose(other.size_[live], model.size_[live], rtol=1e-6)
+    np.testing.assert_allclose(other.theta_[live], model.theta_[live], atol=1e-6)
+    np.testing.assert_allclose(other.loglik_[live], model.loglik_[live], atol=1e-6)
