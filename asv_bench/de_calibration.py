@@ -263,8 +263,7 @@ def write_report(args, type1, power_rows, times, versions, have_nb):
                        "per 1,000 genes": [f"{1000 * np.median(times[m]) / args.genes:.2f}" for m in methods]},
                       index=pd.Index(methods, name="method"))
     cpu = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})"
-    text = f"""
-.. _benchmarks_de_calibration:
+    text = f""".. _benchmarks_de_calibration:
 
 Calibration of differential-expression tests (type-I error, power, FDR)
 =========================================================================
@@ -285,7 +284,7 @@ sizes = summed total counts (edgeR, limma) or DESeq2's size factors (PyDESeq2).
 {"NegativeBinomialGLMM was not importable: its rows are missing." if not have_nb else
  f"NegativeBinomialGLMM is fitted to the first {args.nb_genes:,} genes of each data set (its rates are over those; "
  "its time is scaled to all genes)."}
-Machine: {cpu}, shared with other jobs while it ran (times are indicative).
+Machine: {cpu}; load average {os.getloadavg()[0]:.2f} when the page was written (other jobs running make the times indicative only).
 {versions}
 
 Type-I error
@@ -324,8 +323,11 @@ Reading the tables
   below 5% where the Wald z's exceeds 10%.
 * With negative binomial cell noise a Poisson GLMM has no term for the cells'
   overdispersion: its within-patient contrast, which rests on the cells, can be
-  anticonservative (most where the patient SD is small). That is the job of
-  NegativeBinomialGLMM (here on a subset of genes, so its rates and FDR are noisier).
+  anticonservative (most where the patient SD is small). NegativeBinomialGLMM models that
+  overdispersion (REML and the same t test by default; here on a subset of genes, so its
+  rates and FDR are noisier). Where the patient SD is smallest (0.1) with NB noise the
+  within-patient contrast rejects above 6% for every method but PyDESeq2 (see the NB 0.1 w
+  column): a limit of this setting that the cell-level NB model does not remove.
 * edgeR's quasi-likelihood and limma's moderated t borrow the dispersion information of
   all genes (empirical Bayes); a per-gene t with 14 df does not, which is where their
   extra power between patients comes from.
