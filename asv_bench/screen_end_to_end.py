@@ -124,7 +124,7 @@ def write_page(path, args, size, rows, extrap, load0, res):
         "on 2 cores.",
         "",
         f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} cores "
-        f"(load average {load0:.1f} before the run: the machine was shared with other work),",
+        f"(load average {load0:.1f} before the run; above 0.5, other work was running or had just ended),",
         f"{args.cells:,} cells, {size['genes']:,} genes, {size['perturbations']:,} perturbations, "
         f"{size['pairs']:,} pairs (each perturbation against ~15 consecutive genes), "
         f"{args.treated_fraction:.0%} of cells treated per perturbation, B = {args.resamples} resamples, "
