@@ -261,6 +261,7 @@ class Engine:
         self.n_jobs = n_jobs if n_jobs is not None else cfg["n_jobs"]
         self._pool = None
         self._shared = []
+        self._packed = {}  # key of a shared future -> what it holds, to send again if it is lost
         self._lock = threading.Lock()
 
     @property
@@ -282,8 +283,10 @@ class Engine:
             return obj
         # a one-element list: scatter sends the object whole (a list or dict would be
         # scattered element by element)
-        fut = self.client.scatter([_Packed(obj)], broadcast=True, hash=False)[0]
+        packed = _Packed(obj)
+        fut = self.client.scatter([packed], broadcast=True, hash=False)[0]
         self._shared.append(fut)
+        self._packed[fut.key] = (packed, True)
         return fut
 
     def share_each(self, objs, replicas=1):
@@ -298,8 +301,10 @@ class Engine:
             return list(objs)
         futs = []
         for obj in objs:
-            fut = self.client.scatter([_Packed(obj)], broadcast=False, hash=False)[0]
+            packed = _Packed(obj)
+            fut = self.client.scatter([packed], broadcast=False, hash=False)[0]
             futs.append(fut)
+            self._packed[fut.key] = (packed, False)
         n = min(int(replicas), self.workers)
         if n > 1 and futs:
             self.client.replicate(futs, n=n)
@@ -329,7 +334,7 @@ class Engine:
         def results():
             try:
                 for i, fut in enumerate(futures):
-                    yield fut.result()
+                    yield self._result(fut, func, chunks[i], shared)
                     futures[i] = None  # the worker may drop it
                     fut.release()
             finally:
@@ -339,6 +344,34 @@ class Engine:
 
         return results()
 
+    def _resend(self, handle):
+        """``handle`` itself, or the same object scattered again if the cluster lost it."""
+        if getattr(handle, "key", None) not in self._packed or handle.status == "finished":
+            return handle
+        packed, broadcast = self._packed[handle.key]
+        fut = self.client.scatter([packed], broadcast=broadcast, hash=False)[0]
+        self._shared.append(fut)
+        self._packed[fut.key] = (packed, broadcast)
+        return fut
+
+    def _result(self, fut, func, chunk, shared, retries=3):
+        """The task's result. Dask reruns the tasks of a lost worker, but scattered data have
+        no lineage: when the scheduler dropped a replica it still counted on, the task is
+        cancelled ("already forgotten"); then the data it needs are sent again and the
+        task resubmitted (the same deterministic function of the same chunk)."""
+        from concurrent.futures import CancelledError  # noqa: PLC0415
+
+        for attempt in range(retries + 1):
+            try:
+                return fut.result()
+            except CancelledError:
+                if attempt == retries:
+                    raise
+                logger.warning("a Dask task was lost with its worker; resubmitting it")
+                args = [self._resend(a) for a in (chunk, *shared)]
+                fut = self.client.submit(_unpacked_call, func, *args, pure=False)
+        return fut.result()  # not reached
+
     def close(self):
         if self._pool is not None:
             self._pool.shutdown()
@@ -346,6 +379,7 @@ class Engine:
         for fut in self._shared:
             fut.release()
         self._shared = []
+        self._packed = {}
 
     def __enter__(self):
         return self
