@@ -363,26 +363,6 @@ class NegativeBinomialGLMM(PoissonGLMM):
 
     _collapsible = False
 
-    def __init__(
-        self,
-        *,
-        fit_intercept=True,
-        random_slopes=None,
-        random_correlated=True,
-        nagq=1,
-        reml=True,
-        vcov="hessian",
-        collapse=True,
-        max_iter=500,
-        layer=None,
-        verbose=0,
-    ):
-        # PoissonGLMM's parameters and defaults (listed for the docstring and get_params)
-        super().__init__(
-            fit_intercept=fit_intercept, random_slopes=random_slopes, random_correlated=random_correlated,
-            nagq=nagq, reml=reml, vcov=vcov, collapse=collapse, max_iter=max_iter, layer=layer, verbose=verbose,
-        )
-
     def _laplace_problem(self, X, y, design, offset, weights):
         self._prob = NBLaplaceProblem(
             X, y, design, offset=offset, weights=weights, phi0=moment_phi(X, y, offset, weights)
