@@ -33,13 +33,38 @@ def _rows_of(a, rows):
 
 
 def row_problem(counts, design, rows, penalty=None):
-    """The counts and design of the cells ``rows`` alone (``penalty``: replaces the design's)."""
+    """The counts and design of the cells ``rows`` alone (``penalty``: replaces the design's).
+
+    Counts left on disk (:class:`~skmixed.zinb._stream.StreamedCounts`) are read here,
+    the cells ``rows`` only."""
     xp = design.xp
-    sub = Counts(counts.Y[rows], xp, counts.batch_size)
+    Y = counts.read(rows) if getattr(counts, "streamed", False) else counts.Y[rows]
+    sub = Counts(Y, xp, counts.batch_size)
     sub.n_threads = counts.n_threads
-    sub_design = Design(design.X[rows], design.V, _rows_of(design.off_mu, rows), _rows_of(design.off_pi, rows),
-                        design.penalty if penalty is None else penalty, design.K)
-    return sub, sub_design
+    return sub, _row_design(design, rows, penalty)
+
+
+def _row_design(design, rows, penalty=None):
+    return Design(design.X[rows], design.V, _rows_of(design.off_mu, rows), _rows_of(design.off_pi, rows),
+                  design.penalty if penalty is None else penalty, design.K)
+
+
+def local_chunks(counts, design):
+    """``(rows, chunk)`` for every chunk of cells, each chunk its own problem
+    (``chunk.rows == slice(0, m)``) made, or read from its file, when it is reached:
+    in memory, one chunk at a time."""
+    for rows in counts.chunks:
+        sub, sub_design = row_problem(counts, design, rows)
+        yield rows, Chunk(sub, sub_design, slice(0, rows.stop - rows.start))
+
+
+def _read_chunk(reader, rows, design, batch_size, n_threads):
+    """A chunk's problem with its counts read from ``reader`` (on the worker that runs it)."""
+    from ._stream import csr_block  # noqa: PLC0415
+
+    sub = Counts(csr_block(reader.rows(rows)), design.xp, batch_size)
+    sub.n_threads = n_threads
+    return Chunk(sub, design, slice(0, rows.stop - rows.start))
 
 
 class Chunk:
@@ -168,29 +193,42 @@ class ChunkWork:
 
 
 class Chunks:
-    """The chunks of cells of a fit and the engine that runs a pass over them."""
+    """The chunks of cells of a fit and the engine that runs a pass over them.
+
+    Counts in memory: in-process, every chunk is the whole problem and a slice. Counts
+    left on disk (``counts.streamed``): in-process, every pass reads each chunk from the
+    file when it is reached (one chunk in memory at a time); on a cluster, each chunk
+    is read once by the worker that keeps it.
+    """
 
     def __init__(self, counts, design, engine=None):
         self.counts, self.design = counts, design
         self.rows = list(counts.chunks)
         self.engine = engine if engine is not None and engine.distributed else None
+        self.streamed = getattr(counts, "streamed", False)
         if self.engine is None:
-            self.handles = [Chunk(counts, design, rows) for rows in self.rows]
-        else:
-            # each chunk's data go to the cluster once, as a task that returns them (not
-            # scattered): should its worker die, Dask rebuilds them from the task
-            client = self.engine.client
-            self.handles = []
-            for rows in self.rows:
+            self.handles = None if self.streamed else [Chunk(counts, design, rows) for rows in self.rows]
+            return
+        # each chunk's data go to the cluster once, as a task that returns them (not
+        # scattered): should its worker die, Dask rebuilds them from the task
+        client = self.engine.client
+        self.handles = []
+        for rows in self.rows:
+            if self.streamed:  # the task carries the file's reader, and the worker reads the cells
+                task = (_read_chunk, counts.reader, rows, _row_design(design, rows), counts.batch_size,
+                        counts.n_threads)
+            else:
                 sub, sub_design = row_problem(counts, design, rows)
-                self.handles.append(client.submit(Chunk, sub, sub_design, slice(0, rows.stop - rows.start), pure=False))
+                task = (Chunk, sub, sub_design, slice(0, rows.stop - rows.start))
+            self.handles.append(client.submit(*task, pure=False))
 
     def __len__(self):
         return len(self.rows)
 
     def cells_of(self, P, rows):
-        """What a chunk's task needs of ``P``: all of it in-process, its cells on a worker."""
-        return P if self.engine is None else P.take_cells(rows)
+        """What a chunk's task needs of ``P``: all of it when the chunk is a slice of the
+        whole problem, else its cells."""
+        return P if self.handles is not None and self.engine is None else P.take_cells(rows)
 
     def map(self, work, method, P, per_chunk=None, args=()):
         """``work.method(chunk, P, *per_chunk[k], *args)`` for every chunk ``k``; a list of
@@ -198,6 +236,9 @@ class Chunks:
         per_chunk = per_chunk if per_chunk is not None else [()] * len(self.rows)
         if self.engine is None:
             fn = getattr(work, method)
+            if self.streamed:
+                return [fn(chunk, P.take_cells(rows), *extra, *args)
+                        for (rows, chunk), extra in zip(local_chunks(self.counts, self.design), per_chunk)]
             return [fn(h, P, *extra, *args) for h, extra in zip(self.handles, per_chunk)]
         tasks = [(h, self.cells_of(P, rows), extra) for h, rows, extra in zip(self.handles, self.rows, per_chunk)]
         return list(self.engine.map(_run_task, tasks, work, method, args))

@@ -20,6 +20,7 @@ from .._progress import logger, progress
 from ._data import Counts
 from ._init import initialize, initialize_cells
 from ._input import check_count_matrix, check_design, check_nonempty, check_offset, fingerprint
+from ._stream import Scan, StreamedCounts
 from ._model import Design, Params, Penalty
 from ._optimize import Optimizer
 from ._schedule import prefit_dispersion
@@ -218,6 +219,8 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         return xp.float32 if self.precision == "mixed" else None
 
     def _counts(self, Ycsr, xp):
+        if isinstance(Ycsr, Scan):  # left on disk: read by chunks of cells in every pass
+            return StreamedCounts(Ycsr.reader, self.batch_size, self.n_jobs or 1)
         c = Counts(Ycsr, xp, self.batch_size)
         c.n_threads = self.n_jobs or 1
         return c
@@ -252,7 +255,7 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         self : ZINBWaVE
         """
         self._validate_params()
-        Ycsr, xp, integer, names = check_count_matrix(self, Y, reset=True)
+        Ycsr, xp, integer, names = check_count_matrix(self, Y, reset=True, stream=True)
         n, J = Ycsr.shape
         K = self.n_components
         if n < 2:
@@ -335,10 +338,11 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
             alpha_mu=self.alpha_mu_, alpha_pi=self.alpha_pi_, zeta=self.zeta_,
         )
 
-    def _cell_inputs(self, Y, cell_covariates, offset, offset_pi):
-        """Validated counts (CSR), namespace, covariates and offsets of new cells."""
+    def _cell_inputs(self, Y, cell_covariates, offset, offset_pi, stream=False):
+        """Validated counts (CSR; with ``stream``, the :class:`Scan` of counts left on
+        disk), namespace, covariates and offsets of new cells."""
         check_is_fitted(self)
-        Ycsr, xp, _, _ = check_count_matrix(self, Y, reset=False)
+        Ycsr, xp, _, _ = check_count_matrix(self, Y, reset=False, stream=stream)
         n, J = Ycsr.shape
         X = check_design(cell_covariates, n, "cell_covariates", xp)
         if X.shape[1] != self._n_cell_covariates:
@@ -373,10 +377,10 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         opt.run(P, max_iter=self.max_iter, tol=min(self.tol, 1e-8))
         return P
 
-    def _cells(self, Y, cell_covariates, offset, offset_pi):
+    def _cells(self, Y, cell_covariates, offset, offset_pi, stream=False):
         """Parameters of the cells of ``Y``: the fitted ones for the training cells,
         otherwise fitted with the gene parameters fixed. Returns ``(P, design, counts)``."""
-        Ycsr, xp, X, off_mu, off_pi = self._cell_inputs(Y, cell_covariates, offset, offset_pi)
+        Ycsr, xp, X, off_mu, off_pi = self._cell_inputs(Y, cell_covariates, offset, offset_pi, stream)
         design, counts, fitted = self._gene_part(Ycsr, xp, X, off_mu, off_pi)
         if fingerprint(Ycsr, X, off_mu, off_pi) == self._train_key:
             return fitted, design, counts
@@ -403,7 +407,7 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         -------
         W : ndarray of shape (n_cells, n_components)
         """
-        P, _, _ = self._cells(Y, cell_covariates, offset, offset_pi)
+        P, _, _ = self._cells(Y, cell_covariates, offset, offset_pi, stream=True)
         W = P.W.copy()
         if key_added is not None:
             write_obsm(Y, key_added, W, arg="Y")

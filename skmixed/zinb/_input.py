@@ -11,22 +11,27 @@ import scipy.sparse as sp
 from sklearn.utils.validation import check_array, validate_data
 
 from .._backend import to_device, to_host
-from .._inputs import count_source, match_names, require_counts
+from .._inputs import MatrixReader, count_source, match_names, require_counts
 from ._data import _is_cupy_sparse, namespace_of_counts, to_csr
+from ._stream import Digest, Scan, scan
 
 
-def check_count_matrix(est, Y, *, reset: bool):
+def check_count_matrix(est, Y, *, reset: bool, stream: bool = False):
     """Validate ``Y`` (cells x genes) and return ``(csr, xp, integer, gene_names)``.
 
     AnnData and DataFrames are read by :func:`skmixed._inputs.count_source` (the
     ``layer`` rule, unique names); genes named at fit are matched by name later
     (reordered when the same set, an error otherwise). numpy / scipy inputs go through
     scikit-learn's validation (feature counts, finiteness); CuPy inputs are checked on
-    the device.
+    the device. With ``stream``, a backed AnnData or a dask array is checked by one pass
+    over chunks of cells and comes back as a :class:`~skmixed.zinb._stream.Scan` in
+    place of the CSR matrix (nothing kept in memory but per-cell and per-gene counts).
     """
-    src = count_source(Y, layer=getattr(est, "layer", None), arg="Y")
+    src = count_source(Y, layer=getattr(est, "layer", None), arg="Y", stream=stream)
     Y, names = src.values, src.names
     name = type(est).__name__
+    if isinstance(Y, MatrixReader):
+        return _check_streamed(est, src, reset)
     if src.anndata:
         # names are ours to check (scikit-learn only knows DataFrame columns)
         order = match_names(est, names, reset=reset)
@@ -48,21 +53,46 @@ def check_count_matrix(est, Y, *, reset: bool):
         _check_n_genes(est, Ycsr.shape[1], reset)
         if not bool(xp.all(xp.isfinite(Ycsr.data))):
             raise ValueError("Input Y contains NaN or infinity.")
-    data = Ycsr.data
+    _check_non_negative(Ycsr.data, xp, name)
+    Ycsr.eliminate_zeros()
+    integer = bool(xp.all(Ycsr.data == xp.round(Ycsr.data))) if Ycsr.data.size else True
+    _check_integer(src, integer)
+    return Ycsr, xp, integer, names
+
+
+def _check_non_negative(data, xp, name):
     if data.size and bool(xp.any(data < 0)):
         bad = float(to_host(data[data < 0][:1])[0])
         raise ValueError(f"Negative values in data passed to {name}: Y must hold non-negative counts; found {bad!r}.")
-    Ycsr.eliminate_zeros()
-    integer = bool(xp.all(Ycsr.data == xp.round(Ycsr.data))) if Ycsr.data.size else True
+
+
+def _check_integer(src, integer):
     require_counts(src, integer)
     if not integer:
         warnings.warn(
             "Y contains non-integer values: the ZINB likelihood is extended to them through "
             "lgamma (zinbwave refuses them); check that Y holds raw counts.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    return Ycsr, xp, integer, names
+
+
+def _check_streamed(est, src, reset):
+    """The checks of the in-memory path, by one pass over chunks of cells of the reader."""
+    names = src.names
+    if src.anndata and match_names(est, names, reset=reset) is not None:
+        raise ValueError("Y names the fitted genes in another order: read it into memory (adata.to_memory()).")
+    _check_n_genes(est, src.values.shape[1], reset)
+    name = type(est).__name__
+
+    def check_block(Y):
+        if not np.all(np.isfinite(Y.data)):
+            raise ValueError(f"Input Y contains NaN or infinity (read from {src.where}).")
+        _check_non_negative(Y.data, np, name)
+
+    found = scan(src.values, getattr(est, "batch_size", None), check_block=check_block)
+    _check_integer(src, found.integer)
+    return found, np, found.integer, names
 
 
 def _check_n_genes(est, J: int, reset: bool):
@@ -77,7 +107,8 @@ def _check_n_genes(est, J: int, reset: bool):
 def check_nonempty(Ycsr, xp, names=None, *, genes: bool = True):
     """``ValueError`` naming the all-zero cells (and genes), as zinbwave's initialisation."""
     n, J = Ycsr.shape
-    nnz_rows = xp.diff(Ycsr.indptr)
+    streamed = isinstance(Ycsr, Scan)
+    nnz_rows = Ycsr.cell_nnz if streamed else xp.diff(Ycsr.indptr)
     empty = np.flatnonzero(to_host(nnz_rows) == 0)
     if empty.size:
         raise ValueError(
@@ -85,7 +116,7 @@ def check_nonempty(Ycsr, xp, names=None, *, genes: bool = True):
             "their library size and latent factors are not identifiable: remove them."
         )
     if genes:
-        per_gene = np.bincount(to_host(Ycsr.indices), minlength=J)
+        per_gene = Ycsr.gene_nnz if streamed else np.bincount(to_host(Ycsr.indices), minlength=J)
         empty = np.flatnonzero(per_gene == 0)
         if empty.size:
             first = names[empty[0]] if names is not None else int(empty[0])
@@ -135,10 +166,12 @@ def check_offset(off, n: int, J: int, arg: str, xp):
 
 
 def fingerprint(Ycsr, *extras) -> str:
-    """A hash of the count matrix and the per-cell inputs, to recognise the training cells."""
+    """A hash of the count matrix and the per-cell inputs, to recognise the training cells
+    (the same for a matrix in memory and the :class:`Scan` of the same matrix on disk)."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(repr(Ycsr.shape).encode())
-    for a in (Ycsr.indptr, Ycsr.indices, Ycsr.data, *extras):
+    digest = Ycsr.digest if isinstance(Ycsr, Scan) else Digest(Ycsr.shape).update(_host_csr(Ycsr))
+    h.update(digest.digest())
+    for a in extras:
         if a is None:
             h.update(b"none")
             continue
@@ -146,6 +179,10 @@ def fingerprint(Ycsr, *extras) -> str:
         h.update(repr((arr.shape, arr.dtype.str)).encode())
         h.update(arr.tobytes())
     return h.hexdigest()
+
+
+def _host_csr(Y):
+    return Y if not hasattr(Y, "get") else Y.get()
 
 
 __all__ = ["check_count_matrix", "check_design", "check_nonempty", "check_offset", "fingerprint", "_is_cupy_sparse"]
