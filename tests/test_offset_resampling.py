@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 import scipy.sparse
 import scipy.stats
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from skmixed._families import NegativeBinomial
 from skmixed.offset import (
@@ -23,7 +25,12 @@ from skmixed.offset import (
     treatment_probabilities,
 )
 from skmixed.offset._engine import permutation_orderings
-from skmixed.offset._resampling import _binned_resamples, _indicator_csc, _profile_size, perturbation_rng
+from skmixed.offset._resampling import (
+    _binned_resamples,
+    _indicator_csc,
+    _profile_size,
+    perturbation_rng,
+)
 
 REF = Path(__file__).parent / "reference" / "offset"
 
@@ -414,7 +421,7 @@ def test_all_zero_treated_counts_give_minus_inf_and_their_documented_pvalue(smal
 
 def test_distillation_and_treatment_model_do_not_depend_on_threads(monkeypatch):
     """Chunks of genes / perturbations on 2 threads give the 1-thread results exactly."""
-    import skmixed.offset._resampling as R
+    import skmixed.offset._stream as S
     from skmixed.offset import (
         distill,
         make_perturbation_screen,
@@ -422,7 +429,7 @@ def test_distillation_and_treatment_model_do_not_depend_on_threads(monkeypatch):
     )
 
     counts, treatment, cov, _ = make_perturbation_screen(1500, 7, 5, treated_fraction=0.05, random_state=3)
-    monkeypatch.setattr(R, "_column_chunks", lambda k, n, budget=0: [slice(s, min(s + 2, k)) for s in range(0, k, 2)])
+    monkeypatch.setattr(S, "column_chunks", lambda k, n, budget=0: [slice(s, min(s + 2, k)) for s in range(0, k, 2)])
     d1, d2 = distill(counts, cov, n_jobs=1), distill(counts, cov, n_jobs=2)
     np.testing.assert_array_equal(d1.offsets, d2.offsets)
     np.testing.assert_array_equal(d1.size, d2.size)
@@ -458,3 +465,124 @@ def test_tiled_column_tables_equal_the_whole_array_formulas(statistic):
     rows = np.array([4, 1, 1])  # a block's genes read in place from the whole table
     sub = column_tables(Yt, Ot, shift[rows], phi[rows], statistic, rows=rows)
     np.testing.assert_array_equal(sub.X, column_tables(Yt[rows], Ot[rows], shift[rows], phi[rows], statistic).X)
+
+
+# ------------------------------------------------- memory-bounded chunks (issues 14, 15)
+@pytest.fixture(scope="module")
+def chunk_screen():
+    counts, treatment, cov, _ = make_perturbation_screen(1500, 12, 10, treated_fraction=0.05, random_state=4)
+    rng = np.random.default_rng(2)
+    # perturbations 0-2 with 8 pairs (blocks of their own), the others with 1-3 (packed)
+    pairs = [(f"gene{g}", f"pert{p}") for p in range(10)
+             for g in rng.choice(12, 8 if p < 3 else 1 + p % 3, replace=False)]
+    return counts, treatment, cov, pairs
+
+
+class _Budgets:
+    """Chunks of ``genes`` genes / ``perts`` perturbations for the batched fits, and the
+    read / round / observed-statistics budgets (values), set for a ``with`` block."""
+
+    def __init__(self, genes=3, perts=4, read=None, round_=None, observed=None):
+        import skmixed.offset._stream as S
+
+        widths = {2**23: genes, 2**24: perts}
+        self.new = {
+            "column_chunks": lambda k, n, budget=2**23: [slice(s, min(s + widths[budget], k))
+                                                         for s in range(0, k, widths[budget])],
+            "READ_BUDGET": read or S.READ_BUDGET, "ROUND_BUDGET": round_ or S.ROUND_BUDGET,
+            "OBSERVED_BUDGET": observed or S.OBSERVED_BUDGET}
+        self.S = S
+
+    def __enter__(self):
+        self.old = {k: getattr(self.S, k) for k in self.new}
+        for k, v in self.new.items():
+            setattr(self.S, k, v)
+
+    def __exit__(self, *exc):
+        for k, v in self.old.items():
+            setattr(self.S, k, v)
+
+
+_CHUNK_REFS = {}
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(read=st.integers(1, 6), round_=st.integers(1, 4), observed=st.sampled_from([1, 50, 700, 10**9]),
+       n_jobs=st.sampled_from([1, 2]), resampling=st.sampled_from(["conditional", "permutation"]),
+       statistic=st.sampled_from(["wald", "score"]))
+def test_chunk_budgets_and_jobs_do_not_change_results(chunk_screen, read, round_, observed, n_jobs, resampling,
+                                                      statistic):
+    """Genes read and distilled by 1-6 chunks at a time, treatment models fitted by 1-4
+    chunks a round (a round's pairs tested before the next is fitted), the observed
+    statistics by runs of 1 to all treated cells, on 1 or 2 threads: the results and the
+    resampled statistics are those of one pass over everything, to the last digit."""
+    counts, treatment, cov, pairs = chunk_screen
+    n = counts.shape[0]
+    kw = dict(pairs=pairs, n_resamples=19, resampling=resampling, statistic=statistic, random_state=7,
+              return_resampled=True)
+    key = (resampling, statistic)
+    if key not in _CHUNK_REFS:
+        with _Budgets(read=10**9, round_=10**9, observed=10**9):
+            _CHUNK_REFS[key] = resampling_test(counts, treatment, cov, **kw)
+    ref, ref_S = _CHUNK_REFS[key]
+    with _Budgets(read=read * 3 * n, round_=round_ * 4 * n, observed=observed):
+        res, S = resampling_test(counts, treatment, cov, n_jobs=n_jobs, **kw)
+    pd.testing.assert_frame_equal(res, ref, check_exact=True)
+    np.testing.assert_array_equal(S, ref_S)
+
+
+def test_probabilities_are_fitted_round_by_round_and_equal_the_whole_fit(chunk_screen, monkeypatch):
+    """The treatment models run a round of perturbations at a time (the probability
+    matrix never exists whole), and give the probabilities of treatment_probabilities:
+    passing those as ``propensity`` changes nothing."""
+    import skmixed.offset._stream as S
+
+    counts, treatment, cov, pairs = chunk_screen
+    n = counts.shape[0]
+    widths = []
+    original = S.treatment_chunks
+
+    def spy(T, X, cols=None, **kw):
+        widths.append(len(cols))
+        return original(T, X, cols, **kw)
+
+    kw = dict(pairs=pairs, n_resamples=19, random_state=1, return_resampled=True)
+    with _Budgets(round_=4 * n):
+        monkeypatch.setattr(S, "treatment_chunks", spy)
+        res, draws = resampling_test(counts, treatment, cov, **kw)
+        monkeypatch.setattr(S, "treatment_chunks", original)
+        pi = treatment_probabilities(treatment, cov)
+        given, given_draws = resampling_test(counts, treatment, cov, propensity=pi, **kw)
+    assert widths == [4, 4, 2]
+    pd.testing.assert_frame_equal(res, given, check_exact=True)
+    np.testing.assert_array_equal(draws, given_draws)
+
+
+def test_backed_counts_are_read_by_chunks_of_genes(chunk_screen, tmp_path, monkeypatch):
+    """From a backed AnnData the genes in pairs are read a chunk at a time (each read
+    at most the chunk; every gene once), with the in-memory results."""
+    anndata = pytest.importorskip("anndata")
+    from skmixed._inputs import MatrixReader
+
+    counts, treatment, cov, pairs = chunk_screen
+    n = counts.shape[0]
+    path = tmp_path / "screen.h5ad"
+    anndata.AnnData(scipy.sparse.csc_matrix(counts.to_numpy(dtype=float)), obs=cov.set_axis([f"c{i}" for i in range(n)]),
+                    var=pd.DataFrame(index=counts.columns)).write_h5ad(path)
+    kw = dict(pairs=pairs, n_resamples=19, random_state=0, return_resampled=True)
+    reads = []
+    original = MatrixReader.columns
+
+    def spy(self, sel):
+        reads.append(np.asarray(sel))
+        return original(self, sel)
+
+    with _Budgets(genes=2, read=4 * n):
+        ref, ref_draws = resampling_test(counts, treatment, cov, **kw)
+        monkeypatch.setattr(MatrixReader, "columns", spy)
+        res, draws = resampling_test(anndata.read_h5ad(path, backed="r"), treatment, cov, **kw)
+    used = sorted({int(g[4:]) for g, _ in pairs})
+    assert len(reads) == -(-len(used) // 4) and max(r.size for r in reads) == 4
+    assert list(np.concatenate(reads)) == used
+    pd.testing.assert_frame_equal(res, ref, check_exact=True)
+    np.testing.assert_array_equal(draws, ref_draws)

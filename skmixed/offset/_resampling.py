@@ -32,6 +32,13 @@ Resamples are shared wherever their law allows (see :mod:`skmixed.offset._engine
 The statistics of a block of pairs over all ``B`` resamples are sums over the
 (cell, resample) elements, at a cost proportional to the number of treated cells
 summed over the resamples, shared by the block's pairs.
+
+Memory (see :mod:`skmixed.offset._stream`): the genes in pairs are read (from a backed
+AnnData: a chunk of columns of the file at a time), checked and distilled by chunks, and
+kept as int32 counts beside float64 offsets, 12 bytes per cell and gene; the treatment
+models are fitted a round of perturbations at a time, whose pairs are tested before the
+next round is fitted. No (cells x perturbations) array of floats is held, and the chunks
+do not change the results.
 """
 
 from __future__ import annotations
@@ -48,14 +55,21 @@ import scipy.special
 import scipy.stats
 from sklearn.exceptions import ConvergenceWarning
 
-from .._backend import gpu_namespace, is_cupy_array, is_device_sparse, to_device, to_host
-from .._families import Bernoulli, NegativeBinomial, Poisson, _trigamma
-from .._inputs import MatrixReader, count_source, require_counts
+from .._backend import (
+    gpu_namespace,
+    is_cupy_array,
+    is_device_sparse,
+    to_device,
+    to_host,
+)
+from .._families import NegativeBinomial, Poisson, _trigamma
+from .._inputs import count_source
 from .._parallel import Engine, call_item
 from .._progress import check_verbose, logger, progress
 from .._threads import one_blas_thread
 from ..glm._newton import KernelLoglik as _KernelLoglik
-from ..glm._newton import _column_products, _weighted_gram, fit_glm
+from ..glm._newton import fit_glm
+from . import _stream
 from ._engine import (
     Elements,
     block_statistics,
@@ -127,64 +141,6 @@ def _indicator_csc(T):
     return scipy.sparse.csc_matrix((np.ones(flat.size, bool), cells.astype(idx), indptr), shape=(n, P))
 
 
-def _gene_major_counts(counts, used=None, src=None):
-    """The columns ``used`` of a count matrix as a gene-major float array (G_used, n),
-    with one copy (sparse input is densified one column selection at a time), the
-    column labels and the number of cells. Raises ValueError for non-finite, negative
-    or non-integer counts."""
-    labels = None
-    if isinstance(counts, MatrixReader):  # a backed AnnData or a dask array: read only the columns used
-        counts = counts.columns(np.arange(counts.shape[1]) if used is None else used)
-        used = None
-    if isinstance(counts, pd.DataFrame):
-        labels = [str(c) for c in counts.columns]
-        counts = counts.to_numpy()
-    if scipy.sparse.issparse(counts):
-        A = scipy.sparse.csc_matrix(counts)
-        n, G = A.shape
-        sub = A if used is None else A[:, used]
-        Yt = np.ascontiguousarray(sub.T.toarray(), dtype=np.float64)
-    else:
-        A = np.asarray(counts)
-        if A.ndim == 1:
-            A = A[:, None]
-        if A.ndim != 2:
-            raise ValueError(f"counts must be 1-D or 2-D, got {A.ndim} dimensions.")
-        n, G = A.shape
-        integer_dtype = np.issubdtype(A.dtype, np.integer) or A.dtype == bool
-        if integer_dtype and A.dtype != bool and A.flags.f_contiguous and (used is None or used.size == G):
-            # gene-major already (a DataFrame's values): a view; blocks convert their rows
-            Yt = A.T
-        else:
-            Yt = _tiled_transpose(A, None if used is None or used.size == G else used)
-        if integer_dtype:
-            if Yt.size and Yt.min() < 0:
-                raise ValueError(f"counts must be non-negative counts; found {Yt.min()!r}.")
-            return Yt, labels or list(range(G)), n
-    if not Poisson.check_response(Yt, "counts"):
-        if src is not None:
-            require_counts(src, False)  # AnnData: the message names the layer
-        raise ValueError("counts must be integers.")
-    return Yt, labels or list(range(G)), n
-
-
-def _tiled_transpose(A, cols=None, rows_per_tile=512, cols_per_tile=64):
-    """``A[:, cols].T`` as a C-contiguous float64 array, copied tile by tile (a plain
-    transposing copy of a large matrix misses the cache on every element: ~8x slower)."""
-    n = A.shape[0]
-    if A.flags.f_contiguous:  # e.g. a DataFrame's values: the transpose is a plain copy
-        At = A.T if cols is None else A.T[cols]
-        return np.ascontiguousarray(At, dtype=np.float64)
-    cols = np.arange(A.shape[1]) if cols is None else np.asarray(cols)
-    out = np.empty((cols.size, n))
-    for g in range(0, cols.size, cols_per_tile):
-        c = cols[g : g + cols_per_tile]
-        sl = slice(int(c[0]), int(c[-1]) + 1) if np.all(np.diff(c) == 1) else c
-        for s in range(0, n, rows_per_tile):
-            out[g : g + c.size, s : s + rows_per_tile] = A[s : s + rows_per_tile, sl].T
-    return out
-
-
 def _count_labels(counts):
     if isinstance(counts, pd.DataFrame):
         return [str(c) for c in counts.columns], counts.shape[0]
@@ -199,11 +155,6 @@ def _design(covariates, n):
         return np.ones((n, 1))
     C, _ = _as_matrix(covariates, "covariates", n)
     return np.column_stack([np.ones(n), C])
-
-
-def _column_chunks(k, n, budget=2**23):
-    per = max(1, min(k, budget // max(n, 1)))
-    return [slice(s, min(s + per, k)) for s in range(0, k, per)]
 
 
 # ------------------------------------------------------------------- distillation
@@ -298,7 +249,7 @@ def distill(counts, covariates=None, *, family="negative_binomial", size=None, m
         offsets[:, sl] = X @ coef.T
         return sl, coef, conv, r
 
-    chunks = _column_chunks(G, n)
+    chunks = _stream.column_chunks(G, n)
     # one BLAS thread: the products here are thin (n x few), and a multithreaded BLAS
     # beside the chunk threads (or other work) spins instead of computing (seconds per
     # Gram on a loaded 2-core machine, against 20 ms)
@@ -382,42 +333,6 @@ def _digamma_differences(v, r):
     return np.where(big, a1, d1), np.where(big, a2, d2)
 
 
-def _logistic_newton(X, T, coef0, max_iter, tol=1e-10):
-    """Newton's method for many logistic regressions sharing the design ``X`` (n, p):
-    the Hessians of all responses are one matrix product ``[x_a x_b]' W`` (the p(p+1)/2
-    products of design columns against the (n, G) weights) and the gradients
-    ``X' (T - pi)``, so an iteration costs one ``expit`` per cell and response. No line
-    search: the columns whose Newton decrement does not fall below ``tol`` within
-    ``max_iter`` steps (or grows, e.g. under separation) are returned as not ``ok``, for
-    :func:`~skmixed.glm._newton.fit_glm` to finish.
-
-    Returns
-    -------
-    coef : (G, p), ok : (G,) bool
-    """
-    n, p = X.shape
-    products = _column_products(X)  # (n, p(p+1)/2), shared by every iteration
-    coef = np.array(coef0, dtype=float)
-    G = coef.shape[0]
-    ok = np.zeros(G, bool)
-    last = np.full(G, np.inf)
-    for _ in range(max_iter):
-        mu = Bernoulli.mean(X @ coef.T)  # (n, G)
-        grad = X.T @ (T - mu)  # (p, G)
-        mu *= 1.0 - mu
-        H = _weighted_gram(X, mu, products)
-        step = np.linalg.solve(H + 1e-12 * np.eye(p)[None], grad.T[:, :, None])[:, :, 0]
-        dec = 0.5 * np.sum(step * grad.T, axis=1)
-        bad = ~np.isfinite(dec) | (dec > last * 1.01 + 1e-8)
-        active = ~ok & ~bad
-        coef[active] += step[active]
-        ok |= active & (dec < tol)
-        last = np.where(bad, last, dec)
-        if bool(np.all(ok | bad)):
-            break
-    return coef, ok & np.all(np.isfinite(coef), axis=1)
-
-
 def treatment_probabilities(treatment, covariates=None, *, max_iter=100, n_jobs=None):
     """``P(T_ip = 1 | covariates)`` from a logistic regression per perturbation.
 
@@ -437,36 +352,8 @@ def treatment_probabilities(treatment, covariates=None, *, max_iter=100, n_jobs=
         conditional resampling reads them.
     """
     T, _ = _treatment_matrix(treatment, None)
-    n, P = T.shape
-    X = _design(covariates, n)
-    pi = np.empty((n, P), order="F")
-
-    def fit_chunk(sl):
-        Tc = T[:, sl].astype(np.float64)
-        # start at the intercept-only fit: a few Newton steps from the optimum
-        frac = np.clip(Tc.mean(axis=0), 1.0 / n, 1.0 - 1.0 / n)
-        coef0 = np.zeros((frac.size, X.shape[1]))
-        coef0[:, 0] = np.log(frac / (1.0 - frac))
-        coef, ok = _logistic_newton(X, Tc, coef0, max_iter)
-        bad = 0
-        if not ok.all():
-            # the safeguarded solver (line search) where plain Newton steps did not settle
-            idx = np.flatnonzero(~ok)
-            res = fit_glm(X, Tc[:, idx], Bernoulli, coef0=coef0[idx], max_iter=max_iter)
-            coef[idx] = res.coef
-            bad = int((~res.converged).sum())
-        pi[:, sl] = scipy.special.expit(X @ coef.T)
-        return bad
-
-    # one BLAS thread: see distill
-    with one_blas_thread(), Engine(n_jobs=n_jobs, client=False) as pool:
-        bad = sum(pool.map(fit_chunk, _column_chunks(P, n, budget=2**24)))
-    if bad:
-        warnings.warn(
-            f"the treatment model did not converge for {bad} perturbation(s) (separation?).",
-            ConvergenceWarning,
-            stacklevel=2,
-        )
+    pi, bad = _stream.treatment_chunks(T, _design(covariates, T.shape[0]), max_iter=max_iter, n_jobs=n_jobs)
+    _stream.warn_treatment(bad)
     return pi
 
 
@@ -718,7 +605,9 @@ def resampling_test(
         Precomputed :func:`distill` result for all genes (skips that fit).
     propensity : array-like of shape (n_cells, n_perturbations), optional
         Precomputed treatment probabilities (:func:`treatment_probabilities`) for the
-        conditional resamples (skips that fit).
+        conditional resamples (skips that fit). Without it the probabilities are fitted
+        a round of perturbations at a time and never held whole (a screen of 200,000
+        cells and 6,600 perturbations would need 10.6 GB for them).
     n_jobs : int, default=1
         Threads over blocks of pairs (results do not depend on it). Within
         ``skmixed.parallel_config(client=...)`` the blocks run on that Dask cluster
@@ -791,35 +680,19 @@ def resampling_test(
     T, perts = _treatment_matrix(treatment, n)
     gi, pj = _pair_indices(pairs, genes, perts)
     used, gpos = np.unique(gi, return_inverse=True)  # genes in pairs; pair -> position
-    # gene-major (genes in pairs only): a pair's counts are then contiguous rows
-    Yt, _, _ = _gene_major_counts(counts, used, src)
-
-    if distillation is None:
-        logger.info("resampling_test: distillation (%s GLM) of %d genes on %d cells", family, used.size, n)
-        sub = distill(Yt.T, covariates, family=family, size=None if size is None else np.broadcast_to(size, (G,))[used],
-                      n_jobs=n_jobs)
-        Ot, sizes = np.ascontiguousarray(sub.offsets.T), sub.size
-    else:
-        if distillation.offsets.shape != (n, G):
-            raise ValueError(f"distillation.offsets has shape {distillation.offsets.shape}, expected {(n, G)}.")
-        Ot = distillation.offsets.T if used.size == G else distillation.offsets.T[used]
-        Ot, sizes = np.ascontiguousarray(Ot), np.asarray(distillation.size)[used]
+    X = _design(covariates, n)
+    Yt, Ot, sizes = _gene_data(counts, src, used, covariates, family, size, distillation, n_jobs, G, n)
     if family == "poisson":
         sizes = np.full(used.size, np.inf)
 
     used_p = np.unique(pj)
-    pi = None
     if resampling == "conditional" and propensity is not None:
-        pi = propensity.to_numpy() if isinstance(propensity, pd.DataFrame) else np.asarray(propensity)
-        pi = pi.astype(np.float64, copy=False)
-        if pi.shape != T.shape:
-            raise ValueError(f"propensity must be probabilities of shape {T.shape}, got {pi.shape}.")
-        if pi.size and not (0.0 <= float(np.min(pi)) and float(np.max(pi)) <= 1.0):  # NaN fails too
-            raise ValueError(f"propensity must be probabilities of shape {T.shape} (in [0, 1]).")
-    elif resampling == "conditional":
-        pi = np.zeros((n, T.shape[1]))
-        logger.info("resampling_test: treatment model of %d perturbations", used_p.size)
-        pi[:, used_p] = treatment_probabilities(T[:, used_p], covariates, n_jobs=n_jobs)
+        propensity = propensity.to_numpy() if isinstance(propensity, pd.DataFrame) else np.asarray(propensity)
+        propensity = propensity.astype(np.float64, copy=False)
+        if propensity.shape != T.shape:
+            raise ValueError(f"propensity must be probabilities of shape {T.shape}, got {propensity.shape}.")
+        if propensity.size and not (0.0 <= float(np.min(propensity)) and float(np.max(propensity)) <= 1.0):
+            raise ValueError(f"propensity must be probabilities of shape {T.shape} (in [0, 1]).")  # NaN fails too
 
     B = int(n_resamples)
     K = gi.size
@@ -832,34 +705,29 @@ def resampling_test(
     # the pert's children seed its resamples; the extra last child seeds the permutations
     seeds = np.random.SeedSequence(_entropy(random_state)).spawn(T.shape[1] + 1)
     if resampling == "permutation":
-        blocks, C = _permutation_blocks(n_treated, B, seeds[-1], n)
+        rounds = iter([_permutation_blocks(n_treated, B, seeds[-1], n)[0]])
     else:
-        blocks = _conditional_blocks(pj, pi, seeds, B)
-
-    def run(block):
-        idx, parts, order = block
-        if callable(parts):
-            parts, order = parts()
-        g = gpos[idx]
-        if xp_dev is np:
-            cols = column_tables(Yt, Ot, gshift[g], phi[idx], statistic, order=order, rows=g)
-            return idx, block_statistics(parts, cols)
-        parts = [(el.to(xp_dev), _to(thr, xp_dev), _to(cthr, xp_dev)) for el, thr, cthr in parts]
-        cols = column_tables(*(to_device(a, xp_dev) for a in (Yt[g], Ot[g], gshift[g], phi[idx])), statistic)
-        return idx, to_host(block_statistics(parts, cols))
+        # the treatment models are fitted round by round of perturbations, each round's
+        # pairs tested before the next round is fitted (see _stream)
+        logger.info("resampling_test: treatment model of %d perturbations", used_p.size)
+        rounds = _conditional_rounds(pj, T, X, propensity, seeds, B, n_jobs)
 
     stats = np.empty((K, B + 1))
     stats[:, 0] = obs
-    logger.info("resampling_test: %d pairs (%d genes, %d perturbations), %d resamples, %d blocks",
-                K, used.size, used_p.size, B, len(blocks))
+    logger.info("resampling_test: %d pairs (%d genes, %d perturbations), %d resamples",
+                K, used.size, used_p.size, B)
     bar = progress(total=K, desc="resampling_test pairs", unit="pair", verbose=verbose)
+    run = functools.partial(_run_block, Yt, Ot, gshift, gpos, phi, statistic, xp_dev)
     # blocks through skmixed._parallel: n_jobs threads, or the Dask client of
-    # parallel_config (the GPU path stays in-process); run and the blocks (with the
-    # data they close over) go to a cluster once, the tasks get block numbers
+    # parallel_config (the GPU path stays in-process); run and the gene data it closes
+    # over go to a cluster once, a round's blocks once, the tasks get block numbers
     with Engine(n_jobs=n_jobs, client=None if xp_dev is np else False) as pool:
-        for idx, S in pool.map(call_item, range(len(blocks)), pool.share(run), pool.share(blocks)):
-            stats[idx, 1:] = S.T
-            bar.update(len(idx))
+        run_h = pool.share(run)
+        for blocks in rounds:
+            for idx, S in pool.map(call_item, range(len(blocks)), run_h, pool.share(blocks)):
+                stats[idx, 1:] = S.T
+                bar.update(len(idx))
+            del blocks  # this round's probabilities go before the next round is fitted
     bar.close()
     stats[n_treated == 0, 0] = np.nan
 
@@ -889,6 +757,60 @@ def resampling_test(
     if return_resampled:
         return out, stats[:, 1:]
     return out
+
+
+def _gene_data(counts, src, used, covariates, family, size, distillation, n_jobs, G, n):
+    """Gene-major counts (compact) and offsets of the genes ``used``, and their sizes:
+    read, checked and distilled a chunk of genes at a time (chunks of whole
+    :func:`distill` chunks, so the fits are those of one call on every gene)."""
+    reader = _stream.CountChunks(counts, src)
+    m = used.size
+    whole = reader.view is not None and m == reader.G
+    Yt = reader.view if whole else _stream.CompactCounts(m, n)
+    if distillation is not None:
+        if distillation.offsets.shape != (n, G):
+            raise ValueError(f"distillation.offsets has shape {distillation.offsets.shape}, expected {(n, G)}.")
+        if not whole:
+            for sl in _stream.grouped(_stream.column_chunks(m, n), n, _stream.READ_BUDGET):
+                Yt.put(sl, reader.block(used[sl]))
+        Ot = distillation.offsets.T if m == G else distillation.offsets.T[used]
+        return _compact(Yt), np.ascontiguousarray(Ot), np.asarray(distillation.size)[used]
+    logger.info("resampling_test: distillation (%s GLM) of %d genes on %d cells", family, m, n)
+    fixed = None if size is None else np.broadcast_to(size, (G,))[used]
+    Ot = np.empty((m, n))
+    sizes = np.empty(m)
+    bad = 0
+    for sl in _stream.grouped(_stream.column_chunks(m, n), n, _stream.READ_BUDGET):
+        Yc = reader.block(used[sl])
+        if not whole:
+            Yt.put(sl, Yc)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # one warning for all chunks, below
+            sub = distill(Yc.T, covariates, family=family, size=None if fixed is None else fixed[sl], n_jobs=n_jobs)
+        Ot[sl] = sub.offsets.T
+        sizes[sl] = sub.size
+        bad += int((~sub.converged).sum())
+    if bad:
+        warnings.warn(f"the distillation GLM did not converge for {bad} gene(s).", ConvergenceWarning, stacklevel=3)
+    return _compact(Yt), Ot, sizes
+
+
+def _compact(Yt):
+    return Yt.values if isinstance(Yt, _stream.CompactCounts) else Yt
+
+
+def _run_block(Yt, Ot, gshift, gpos, phi, statistic, xp_dev, block):
+    """The resampled statistics (B, columns) of one block of pairs."""
+    idx, parts, order = block
+    if callable(parts):
+        parts, order = parts()
+    g = gpos[idx]
+    if xp_dev is np:
+        cols = column_tables(Yt, Ot, gshift[g], phi[idx], statistic, order=order, rows=g)
+        return idx, block_statistics(parts, cols)
+    parts = [(el.to(xp_dev), _to(thr, xp_dev), _to(cthr, xp_dev)) for el, thr, cthr in parts]
+    cols = column_tables(*(to_device(a, xp_dev) for a in (Yt[g], Ot[g], gshift[g], phi[idx])), statistic)
+    return idx, to_host(block_statistics(parts, cols))
 
 
 # Columns per block: wide enough that the per-element work is shared by many columns,
@@ -937,21 +859,51 @@ def _permutation_blocks(k, B, seed, n):
     return blocks, C
 
 
-def _conditional_blocks(pj, pi, seeds, B):
-    """Blocks of pairs for conditional resamples. A perturbation with at least
-    ``_MIN_COLUMNS`` pairs is a block (its exact Bernoulli resamples, from its own
-    seed); smaller ones, in order of mean propensity, are packed together and share
-    common random numbers: one union of resamples drawn at the largest of their
-    probabilities, each uniform ``U`` kept with the probability of the perturbation
-    it is compared with (``U < pi``)."""
-    groups = [(int(p), np.flatnonzero(pj == p)) for p in np.unique(pj)]
-    big = [gr for gr in groups if gr[1].size >= _MIN_COLUMNS]
-    small = [gr for gr in groups if gr[1].size < _MIN_COLUMNS]
-    if small:  # one pass over the probabilities (a column mean per perturbation is strided)
-        mean_pi = pi.mean(axis=0)
-        small.sort(key=lambda gr: float(mean_pi[gr[0]]))
+def _conditional_rounds(pj, T, X, propensity, seeds, B, n_jobs):
+    """Blocks of pairs for conditional resamples, yielded round by round of
+    perturbations. A perturbation with at least ``_MIN_COLUMNS`` pairs is a block (its
+    exact Bernoulli resamples, from its own seed), yielded with its round; smaller
+    ones, in order of mean propensity, are packed together at the end and share common
+    random numbers: one union of resamples drawn at the largest of their
+    probabilities, each uniform ``U`` kept with the probability of the perturbation it
+    is compared with (``U < pi``). Only a round's probabilities and those of the small
+    perturbations are held (``propensity`` None: fitted by rounds of whole chunks of
+    :func:`treatment_probabilities`, so they are its values)."""
+    n = T.shape[0]
+    order = np.argsort(pj, kind="stable")
+    used_p, starts = np.unique(pj[order], return_index=True)
+    pair_sets = np.split(order, starts[1:]) if order.size else []
+    small = np.array([i.size < _MIN_COLUMNS for i in pair_sets], bool)
+    pi_small = np.empty((n, int(small.sum())), order="F")
+    bad = 0
+    for sl in _stream.grouped(_stream.column_chunks(used_p.size, n, budget=2**24), n, _stream.ROUND_BUDGET):
+        cols = used_p[sl]
+        if propensity is None:
+            pi, b = _stream.treatment_chunks(T, X, cols, n_jobs=n_jobs)
+            bad += b
+        else:
+            pi = propensity[:, cols]
+        pos = np.flatnonzero(small[: sl.start])
+        pi_small[:, pos.size : pos.size + int(small[sl].sum())] = pi[:, small[sl]]
+        yield [(pair_sets[j], functools.partial(_exact_parts, pi[:, j - sl.start], seeds[used_p[j]], n, B), None)
+               for j in range(sl.start, sl.stop) if not small[j]]
+        del pi
+    _stream.warn_treatment(bad)
+    if not small.any():
+        return
+    groups = [(int(p), i) for p, i, s in zip(used_p, pair_sets, small) if s]
+    # the order of the means of the whole matrix (a column mean per perturbation is strided)
+    if propensity is None:
+        # as the column means of a C-ordered (cells x perturbations) matrix: the order
+        # of near-equal means, hence the packs, is that of treatment_probabilities's
+        mean_pi = np.concatenate([np.ascontiguousarray(pi_small[:, s : s + 64]).mean(axis=0)
+                                  for s in range(0, pi_small.shape[1], 64)])
+    else:
+        mean_pi = propensity.mean(axis=0)[used_p[small]]
+    column = {p: j for j, (p, _) in enumerate(groups)}
+    groups.sort(key=lambda gr: float(mean_pi[column[gr[0]]]))
     packs, cur, width = [], [], 0
-    for gr in small:
+    for gr in groups:
         if cur and width + gr[1].size > _MAX_COLUMNS:
             packs.append(cur)
             cur, width = [], 0
@@ -959,7 +911,6 @@ def _conditional_blocks(pj, pi, seeds, B):
         width += gr[1].size
     if cur:
         packs.append(cur)
-    n = pi.shape[0]
     blocks = []
     cache = []
 
@@ -969,22 +920,17 @@ def _conditional_blocks(pj, pi, seeds, B):
         if not cache:
             with _transpose_lock():
                 if not cache:
-                    cache.append(_tiled_transpose(pi))
+                    cache.append(_stream.tiled_transpose(pi_small))
         return cache[0]
 
-    def exact(p):
-        order, rows, cols = _binned_resamples(pi[:, p], B, perturbation_rng(seeds[p]))
-        return [(Elements.from_rows(rows, cols, n, B).renumbered(order), None, None)], None
-
-    for p, idx in big:
-        blocks.append((idx, lambda p=p: exact(p), None))
     for pack in packs:
         perts = [p for p, _ in pack]
         idx = np.concatenate([i for _, i in pack])
         if len(perts) == 1:
-            blocks.append((idx, lambda p=perts[0]: exact(p), None))
+            blocks.append((idx, functools.partial(_exact_parts, pi_small[:, column[perts[0]]], seeds[perts[0]], n, B),
+                           None))
             continue
-        col_pert = np.concatenate([np.full(i.size, p) for p, i in pack])
+        col_pert = np.concatenate([np.full(i.size, column[p]) for p, i in pack])
 
         def union(perts=perts, col_pert=col_pert):
             thr_t = pi_t()[col_pert]  # (columns, n): each column's probabilities
@@ -998,7 +944,13 @@ def _conditional_blocks(pj, pi, seeds, B):
             return [(el.select(core), None, None), (el.select(~core), None, thr)], None
 
         blocks.append((idx, union, None))
-    return blocks
+    yield blocks
+
+
+def _exact_parts(pi, seed, n, B):
+    """The exact Bernoulli resamples of one perturbation, as one element set."""
+    order, rows, cols = _binned_resamples(pi, B, perturbation_rng(seed))
+    return [(Elements.from_rows(rows, cols, n, B).renumbered(order), None, None)], None
 
 
 def _device_namespace(device, counts):
@@ -1024,7 +976,23 @@ def _to(a, xp):
 
 def _observed_statistics(Yt, Ot, gshift, gpos, pj, phi, Tcsc, statistic):
     """Closed-form estimate and statistic of every pair on its treated cells, with the
-    formulas of :func:`~skmixed.offset._engine.block_statistics`."""
+    formulas of :func:`~skmixed.offset._engine.block_statistics`, by runs of pairs of
+    about ``_stream.OBSERVED_BUDGET`` treated cells (a pair's sums do not depend on the
+    runs)."""
+    K = gpos.size
+    coef, z = np.empty(K), np.empty(K)
+    ends = np.cumsum(np.diff(Tcsc.indptr)[pj])
+    nb = bool(np.any(phi > 0))  # of every pair: the runs use one formula
+    start = 0
+    while start < K:
+        stop = max(start + 1, int(np.searchsorted(ends, ends[start] + _stream.OBSERVED_BUDGET, side="right")))
+        sl = slice(start, min(stop, K))
+        coef[sl], z[sl] = _observed_run(Yt, Ot, gshift, gpos[sl], pj[sl], phi[sl], Tcsc, statistic, nb)
+        start = sl.stop
+    return coef, z
+
+
+def _observed_run(Yt, Ot, gshift, gpos, pj, phi, Tcsc, statistic, nb):
     K = gpos.size
     lens = np.diff(Tcsc.indptr)[pj]
     pair = np.repeat(np.arange(K), lens)
@@ -1045,7 +1013,7 @@ def _observed_statistics(Yt, Ot, gshift, gpos, pj, phi, Tcsc, statistic):
             U = np.bincount(pair, weights=(y - mu0) * dd, minlength=K)
             info0 = np.bincount(pair, weights=mu0 * dd, minlength=K)
             return np.where(lens > 0, coef, np.nan), U / np.sqrt(info0)
-        if np.any(phi > 0):
+        if nb:
             acc = np.bincount(pair, weights=1.0 / (np.exp(-d) + phi[pair] * t[pair]), minlength=K)
             info = t * acc
         else:
