@@ -586,3 +586,16 @@ def test_backed_counts_are_read_by_chunks_of_genes(chunk_screen, tmp_path, monke
     assert list(np.concatenate(reads)) == used
     pd.testing.assert_frame_equal(res, ref, check_exact=True)
     np.testing.assert_array_equal(draws, ref_draws)
+
+
+def test_simulated_screen_is_drawn_by_blocks_of_cells_as_one_draw(monkeypatch):
+    """Blocks of cells (a few cells or all) give the same screen to the last digit."""
+    import skmixed.offset._simulate as M
+
+    kw = dict(treated_fraction=0.1, effects={(1, 2): 1.0, (1, 0): -0.5, (3, 2): 0.3}, random_state=5)
+    whole = make_perturbation_screen(700, 6, 4, **kw)
+    monkeypatch.setattr(M, "_BLOCK", 37)  # 6 cells a block, the last one partial
+    blocks = make_perturbation_screen(700, 6, 4, **kw)
+    for a, b in zip(whole, blocks):
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+    assert whole[1].to_numpy().any() and (whole[0].to_numpy() > 0).any()

@@ -7,6 +7,9 @@ import pandas as pd
 from scipy.optimize import brentq
 from scipy.special import expit, logit
 
+# values (cells x perturbations or genes) drawn at a time
+_BLOCK = 2**22
+
 
 def make_perturbation_screen(
     n_cells=2000,
@@ -73,17 +76,29 @@ def make_perturbation_screen(
 
     logit0 = brentq(excess, logit(treated_fraction) - 20.0, logit(treated_fraction) + 20.0, xtol=1e-10)
     b = logit0 + scatter
-    pi = 1.0 / (1.0 + np.exp(-(b[None, :] + confounding * z[:, None])))
-    T = rng.uniform(size=pi.shape) < pi
+    # drawn by blocks of cells: a generator fills an array in C order, so consecutive
+    # row blocks are the draws of one (cells x perturbations) call, without holding its
+    # probabilities and uniforms (two 10 GB arrays for a Gasperini-size screen)
+    rows = max(1, _BLOCK // max(n_perturbations, n_genes, 1))
+    T = np.empty((n_cells, n_perturbations), bool)
+    for s in range(0, n_cells, rows):
+        pi = 1.0 / (1.0 + np.exp(-(b[None, :] + confounding * z[s : s + rows, None])))
+        T[s : s + rows] = rng.uniform(size=pi.shape) < pi
     a = np.log(rng.uniform(0.05, 20.0, n_genes))
     c = rng.normal(0, 0.3, n_genes)
-    eta = a[None, :] + (log_lib - np.log(1e4))[:, None] + c[None, :] * batch[:, None]
-    rows = []
+    planted = {}
     for (g, p), effect in (effects or {}).items():
-        eta[T[:, p], g] += effect
-        rows.append((f"gene{g}", f"pert{p}", effect))
-    mu = np.exp(eta)
-    Y = rng.negative_binomial(size, size / (size + mu))
+        planted.setdefault(g, []).append((p, effect))
+    Y = np.empty((n_cells, n_genes), np.int64)
+    for s in range(0, n_cells, rows):
+        e = min(s + rows, n_cells)
+        eta = a[None, :] + (log_lib[s:e] - np.log(1e4))[:, None] + c[None, :] * batch[s:e, None]
+        for g, planted_g in planted.items():
+            for p, effect in planted_g:
+                eta[T[s:e, p], g] += effect
+        mu = np.exp(eta)
+        Y[s:e] = rng.negative_binomial(size, size / (size + mu))
+    rows = [(f"gene{g}", f"pert{p}", effect) for (g, p), effect in (effects or {}).items()]
     genes = [f"gene{g}" for g in range(n_genes)]
     perts = [f"pert{p}" for p in range(n_perturbations)]
     return (
