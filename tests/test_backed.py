@@ -220,3 +220,146 @@ def test_resampling_test_from_backed_reads_only_the_genes_in_pairs(screen, monke
     assert len(reads) == 1 and list(reads[0]) == [2, 4, 11]
     pd.testing.assert_frame_equal(res, ref)
     np.testing.assert_array_equal(draws, ref_draws)
+
+
+# ------------------------------------------------------------------ ZINBWaVE by chunks of cells
+import skmixed.zinb._estimator as zinb_estimator  # noqa: E402
+from skmixed import ZINBWaVE  # noqa: E402
+from skmixed.datasets import make_zinb_counts  # noqa: E402
+from skmixed.zinb._schedule import prefit_dispersion  # noqa: E402
+
+ZKW = {"n_components": 2, "random_state": 0, "max_iter": 4, "tol": 0.0, "batch_size": 70}
+
+
+@pytest.fixture(scope="module")
+def zinb(tmp_path_factory):
+    """350 cells x 60 genes of ZINB counts in memory and as CSR, CSC and dense .h5ad files
+    (the CSR file also with the counts in a layer under a normalised .X)."""
+    d = tmp_path_factory.mktemp("zinb")
+    sim = make_zinb_counts(350, 60, n_clusters=3, random_state=5)
+    Y = sp.csr_matrix(sim.counts, dtype=float)
+    var = pd.DataFrame(index=[f"g{j}" for j in range(Y.shape[1])])
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(Y.shape[0])])
+    paths = {}
+    for fmt in ("csr", "csc", "dense"):
+        X = Y.toarray() if fmt == "dense" else Y.asformat(fmt)
+        paths[fmt] = d / f"zinb_{fmt}.h5ad"
+        anndata.AnnData(X, obs=obs, var=var).write_h5ad(paths[fmt])
+    layered = anndata.AnnData(sp.csr_matrix(np.log1p(Y.toarray())), obs=obs, var=var)
+    layered.layers["counts"] = Y
+    paths["layer"] = d / "zinb_layer.h5ad"
+    layered.write_h5ad(paths["layer"])
+    return Y, paths
+
+
+def _zfit(Y, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # max_iter is reached on purpose
+        return ZINBWaVE(**{**ZKW, **kw}).fit(Y)
+
+
+def _same_zinb(m, ref, rtol=1e-8):
+    np.testing.assert_allclose(m.objective_history_, ref.objective_history_, rtol=rtol)
+    for attr in ("W_", "alpha_mu_", "beta_mu_", "gamma_pi_", "zeta_"):
+        np.testing.assert_allclose(getattr(m, attr), getattr(ref, attr), rtol=1e-6, atol=1e-9, err_msg=attr)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "dense", "layer"])
+def test_zinbwave_from_backed_equals_in_memory(zinb, fmt):
+    Y, paths = zinb
+    ref = _zfit(Y)
+    m = _zfit(anndata.read_h5ad(paths[fmt], backed="r"))
+    _same_zinb(m, ref)
+    assert list(m.feature_names_in_) == [f"g{j}" for j in range(Y.shape[1])]
+
+
+def test_zinbwave_from_dask_array_equals_in_memory(zinb):
+    da = pytest.importorskip("dask.array")
+    Y, _ = zinb
+    ref = _zfit(Y, common_dispersion=False)
+    _same_zinb(_zfit(da.from_array(Y.toarray(), chunks=(100, 60)), common_dispersion=False), ref)
+    _same_zinb(_zfit(da.from_array(Y, chunks=(64, 60)), common_dispersion=False), ref)
+
+
+def test_zinbwave_backed_reads_chunks_of_cells_only(zinb, monkeypatch):
+    """Every read of the file is a chunk of at most batch_size cells (or the dispersion
+    pre-fit's subsample, here 150 cells), never the whole matrix: no read of all the
+    cells, no column read, no AnnData to_memory, each chunk read once per pass."""
+    Y, paths = zinb
+    monkeypatch.setattr(zinb_estimator, "prefit_dispersion",
+                        lambda *a, **kw: prefit_dispersion(*a, **{**kw, "size": 150}))
+    ref = _zfit(Y)
+    reads = []
+    original = MatrixReader.rows
+
+    def rows(self, sel):
+        block = original(self, sel)
+        reads.append(block.shape[0])
+        return block
+
+    def never(*args, **kw):
+        raise AssertionError("the whole matrix was read")
+
+    monkeypatch.setattr(MatrixReader, "rows", rows)
+    monkeypatch.setattr(MatrixReader, "columns", never)
+    monkeypatch.setattr("skmixed._inputs._in_memory", never)
+    backed = anndata.read_h5ad(paths["csr"], backed="r")
+    monkeypatch.setattr(type(backed.X), "to_memory", never, raising=False)
+    m = _zfit(backed)
+    _same_zinb(m, ref)
+    assert max(reads) <= 150 and reads.count(150) == 1  # the subsample, once
+    chunk_reads = [r for r in reads if r != 150]
+    assert set(chunk_reads) == {70} and len(chunk_reads) % 5 == 0  # 350 cells = 5 chunks per pass
+    assert len(chunk_reads) // 5 > 20  # the check, the initialisation's and the iterations' passes
+
+
+def test_zinbwave_transform_and_obsm_of_backed(zinb, tmp_path):
+    Y, paths = zinb
+    ref = _zfit(Y)
+    backed = anndata.read_h5ad(paths["csr"], backed="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        W = ZINBWaVE(**ZKW).fit_transform(backed, key_added="X_zinbwave")
+    np.testing.assert_allclose(backed.obsm["X_zinbwave"], ref.W_, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(W, backed.obsm["X_zinbwave"])
+    m = _zfit(backed)
+    np.testing.assert_array_equal(m.transform(backed), m.W_)  # the training cells, recognised on disk
+    # new cells: fitted with the genes fixed, from disk as from memory
+    new = Y[:120]
+    anndata.AnnData(new, var=pd.DataFrame(index=[f"g{j}" for j in range(Y.shape[1])])).write_h5ad(tmp_path / "new.h5ad")
+    np.testing.assert_allclose(m.transform(anndata.read_h5ad(tmp_path / "new.h5ad", backed="r")),
+                               m.transform(anndata.AnnData(new, var=backed.var)), rtol=1e-8, atol=1e-10)
+
+
+@settings(max_examples=4, deadline=None)
+@given(batch=st.integers(40, 400), common=st.booleans())
+def test_zinbwave_backed_equals_in_memory_for_any_chunk_size(zinb, batch, common):
+    Y, paths = zinb
+    ref = _zfit(Y, batch_size=batch, common_dispersion=common)
+    _same_zinb(_zfit(anndata.read_h5ad(paths["csr"], backed="r"), batch_size=batch, common_dispersion=common), ref)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("negative", r"Negative values in data passed to ZINBWaVE"),
+    ("nan", r"Y contains NaN or infinity \(read from Y\.X\)"),
+    ("fraction", r"Y\.X holds non-integer values"),
+    ("empty_cell", r"1 cell\(s\) with only zero counts \(first: row 3\)"),
+    ("empty_gene", r"1 gene\(s\) with only zero counts \(first: column 'g5'\)"),
+])
+def test_zinbwave_backed_bad_values_are_reported(zinb, tmp_path, case, message):
+    Y, _ = zinb
+    X = Y.toarray()
+    if case == "negative":
+        X[200, 4] = -1.0
+    elif case == "nan":
+        X[300, 7] = np.nan
+    elif case == "fraction":
+        X[10, 1] = 2.5
+    elif case == "empty_cell":
+        X[3] = 0.0
+    else:
+        X[:, 5] = 0.0
+    var = pd.DataFrame(index=[f"g{j}" for j in range(X.shape[1])])
+    anndata.AnnData(sp.csr_matrix(X), var=var).write_h5ad(tmp_path / "bad.h5ad")
+    with pytest.raises(ValueError, match=message):
+        ZINBWaVE(**ZKW).fit(anndata.read_h5ad(tmp_path / "bad.h5ad", backed="r"))

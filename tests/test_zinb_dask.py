@@ -103,3 +103,37 @@ def test_worker_killed_mid_run_is_recovered(client, sim, monkeypatch, tmp_path):
     assert marker.exists()  # a worker did die
     np.testing.assert_allclose(m.objective_history_, ref.objective_history_, rtol=1e-8)
     client.wait_for_workers(2, timeout=60)  # the nanny restarts it for the next tests
+
+
+@pytest.fixture(scope="module")
+def h5ad(sim, tmp_path_factory):
+    anndata = pytest.importorskip("anndata")
+    import scipy.sparse as sp  # noqa: PLC0415
+
+    path = tmp_path_factory.mktemp("zinb_dask") / "sim.h5ad"
+    anndata.AnnData(sp.csr_matrix(sim.counts, dtype=float)).write_h5ad(path)
+    return path
+
+
+def test_backed_input_is_read_by_the_workers(client, sim, h5ad, monkeypatch):
+    """A backed AnnData on a cluster: the chunks' tasks carry the file's reader, not
+    counts (each worker reads its chunks from the file), and the fit equals the in-process
+    fit of the matrix in memory."""
+    anndata = pytest.importorskip("anndata")
+    ref = _fit(sim.counts)
+    sent = []
+    real_submit = client.submit
+
+    def submit(func, *args, **kw):
+        sent.append(len(cloudpickle.dumps(args)))
+        return real_submit(func, *args, **kw)
+
+    monkeypatch.setattr(client, "submit", submit)
+    with parallel_config(client=client):
+        m = _fit(anndata.read_h5ad(h5ad, backed="r"))
+    np.testing.assert_allclose(m.objective_history_, ref.objective_history_, rtol=1e-8)
+    np.testing.assert_allclose(m.W_, ref.W_, rtol=1e-6, atol=1e-8)
+    n_chunks = -(-sim.counts.shape[0] // KW["batch_size"])
+    counts_bytes = len(pickle.dumps(sim.counts))
+    # the chunk tasks: a reader and the chunk's covariates, far less than its counts
+    assert max(sent[:n_chunks]) < counts_bytes / n_chunks / 4
