@@ -18,7 +18,7 @@ import numpy as np
 
 from .._backend import get_namespace
 from .._families import NegativeBinomial
-from ._model import base_eta, component_logliks, e_step, kernel, score_info, _shifted
+from ._model import base_eta, e_step, kernel, modality_estep, score_info, _shifted
 
 
 def subset_family(family, idx):
@@ -31,13 +31,15 @@ def _cols(a, idx):
     return a if a.shape[1] == 1 else a[:, idx]
 
 
-def m_step_modality(design, family, y, offset, T, coef, *, max_newton=50, tol=1e-10):
+def m_step_modality(design, family, y, offset, T, coef, *, max_newton=50, tol=1e-10, first=None):
     """Maximise ``sum_i (1 - T_i) l(y_i, eta0_i) + T_i l(y_i, eta0_i + b)`` for every pair.
 
     Newton (Fisher scoring for NB, as ``glm``) with a per-pair backtracking line search,
     started at ``coef`` (B, q + 1). With ``T=None`` the plain GLM of ``y`` on the design (the
     covariates-only pilot fit; ``coef`` of shape (B, q)). Returns the new coefficients and
-    whether every pair reached the tolerance.
+    whether every pair reached the tolerance. ``first``: the score and information at
+    ``coef``, ``(s0, i0, s1, i1)``, when the E-step has computed them already
+    (:func:`modality_estep`).
     """
     xp = get_namespace(y)
     plain = T is None
@@ -59,9 +61,13 @@ def m_step_modality(design, family, y, offset, T, coef, *, max_newton=50, tol=1e
             grad = s0.T @ design.Z
             H = design.gram(i0)
         else:
-            eta0 = base_eta(design.Z, coef, offset)
-            s0, i0 = score_info(family, y, eta0)
-            s1, i1 = score_info(family, y, eta0 + coef[:, 1][None, :])
+            if first is not None:
+                s0, i0, s1, i1 = first
+                first = None
+            else:
+                eta0 = base_eta(design.Z, coef, offset)
+                s0, i0 = score_info(family, y, eta0)
+                s1, i1 = score_info(family, y, eta0 + coef[:, 1][None, :])
             grad = design.stacked_grad(w0 * s0, w1 * s1)
             H = design.stacked_gram(w0 * i0, w1 * i1)
         scale = xp.maximum(xp.max(xp.abs(xp.diagonal(H, axis1=1, axis2=2)), axis=1), 1.0)
@@ -129,14 +135,18 @@ def run_full_em(design, fm, fg, M, G, om, og, const, pi, coef_m, coef_g, *, tol=
     paths = [[] for _ in range(B)]
 
     def estep(idx, pi_a, cm, cg, Ma, Ga, fma, fga, oma, oga):
-        eta_m = base_eta(design.Z, cm, oma)
-        eta_g = base_eta(design.Z, cg, oga)
-        k0, k1 = component_logliks(fma, fga, Ma, Ga, eta_m, cm[:, 1], eta_g, cg[:, 1])
-        return e_step(k0, k1, pi_a, const[idx if xp is np else xp.asarray(idx)])
+        # the M-step's first Newton step needs the score and information at these very
+        # coefficients: computed here from the same means (stats), not in a second pass
+        k0, k1, sm = modality_estep(fma, Ma, base_eta(design.Z, cm, oma), cm[:, 1])
+        g0, g1, sg = modality_estep(fga, Ga, base_eta(design.Z, cg, oga), cg[:, 1])
+        k0 += g0
+        k1 += g1
+        T, ll = e_step(k0, k1, pi_a, const[idx if xp is np else xp.asarray(idx)])
+        return T, ll, (sm, sg)
 
     active = np.arange(B)
     Ma, Ga, oma, oga, fma, fga = M, G, om, og, fm, fg
-    T, ll = estep(active, pi, coef_m, coef_g, Ma, Ga, fma, fga, oma, oga)
+    T, ll, stats = estep(active, pi, coef_m, coef_g, Ma, Ga, fma, fga, oma, oga)
     prev = np.asarray(ll, dtype=float).copy() if xp is np else ll.get()
     for b in range(B):
         paths[b].append(float(prev[b]))
@@ -151,12 +161,12 @@ def run_full_em(design, fm, fg, M, G, om, og, const, pi, coef_m, coef_g, *, tol=
         # an error of the square of the move, and the EM (a generalised EM: Q still
         # increases) needs no more iterations for it; each further step would cost a pass
         steps = 50 if it == 1 else 1
-        cm, _ = m_step_modality(design, fma, Ma, oma, T, coef_m[ax], max_newton=steps)
-        cg, _ = m_step_modality(design, fga, Ga, oga, T, coef_g[ax], max_newton=steps)
+        cm, _ = m_step_modality(design, fma, Ma, oma, T, coef_m[ax], max_newton=steps, first=stats[0])
+        cg, _ = m_step_modality(design, fga, Ga, oga, T, coef_g[ax], max_newton=steps, first=stats[1])
         pi[ax], coef_m[ax], coef_g[ax] = pi_a, cm, cg
         n_iter[active] = it
         # E-step
-        T, ll = estep(active, pi_a, cm, cg, Ma, Ga, fma, fga, oma, oga)
+        T, ll, stats = estep(active, pi_a, cm, cg, Ma, Ga, fma, fga, oma, oga)
         llh = np.asarray(ll if xp is np else ll.get(), dtype=float)
         for j, b in enumerate(active):
             paths[b].append(float(llh[j]))
@@ -178,6 +188,7 @@ def run_full_em(design, fm, fg, M, G, om, og, const, pi, coef_m, coef_g, *, tol=
             active = active[keep]
             kx = keep if xp is np else xp.asarray(keep)
             T = T[:, kx]
+            stats = tuple(tuple(a[:, kx] for a in st) for st in stats)
             ax = active if xp is np else xp.asarray(active)
             Ma, Ga = M[:, ax], G[:, ax]
             oma, oga = _cols(om, ax), _cols(og, ax)

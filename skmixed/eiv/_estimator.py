@@ -18,7 +18,7 @@ from .._families import Poisson
 from .._inputs import count_source, require_counts
 from .._parallel import Engine, call_item
 from .._threads import one_blas_thread
-from ._fit import MIN_PERTURBED_CELLS, draw_guesses, fit_block
+from ._fit import MIN_PERTURBED_CELLS, draw_guesses, fit_block, tune_malloc
 from ._inference import Z975, delta_method
 from ._init import fit_pilot
 from ._model import Design, base_eta, component_logliks, e_step, make_family, normaliser
@@ -268,6 +268,7 @@ class GLMEIV(BaseEstimator):
         self
         """
         self._validate_params()
+        tune_malloc()
         if grna is None:
             raise ValueError("grna is required: the gRNA counts of the cells.")
         Y, gnames = _as_counts(y, "y", layer=self.layer)

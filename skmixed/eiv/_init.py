@@ -167,43 +167,42 @@ def _special_ns(xp):
 
 
 def _ratio_pieces(fam, y, L):
-    """Per-pair pieces of the reduced E-step, so that each restart costs one pass.
+    """Per-pair pieces of the reduced E-step, so that each restart costs one pass; (B, n)
+    float32 arrays, pairs in rows, so that every pass and every sum runs along contiguous
+    cells (numpy's sums across a few columns of an (n, C) array are 10x slower).
 
     Poisson: ``l(y; L + b) - l(y; L) = y b - e^L (e^b - 1)``. NB with size r:
     ``y b - (y + r) (log1p(x e^b) - log1p(x))`` with ``x = e^L / r``.
     """
     xp = get_namespace(y)
-    E = xp.exp(L)
-    f = np.float32
+    y = y.T
+    E = xp.exp(L.T)
+
+    def f32(a):
+        return xp.ascontiguousarray(a, dtype=np.float32)
+
     if isinstance(fam, Poisson):
-        return ("poisson", y.astype(f), E.astype(f), None, None)
-    r = fam.size[None, :] if fam.size.ndim else fam.size
+        return ("poisson", f32(y), f32(E), None, None)
+    r = fam.size[:, None] if fam.size.ndim else fam.size
     x = E / r
-    return ("nb", y.astype(f), E.astype(f), x.astype(f), ((y + r).astype(f), xp.log1p(x).astype(f)))
+    return ("nb", f32(y), f32(E), f32(x), (f32(y + r), f32(xp.log1p(x))))
 
 
-def _take(pieces, cols):
+def _take(pieces, rows):
     kind, y, E, x, extra = pieces
-    return (kind, y[:, cols], E[:, cols], None if x is None else x[:, cols],
-            None if extra is None else tuple(a[:, cols] for a in extra))
-
-
-def _dense(pieces):
-    """The pieces as (n, B, 1): every restart of a pair broadcasts against them, no copies."""
-    kind, y, E, x, extra = pieces
-    return (kind, y[:, :, None], E[:, :, None], None if x is None else x[:, :, None],
-            None if extra is None else tuple(a[:, :, None] for a in extra))
+    return (kind, y[rows], E[rows], None if x is None else x[rows],
+            None if extra is None else tuple(a[rows] for a in extra))
 
 
 def _log_ratio(pieces, b):
-    """``l(y; L + b) - l(y; L)`` per cell and run: (n, B, K) for dense pieces and b (B, K),
-    (n, C) for gathered pieces and b (C,)."""
+    """``l(y; L + b) - l(y; L)`` per run and cell, (C, cells), for gathered pieces and b (C,)."""
     kind, y, E, x, extra = pieces
     xp = get_namespace(y)
+    b = b[:, None]
     if kind == "poisson":
-        return y * b[None] - E * xp.expm1(b)[None]
+        return y * b - E * xp.expm1(b)
     ypr, l0 = extra
-    return y * b[None] - ypr * (xp.log1p(x * xp.exp(b)[None]) - l0)
+    return y * b - ypr * (xp.log1p(x * xp.exp(b)) - l0)
 
 
 def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_iter=3, merge=1e-2):
@@ -231,8 +230,9 @@ def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_it
     prev = np.full(B * K, -np.inf)
     active = np.arange(B * K)
     work = active  # the runs the arrays hold
-    am, ag = _dense(pm), _dense(pg)
     Ps, nbm = _dense_matrix(pm, pg)
+    # per pair, the column totals: the sums of (1 - T) when a run's labels are swapped
+    tot = [np.asarray(to_host(xp.sum(a, axis=1, dtype=float)), dtype=float) for a in (pm[1], pm[2], pg[1], pg[2])]
     shape = (B, K)
 
     def dev(a):
@@ -259,9 +259,7 @@ def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_it
         flip = pi_new > 0.5
         if flip.any():
             # swap the labels: sums of (1 - T) from the column totals
-            tot = [np.asarray(to_host(xp.sum(a, axis=0)), dtype=float) for a in (am[1], am[2], ag[1], ag[2])]
-            tot = [np.broadcast_to(t, shape).reshape(-1) if shape is not None else t.reshape(-1) for t in tot]
-            Tym, TEm, Tyg, TEg = (np.where(flip, t - v, v) for t, v in zip(tot, (Tym, TEm, Tyg, TEg)))
+            Tym, TEm, Tyg, TEg = (np.where(flip, t[pair[work]] - v, v) for t, v in zip(tot, (Tym, TEm, Tyg, TEg)))
             pi_new = np.where(flip, 1.0 - pi_new, pi_new)
         pos = np.searchsorted(work, active)
         ll_h = ll_new[pos]
@@ -294,27 +292,26 @@ _BLOCK = 2**16
 def _reduced_pass(am, ag, pa, bma, bga):
     """One reduced E-step over blocks of cells, in float32 (an initialisation: 1e-7 relative
     is ample, and float32 exp/log1p run 2-4x faster), accumulated in float64: the sums the
-    convergence check and the closed-form M-step need, ``sum softplus(d)``, ``sum T``, ``sum T y`` and ``sum T e^L`` for
-    both modalities, per run (shape of ``pa``)."""
+    convergence check and the closed-form M-step need, ``sum softplus(d)``, ``sum T``,
+    ``sum T y`` and ``sum T e^L`` for both modalities, per run (C,). ``am``, ``ag``: the
+    runs' gathered pieces, (C, n)."""
     xp = get_namespace(pa)
-    n = am[1].shape[0]
-    width = int(np.prod(pa.shape))
-    rows = max(64, _BLOCK // max(width, 1))
+    n = am[1].shape[1]
+    rows = max(64, _BLOCK // max(pa.size, 1))
     with np.errstate(divide="ignore", invalid="ignore"):
-        logit = (xp.log(pa) - xp.log1p(-pa))[None]
+        logit = (xp.log(pa) - xp.log1p(-pa))[:, None]
     out = [xp.zeros(pa.shape) for _ in range(6)]  # float64 accumulators over the blocks
     for s in range(0, n, rows):
-        bm_, bg_ = _rows(am, s, s + rows), _rows(ag, s, s + rows)
+        bm_, bg_ = _cells(am, s, s + rows), _cells(ag, s, s + rows)
         d = _log_ratio(bm_, bma)
         d += _log_ratio(bg_, bga)
         d += logit
         T, sp = posterior_and_softplus(d)
-        out[0] += xp.sum(sp, axis=0)
-        out[1] += xp.sum(T, axis=0)
-        out[2] += xp.sum(T * bm_[1], axis=0)
-        out[3] += xp.sum(T * bm_[2], axis=0)
-        out[4] += xp.sum(T * bg_[1], axis=0)
-        out[5] += xp.sum(T * bg_[2], axis=0)
+        out[0] += xp.sum(sp, axis=1)
+        out[1] += xp.sum(T, axis=1)
+        for k, a in enumerate((bm_[1], bm_[2], bg_[1], bg_[2])):
+            a = a * T
+            out[2 + k] += xp.sum(a, axis=1)
     return out
 
 
@@ -325,47 +322,67 @@ def _dense_matrix(pm, pg):
     also ``x = e^{L_m} / r``, ``y + r`` and ``(y + r) log1p(x)``, each (B, n)."""
     xp = get_namespace(pm[1])
     cols = [pm[1], pm[2], pg[1], pg[2], xp.ones_like(pm[1])]
-    P = xp.ascontiguousarray(xp.stack([c.T for c in cols], axis=2))
+    P = xp.stack(cols, axis=2)
     nb = None
     if pm[0] == "nb":
         ypr, l0 = pm[4]
-        nb = tuple(xp.ascontiguousarray(a.T) for a in (pm[3], ypr, ypr * l0))
+        nb = (pm[3], ypr, ypr * l0)
     return P, nb
 
 
 def _dense_pass(P, nb, pa, bma, bga):
     """:func:`_reduced_pass` for every restart of every pair, (B, K) runs, through matrix
-    products: ``d = P W`` (+ the NB mRNA term), and the sums ``P' T``."""
+    products: ``d = P W`` (+ the NB mRNA term), and the sums ``P' T`` and ``1' softplus(d)``.
+
+    The block temporaries are allocated once per pass (a fresh 256 KB array per operation
+    costs page faults comparable to the operation), and the column sums are matrix products
+    with P's column of ones: numpy's axis sums over the cells of a (rows, K) block are 10x
+    slower than the product."""
     xp = get_namespace(P)
     B, n, _ = P.shape
     K = pa.shape[1]
+    f = P.dtype.type
     with np.errstate(divide="ignore", invalid="ignore"):
         logit = xp.log(pa) - xp.log1p(-pa)
     m_lin = xp.zeros_like(bma) if nb is not None else -xp.expm1(bma)
     W = xp.stack([bma, m_lin, bga, -xp.expm1(bga), logit], axis=1)  # (B, 5, K)
     if nb is not None:
-        W[:, 1, :] = 0.0
         ebm = xp.exp(bma)[:, None, :]
     rows = max(64, _BLOCK // max(B * K, 1))
     S = xp.zeros((B, 5, K))
-    sp_sum = xp.zeros((B, K))
+    sp_sum = xp.zeros((B, 1, K))
+    bufs = [xp.empty((B, min(rows, n), K), dtype=P.dtype) for _ in range(3)]
     for s in range(0, n, rows):
         Pb = P[:, s:s + rows, :]
-        d = Pb @ W  # (B, rows, K)
+        m = Pb.shape[1]
+        d, x, u = (b[:, :m] for b in bufs)
+        xp.matmul(Pb, W, out=d)
         if nb is not None:
-            x, ypr, c0 = (a[:, s:s + rows, None] for a in nb)
+            xb, ypr, c0 = (a[:, s:s + rows, None] for a in nb)
+            xp.multiply(xb, ebm, out=x)
+            xp.log1p(x, out=x)
+            x *= ypr
             d += c0
-            d -= ypr * xp.log1p(x * ebm)
-        T, sp = posterior_and_softplus(d)
-        S += Pb.transpose(0, 2, 1) @ T
-        sp_sum += xp.sum(sp, axis=1)
-    return [sp_sum, S[:, 4], S[:, 0], S[:, 1], S[:, 2], S[:, 3]]
+            d -= x
+        # T = e^d / (1 + e^d) and softplus(d) = log(1 + e^d) from one exp, as
+        # posterior_and_softplus, in the preallocated buffers
+        xp.minimum(d, f(35.0), out=x)
+        xp.exp(x, out=x)
+        xp.add(x, f(1.0), out=u)
+        xp.divide(x, u, out=u)
+        xp.log1p(x, out=x)
+        if float(xp.max(d)) > 35.0:
+            x[...] = xp.where(d > 35.0, d, x)
+        PbT = Pb.transpose(0, 2, 1)
+        S += PbT @ u
+        sp_sum += PbT[:, 4:5] @ x
+    return [sp_sum[:, 0], S[:, 4], S[:, 0], S[:, 1], S[:, 2], S[:, 3]]
 
 
-def _rows(pieces, s, e):
+def _cells(pieces, s, e):
     kind, y, E, x, extra = pieces
-    return (kind, y[s:e], E[s:e], None if x is None else x[s:e],
-            None if extra is None else tuple(a[s:e] for a in extra))
+    return (kind, y[:, s:e], E[:, s:e], None if x is None else x[:, s:e],
+            None if extra is None else tuple(a[:, s:e] for a in extra))
 
 
 def _drop_duplicates(active, pair, pi, bm, bg, ll, tol):
