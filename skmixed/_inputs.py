@@ -139,6 +139,41 @@ class MatrixReader:
         return _read_h5ad(self.data, self.key, rows, cols, axis, self.shape)
 
 
+class ColumnReader:
+    """A count matrix left where it lives, read by the columns it is indexed with.
+
+    ``A[:, cols]`` reads the columns ``cols`` through the :class:`MatrixReader` (in the
+    calling process: on a Dask worker when the indexing runs in a task) and returns them
+    as a float ndarray after ``check(block)`` (the caller's value checks). For
+    estimators that index a (cells x genes) matrix by columns (GLMEIV's genes and gRNAs
+    in pairs): handed this in place of the array, they read only what they index.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skmixed._inputs import ColumnReader, MatrixReader
+    >>> A = ColumnReader(MatrixReader.from_array(np.arange(6.0).reshape(2, 3)))
+    >>> A.shape, A[:, [2, 0]].tolist()
+    ((2, 3), [[2.0, 0.0], [5.0, 3.0]])
+    """
+
+    ndim = 2
+
+    def __init__(self, reader, check=None):
+        self.reader, self.check = reader, check
+        self.shape = reader.shape
+
+    def __getitem__(self, key):
+        rows, cols = key if isinstance(key, tuple) and len(key) == 2 else (key, None)
+        if not (isinstance(rows, slice) and rows == slice(None)) or cols is None:
+            raise IndexError("a ColumnReader is read by columns only: A[:, cols].")
+        block = self.reader.columns(cols)
+        block = np.asarray(block.toarray() if hasattr(block, "toarray") else block, dtype=float)
+        if self.check is not None:
+            self.check(block)
+        return block
+
+
 def _positions(sel, size):
     return np.arange(size)[sel] if isinstance(sel, slice) else np.asarray(sel, dtype=np.int64)
 

@@ -363,3 +363,80 @@ def test_zinbwave_backed_bad_values_are_reported(zinb, tmp_path, case, message):
     anndata.AnnData(sp.csr_matrix(X), var=var).write_h5ad(tmp_path / "bad.h5ad")
     with pytest.raises(ValueError, match=message):
         ZINBWaVE(**ZKW).fit(anndata.read_h5ad(tmp_path / "bad.h5ad", backed="r"))
+
+
+# ------------------------------------------------------------------ GLMEIV reads the columns in pairs
+from skmixed.eiv import GLMEIV, make_glmeiv_data  # noqa: E402
+
+EIV_PAIRS = [("gene2", "grna2"), ("gene5", "grna5"), ("gene2", "grna5"), ("gene6", "grna2")]
+
+
+@pytest.fixture(scope="module")
+def eiv(tmp_path_factory):
+    """6,000 cells, 8 genes and 8 gRNAs in memory and as .h5ad files (mRNA CSC, gRNA
+    CSR: a minor-axis read too)."""
+    d = tmp_path_factory.mktemp("eiv")
+    covariates, mrna, grna, offsets, _ = make_glmeiv_data(6000, 8, pi=0.05, random_state=8)
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(6000)])
+    genes = [f"gene{j}" for j in range(8)]
+    grnas = [f"grna{j}" for j in range(8)]
+    anndata.AnnData(sp.csc_matrix(mrna, dtype=float), obs=obs, var=pd.DataFrame(index=genes)).write_h5ad(d / "m.h5ad")
+    anndata.AnnData(sp.csr_matrix(grna, dtype=float), obs=obs, var=pd.DataFrame(index=grnas)).write_h5ad(d / "g.h5ad")
+    data = dict(X=covariates, y=pd.DataFrame(mrna, columns=genes), grna=pd.DataFrame(grna, columns=grnas),
+                offset=offsets["mrna"].to_numpy(), grna_offset=offsets["grna"].to_numpy())
+    return data, d / "m.h5ad", d / "g.h5ad"
+
+
+def _eiv_fit(data, y, grna, pairs=EIV_PAIRS):
+    kw = {k: data[k] for k in ("offset", "grna_offset")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return GLMEIV(n_restarts=3, random_state=0).fit(data["X"], y, grna=grna, pairs=pairs, **kw)
+
+
+def _same_eiv(m, ref):
+    pd.testing.assert_frame_equal(m.pairs_, ref.pairs_, rtol=1e-10)
+    pd.testing.assert_frame_equal(m.results_, ref.results_, rtol=1e-10)
+
+
+def test_glmeiv_from_backed_reads_only_the_columns_in_pairs(eiv, monkeypatch):
+    data, mpath, gpath = eiv
+    ref = _eiv_fit(data, data["y"], data["grna"])
+    reads = []
+    original = MatrixReader.columns
+
+    def columns(self, sel):
+        reads.append((self.where, sorted(set(np.atleast_1d(np.arange(self.shape[1])[sel]).tolist()))))
+        return original(self, sel)
+
+    def never(*args, **kw):
+        raise AssertionError("the whole matrix was read")
+
+    monkeypatch.setattr(MatrixReader, "columns", columns)
+    monkeypatch.setattr(MatrixReader, "rows", never)
+    monkeypatch.setattr("skmixed._inputs._in_memory", never)
+    m = _eiv_fit(data, anndata.read_h5ad(mpath, backed="r"), anndata.read_h5ad(gpath, backed="r"))
+    _same_eiv(m, ref)
+    assert {w for w, _ in reads} == {"y.X", "grna.X"}
+    assert all(set(cols) <= ({2, 5, 6} if w == "y.X" else {2, 5}) for w, cols in reads)
+    # the blocks of pairs read their own columns (here one block: the four pairs' columns)
+    assert ("y.X", [2, 5, 6]) in reads and ("grna.X", [2, 5]) in reads
+
+
+def test_glmeiv_from_dask_arrays_equals_in_memory(eiv):
+    da = pytest.importorskip("dask.array")
+    data, _, _ = eiv
+    pairs = [(int(g[4:]), int(p[4:])) for g, p in EIV_PAIRS]  # unnamed columns: positions
+    ref = _eiv_fit(data, data["y"].to_numpy(), data["grna"].to_numpy(), pairs)
+    m = _eiv_fit(data, da.from_array(data["y"].to_numpy(), chunks=(1000, 3)),
+                 da.from_array(data["grna"].to_numpy(), chunks=(2500, 8)), pairs)
+    _same_eiv(m, ref)
+
+
+def test_glmeiv_backed_bad_values_name_where_they_were_read(eiv, tmp_path):
+    data, _, gpath = eiv
+    Y = data["y"].to_numpy(dtype=float)
+    Y[10, 5] = 1.5
+    anndata.AnnData(sp.csc_matrix(Y), var=pd.DataFrame(index=data["y"].columns)).write_h5ad(tmp_path / "frac.h5ad")
+    with pytest.raises(ValueError, match=r"y\.X holds non-integer values"):
+        _eiv_fit(data, anndata.read_h5ad(tmp_path / "frac.h5ad", backed="r"), anndata.read_h5ad(gpath, backed="r"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 import warnings
@@ -15,7 +16,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from .._backend import get_namespace, gpu_namespace, to_host
 from .._families import Poisson
-from .._inputs import count_source, require_counts
+from .._inputs import ColumnReader, MatrixReader, count_source, require_counts
 from .._parallel import Engine, call_item
 from .._threads import one_blas_thread
 from ._fit import MIN_PERTURBED_CELLS, draw_guesses, fit_block, tune_malloc
@@ -29,10 +30,19 @@ _INITS = ("accelerated", "random")
 _BLOCK_ELEMENTS = 2**17
 
 
-def _as_counts(a, name, n=None, layer=None):
-    src = count_source(a, layer=layer, arg=name)  # AnnData: the layer rule; unique names
+def _check_counts(arr, name, src):
+    require_counts(src, Poisson.check_response(arr, name))
+
+
+def _as_counts(a, name, n=None, layer=None, stream=False):
+    src = count_source(a, layer=layer, arg=name, stream=stream)  # AnnData: the layer rule; unique names
     a = src.values
     names = None if src.names is None else list(src.names)
+    if isinstance(a, MatrixReader):  # backed AnnData, dask array: the columns indexed are read (and checked)
+        a = ColumnReader(a, functools.partial(_check_counts, name=name, src=src))
+        if n is not None and a.shape[0] != n:
+            raise ValueError(f"{name} has {a.shape[0]} rows but X has {n}: the lengths must match.")
+        return a, names if names is not None else [str(j) for j in range(a.shape[1])]
     if isinstance(a, pd.Series):
         names = [str(a.name)] if a.name is not None else None
     if scipy.sparse.issparse(a):
@@ -47,8 +57,7 @@ def _as_counts(a, name, n=None, layer=None):
         raise ValueError(f"{name} must be 1-D or 2-D, got shape {arr.shape}.")
     if n is not None and arr.shape[0] != n:
         raise ValueError(f"{name} has {arr.shape[0]} rows but X has {n}: the lengths must match.")
-    integer = Poisson.check_response(arr, name)
-    require_counts(src, integer)
+    _check_counts(arr, name, src)
     if names is None:
         names = [str(j) for j in range(arr.shape[1])]
     return arr, names
@@ -271,9 +280,9 @@ class GLMEIV(BaseEstimator):
         tune_malloc()
         if grna is None:
             raise ValueError("grna is required: the gRNA counts of the cells.")
-        Y, gnames = _as_counts(y, "y", layer=self.layer)
+        Y, gnames = _as_counts(y, "y", layer=self.layer, stream=True)
         n = Y.shape[0]
-        Gr, pnames = _as_counts(grna, "grna", n, layer=self.layer)
+        Gr, pnames = _as_counts(grna, "grna", n, layer=self.layer, stream=True)
         Z = self._design(X, n)
         Om = _as_offset(offset, "offset", n, Y.shape[1])
         Og = _as_offset(grna_offset, "grna_offset", n, Gr.shape[1])
@@ -319,7 +328,8 @@ class GLMEIV(BaseEstimator):
         # precomputation; also where an NB size is estimated)
         ok_g, ok_p = ug[~zero_m], up[~zero_g]
         def cols(A, keep):  # no copy when every column is kept
-            return A if len(keep) == A.shape[1] and np.all(keep == np.arange(A.shape[1])) else A[:, keep]
+            whole = len(keep) == A.shape[1] and np.all(keep == np.arange(A.shape[1]))
+            return A if whole and not isinstance(A, ColumnReader) else A[:, keep]
 
         pm = self._pilot(pool, Zd, dev(cols(Y, ok_g)), dev(Om if Om.shape[1] == 1 else Om[:, ok_g]),
                          self.mrna_family, self._size_for(self.mrna_size, ok_g, Y.shape[1], "mrna_size"))
