@@ -440,3 +440,34 @@ def test_glmeiv_backed_bad_values_name_where_they_were_read(eiv, tmp_path):
     anndata.AnnData(sp.csc_matrix(Y), var=pd.DataFrame(index=data["y"].columns)).write_h5ad(tmp_path / "frac.h5ad")
     with pytest.raises(ValueError, match=r"y\.X holds non-integer values"):
         _eiv_fit(data, anndata.read_h5ad(tmp_path / "frac.h5ad", backed="r"), anndata.read_h5ad(gpath, backed="r"))
+
+
+@pytest.mark.slow
+def test_glmeiv_backed_on_a_cluster_reads_on_the_workers(eiv):
+    """On a 2-worker LocalCluster the blocks of pairs read their columns on the workers:
+    what the client sends for a backed input is what it sends for counts in memory less
+    the counts (the readers weigh a few kB)."""
+    distributed = pytest.importorskip("distributed")
+    cloudpickle = pytest.importorskip("cloudpickle")
+    from skmixed._parallel import parallel_config  # noqa: PLC0415
+
+    data, mpath, gpath = eiv
+    ref = _eiv_fit(data, data["y"], data["grna"])
+    sent = {"memory": [], "backed": []}
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None, worker_dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        real_scatter = client.scatter
+        for kind in sent:
+            def scatter(obj, _log=sent[kind], **kw):
+                _log.append(len(cloudpickle.dumps(obj)))
+                return real_scatter(obj, **kw)
+
+            client.scatter = scatter
+            y, g = (data["y"], data["grna"]) if kind == "memory" else (
+                anndata.read_h5ad(mpath, backed="r"), anndata.read_h5ad(gpath, backed="r"))
+            with parallel_config(client=client):
+                m = _eiv_fit(data, y, g)
+            _same_eiv(m, ref)
+    counts_bytes = 8 * (data["y"].size + data["grna"].size)  # float64 in memory
+    assert sum(sent["backed"]) < sum(sent["memory"]) - 0.9 * counts_bytes
