@@ -115,12 +115,13 @@ def _flip(T, xp):
     return T, flip
 
 
-def run_full_em(design, fm, fg, M, G, om, og, const, pi, coef_m, coef_g, *, tol=1e-10, max_iter=200):
+def run_full_em(design, fm, fg, M, G, om, og, const, pi, coef_m, coef_g, *, tol=1e-10, max_iter=200,
+                first_newton=50):
     """EM from starting parameters (glmeiv's ``run_full_glmeiv_given_pilot_params``).
 
     Convergence per pair when ``|ll_new - ll_old| / min(|ll_new|, |ll_old|) < tol``
     (glmeiv's ``compute_tolerance``); converged pairs are frozen and dropped from the
-    work arrays.
+    work arrays. ``first_newton``: Newton steps of the first M-step (later ones take one).
     """
     xp = get_namespace(M)
     B = M.shape[1]
@@ -160,7 +161,7 @@ def run_full_em(design, fm, fg, M, G, om, og, const, pi, coef_m, coef_g, *, tol=
         # Newton step (from the previous M-step's optimum, in its quadratic region) leaves
         # an error of the square of the move, and the EM (a generalised EM: Q still
         # increases) needs no more iterations for it; each further step would cost a pass
-        steps = 50 if it == 1 else 1
+        steps = first_newton if it == 1 else 1
         cm, _ = m_step_modality(design, fma, Ma, oma, T, coef_m[ax], max_newton=steps, first=stats[0])
         cg, _ = m_step_modality(design, fga, Ga, oga, T, coef_g[ax], max_newton=steps, first=stats[1])
         pi[ax], coef_m[ax], coef_g[ax] = pi_a, cm, cg
