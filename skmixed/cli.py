@@ -325,7 +325,7 @@ def _run_zinbwave(args):
         raise _BadArgument(f"-k/--n-components must be >= 0, got {args.k}.")
     if args.max_iter < 1:
         raise _BadArgument(f"--max-iter must be >= 1, got {args.max_iter}.")
-    adata = _read_h5ad(args.data, args.layer)
+    adata = _read_h5ad(args.data, args.layer, backed=args.backed)
     covariates = None
     if args.batch:
         covariates = _dummies(_obs_columns(adata, args.batch, "--batch").astype("category"))

@@ -471,3 +471,22 @@ def test_glmeiv_backed_on_a_cluster_reads_on_the_workers(eiv):
             _same_eiv(m, ref)
     counts_bytes = 8 * (data["y"].size + data["grna"].size)  # float64 in memory
     assert sum(sent["backed"]) < sum(sent["memory"]) - 0.9 * counts_bytes
+
+
+def test_cli_zinbwave_backed_equals_in_memory(zinb, tmp_path, capsys):
+    """``skmixed zinbwave --backed`` streams the file and writes the same W (run in
+    process through skmixed.cli.main, which the console script calls)."""
+    from skmixed.cli import main  # noqa: PLC0415
+
+    _, paths = zinb
+    outs = {}
+    for flag in ([], ["--backed"]):
+        out = tmp_path / f"out{len(flag)}.h5ad"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert main(["zinbwave", str(paths["csr"]), "-k", "2", "--max-iter", "3", "--random-state", "0",
+                         "--out", str(out), "-q", *flag]) == 0
+        outs[len(flag)] = anndata.read_h5ad(out)
+    assert "ZINBWaVE, K = 2, on 350 cells x 60 genes" in capsys.readouterr().out
+    np.testing.assert_array_equal(outs[1].obsm["X_zinbwave"], outs[0].obsm["X_zinbwave"])
+    assert (outs[1].X != outs[0].X).nnz == 0  # the counts copied to the output file
