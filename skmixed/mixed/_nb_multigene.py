@@ -95,15 +95,19 @@ class PairDesign:
 
 
 class NonZeros:
-    """The non-zero counts of a block of genes, as flat entries sorted by gene."""
+    """The non-zero counts of a block of genes, as flat entries sorted by gene.
+
+    A :meth:`subset` is a view: it keeps the block's arrays and the genes selected
+    (``rows``), so the compiled pass reads the block in place; the flat arrays of the
+    view (``gene``, ``y``, ``pair``, ``o``, ``w``) are gathered when first asked for."""
 
     def __init__(self, gene, cell, y, weights, design: PairDesign, G):
-        self.gene, self.y = gene, y
-        self.pair = design.cell_pair[cell]
-        self.o = design.offset[cell]
-        self.w = weights[cell]
+        self.base = {"y": y, "pair": design.cell_pair[cell], "o": design.offset[cell], "w": weights[cell]}
+        self.base_indptr = np.concatenate([[0], np.cumsum(np.bincount(gene, minlength=G))])
+        self.rows = np.arange(G)
         self.G = G
-        self.indptr = np.concatenate([[0], np.cumsum(np.bincount(gene, minlength=G))])
+        self.shared = {}  # per-entry caches of the block, shared by its views
+        self.flat = {}
 
     @classmethod
     def from_columns(cls, Yblock, weights, design):
@@ -113,13 +117,73 @@ class NonZeros:
         gene = np.repeat(np.arange(Yc.shape[1]), np.diff(Yc.indptr))
         return cls(gene, Yc.indices, Yc.data.astype(float), weights, design, Yc.shape[1])
 
+    def _whole(self):
+        return self.rows.size == self.base_indptr.size - 1
+
+    @property
+    def indptr(self):
+        if "indptr" not in self.flat:
+            counts = self.base_indptr[self.rows + 1] - self.base_indptr[self.rows]
+            self.flat["indptr"] = np.concatenate([[0], np.cumsum(counts)])
+        return self.flat["indptr"]
+
+    def _index(self):
+        """Positions of the view's entries in the block's arrays."""
+        if "index" not in self.flat:
+            starts, counts = self.base_indptr[self.rows], np.diff(self.indptr)
+            self.flat["index"] = np.repeat(starts - self.indptr[:-1], counts) + np.arange(self.indptr[-1])
+        return self.flat["index"]
+
+    def _get(self, key):
+        if key not in self.flat:
+            self.flat[key] = self.base[key] if self._whole() else self.base[key][self._index()]
+        return self.flat[key]
+
+    y = property(lambda self: self._get("y"))
+    pair = property(lambda self: self._get("pair"))
+    o = property(lambda self: self._get("o"))
+    w = property(lambda self: self._get("w"))
+
+    @property
+    def gene(self):
+        if "gene" not in self.flat:
+            self.flat["gene"] = np.repeat(np.arange(self.G), np.diff(self.indptr))
+        return self.flat["gene"]
+
+    @property
+    def nnz(self):
+        return int(self.indptr[-1])
+
+    def base_cache(self):
+        """The block's small-count mask and ``log y!`` (computed once per block), and
+        its large counts: their positions and genes."""
+        sh = self.shared
+        if "small" not in sh:
+            y = self.base["y"]
+            sh["small"] = (y <= self.SMALL) & (y == np.round(y))
+            sh["log_fact"] = scipy.special.gammaln(y + 1.0)
+            sh["big"] = np.flatnonzero(~sh["small"])
+            sh["big_gene"] = np.searchsorted(self.base_indptr, sh["big"], side="right") - 1
+        return sh
+
+    def big_entries(self):
+        """The view's large counts: their positions in the block and their genes in the view."""
+        sh = self.base_cache()
+        local = np.full(self.base_indptr.size - 1, -1)
+        local[self.rows] = np.arange(self.G)
+        g = local[sh["big_gene"]]
+        keep = g >= 0
+        return sh["big"][keep], g[keep]
+
     SMALL = 64  # counts up to this go through the sums over k < y below
 
     def cache(self):
-        """Which counts are small integers, and their ``log y!``."""
+        """Which counts are small integers, and their ``log y!``, for the view."""
         if not hasattr(self, "_small"):
-            self._small = (self.y <= self.SMALL) & (self.y == np.round(self.y))
-            self._log_fact = scipy.special.gammaln(self.y + 1.0)
+            sh = self.base_cache()
+            whole = self._whole()
+            self._small = sh["small"] if whole else sh["small"][self._index()]
+            self._log_fact = sh["log_fact"] if whole else sh["log_fact"][self._index()]
 
     def count_terms(self, phi, mu, q):
         """Per entry: the log-normaliser ``log C(y + size - 1, y)`` plus ``y log phi``,
@@ -149,14 +213,9 @@ class NonZeros:
         return ll, dl
 
     def subset(self, rows):
-        starts, ends = self.indptr[rows], self.indptr[rows + 1]
-        counts = ends - starts
-        idx = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(counts.sum())
         out = object.__new__(NonZeros)
-        out.gene = np.repeat(np.arange(rows.size), counts)
-        out.y, out.pair, out.o, out.w = self.y[idx], self.pair[idx], self.o[idx], self.w[idx]
-        out.G = rows.size
-        out.indptr = np.concatenate([[0], np.cumsum(counts)])
+        out.base, out.base_indptr, out.shared = self.base, self.base_indptr, self.shared
+        out.rows, out.G, out.flat = self.rows[rows], rows.size, {}
         return out
 
 
@@ -168,7 +227,10 @@ class BatchedNBLaplace(NBRemlMixin):
         self.G, self.L, self.p = nz.G, design.L, design.p
 
     def subset(self, rows):
-        return BatchedNBLaplace(self.d, self.nz.subset(rows))
+        sub = BatchedNBLaplace(self.d, self.nz.subset(rows))
+        if getattr(self, "_fz", None) is not None:
+            sub._fz = self._fz[rows]
+        return sub
 
     # -- sums over cells per gene and pair ---------------------------------------------
     def _pair_sums(self, c, phi, full):
@@ -191,7 +253,7 @@ class BatchedNBLaplace(NBRemlMixin):
         else:
             A1, A2 = A[..., 0], A[..., 1]
             out = {"s": -rc * A1, "W": rc * (A1 - A2)}
-        if nz.y.size == 0:
+        if nz.nnz == 0:
             return out
         if _fused.AVAILABLE:
             return self._pair_sums_fused(c, pe, full, out)
@@ -216,22 +278,23 @@ class BatchedNBLaplace(NBRemlMixin):
         return out
 
     def _pair_sums_fused(self, c, pe, full, out):
-        """The non-zero corrections of :meth:`_pair_sums` in one compiled pass."""
+        """The non-zero corrections of :meth:`_pair_sums` in one compiled pass over the
+        block's entries of the view's genes."""
         nz = self.nz
         G, P = c.shape
-        nz.cache()
+        sh, b = nz.base_cache(), nz.base
         acc = np.zeros((G * P, len(_fused.KEYS)))
-        _fused.entry_pass(np.ascontiguousarray(c).ravel(), P, nz.gene, nz.pair, nz.o, nz.y, nz.w, pe,
-                          nz._small, nz._log_fact, full, acc)
-        big = np.flatnonzero(~nz._small) if full else np.zeros(0, dtype=np.int64)
+        _fused.entry_pass(np.ascontiguousarray(c).ravel(), P, nz.rows, nz.base_indptr, b["pair"], b["o"], b["y"],
+                          b["w"], pe, sh["small"], sh["log_fact"], full, acc)
+        big, g = nz.big_entries() if full and sh["big"].size else (sh["big"][:0], None)
         if big.size:  # large or non-integer counts: the family's formulas
-            g = nz.gene[big]
-            ce = c[g, nz.pair[big]] + nz.o[big]
+            pair = b["pair"][big]
+            ce = c[g, pair] + b["o"][big]
             ec = np.exp(np.minimum(ce, 700.0))
             mu = ec / pe[g]
-            yb, wb = nz.y[big], nz.w[big]
+            yb, wb = b["y"][big], b["w"][big]
             fam = NegativeBinomial(1.0 / pe[g])
-            flat = g * P + nz.pair[big]
+            flat = g * P + pair
             ll = wb * (fam.log_normaliser(yb) + yb * (ce - np.logaddexp(0.0, ce)))
             dl = -wb * fam.size * (fam.size_score(yb, mu) - fam.size_score(np.zeros_like(yb), mu))
             acc[:, 2] += np.bincount(flat, weights=ll, minlength=G * P)
@@ -268,13 +331,13 @@ class BatchedNBLaplace(NBRemlMixin):
             lam = np.ones_like(u)
             for _ in range(60):
                 u_new = u + lam * step
-                g_new, _ = grad(u_new)
+                g_new, M_new = grad(u_new)
                 ok = done | (np.abs(g_new) <= np.abs(g)) | (lam < 1e-12)
                 if np.all(ok):
                     break
                 lam = np.where(ok, lam, 0.5 * lam)
-            u = np.where(done, u + step, u_new)
-            g, M = grad(u)
+            # done levels took their full step (lam stays 1): the last pass is at u_new
+            u, g, M = u_new, g_new, M_new
         return u
 
     # -- deviance and exact gradient ------------------------------------------------------
@@ -366,10 +429,15 @@ class BatchedNBLaplace(NBRemlMixin):
         return out
 
     def fit(self, params0, *, max_iter=200, hessian_cov=True, reml=False):
-        """Laplace fits of every gene (maximum likelihood), refined by :meth:`fit_reml`
-        under ``reml``."""
+        """Laplace fits of every gene: maximum likelihood, or under ``reml``
+        :meth:`fit_reml` from ``params0``."""
         params = self._project(params0)
         G, P = params.shape
+        if reml:
+            # the REML optimum does not need the ML one as its start (beta is profiled
+            # out): from the moment start it takes as many Newton steps as from the ML fit
+            u0 = np.zeros((G, self.L))
+            return NBBatchResult(*self.fit_reml(params, u0, max_iter=max_iter, hessian_cov=hessian_cov))
         f, g, state, du = self.evaluate(params, np.zeros((G, self.L)))
         state = list(state)
         done = np.zeros(G, dtype=bool)
@@ -396,10 +464,6 @@ class BatchedNBLaplace(NBRemlMixin):
         bound[:, [0, -1]] = (params[:, [0, -1]] <= 1e-12) & (g[:, [0, -1]] >= 0)
         converged = done & (np.max(np.abs(np.where(bound, 0.0, g)), axis=1) < 1e-2)
         u, M = state[0], state[1]
-        if reml:
-            res = NBBatchResult(*self.fit_reml(params, u, max_iter=max_iter, hessian_cov=hessian_cov))
-            res.converged &= converged
-            return res
         cov = np.full((G, P, P), np.nan)
         if hessian_cov:
             H = self._grad_columns(params, u, du, g, 1e-4, list(range(P)))

@@ -51,6 +51,29 @@ def backtrack(eng, x, step, t, f0, g0, small, project, evaluate, n_halvings):
     return trial, outs, ok
 
 
+def _predict(beta, u, slope, dx):
+    """First-order prediction of the joint mode ``(beta~, u~)`` after a move ``dx`` of
+    ``(theta, phi)``: the start of the mode's Newton iteration there."""
+    return beta + (slope[0] @ dx[:, :, None])[..., 0], u + (slope[1] @ dx[:, :, None])[..., 0]
+
+
+def _flat_reml(evaluated):
+    """``reml_deviance``'s answer as per-gene arrays: criterion, beta, u, gradient, slopes."""
+    f, beta, u, _, slope, g = evaluated
+    return f, beta, u, g, *slope
+
+
+def _bfgs(H, s, y):
+    """BFGS update of the Hessians ``H`` (G, 2, 2) by the steps ``s`` and gradient
+    changes ``y`` (G, 2); left as they are where the curvature ``s'y`` is not positive."""
+    Hs = (H @ s[:, :, None])[..., 0]
+    sy, sHs = np.sum(s * y, axis=1), np.sum(s * Hs, axis=1)
+    ok = (sy > 1e-12 * np.sqrt(np.sum(s * s, axis=1) * np.sum(y * y, axis=1))) & (sHs > 0)
+    sy, sHs = np.where(ok, sy, 1.0), np.where(ok, sHs, 1.0)
+    new = H + y[:, :, None] * y[:, None, :] / sy[:, None, None] - Hs[:, :, None] * Hs[:, None, :] / sHs[:, None, None]
+    return np.where(ok[:, None, None], new, H)
+
+
 def _project_reml(x):
     """theta reflected (theta and -theta fit alike); phi below 1e-10 is the Poisson
     boundary itself."""
@@ -73,12 +96,95 @@ class NBRemlMixin:
         ypair = np.bincount(nz.gene * self.d.P + nz.pair, weights=nz.w * nz.y, minlength=self.G * self.d.P)
         return ypair.reshape(self.G, self.d.P) @ self.d.Xp
 
+    def _frozen(self):
+        """:meth:`frozen`, computed once per problem (a pass over the non-zero counts)."""
+        if getattr(self, "_fz", None) is None:
+            self._fz = self.frozen()
+        return self._fz
+
+    def _joint_system(self, theta, ps, fz):
+        """The Hessian of half the penalised deviance in ``(u, beta)`` from the pair sums:
+        its diagonal ``M`` (G, L), the coupling ``B = theta X'W A`` (G, L, p) and the
+        (masked) Schur complement of beta, the blocks :meth:`_joint_solve` needs."""
+        G, L, p, d = theta.size, self.L, self.p, self.d
+        t = theta[:, None]
+        M = 1.0 + t * t * self._level(ps["W"])
+        B = t[:, :, None] * (d.to_level_x @ ps["W"].T).T.reshape(G, L, p)
+        S = (ps["W"] @ d.XX).reshape(G, p, p) - np.swapaxes(B / M[:, :, None], 1, 2) @ B
+        return M, B, self._masked_schur(S, fz)
+
+    @staticmethod
+    def _joint_solve(system, ru, rb, fz):
+        """Solve ``[[diag M, B], [B', C]] [du; db] = [ru; rb]`` by the Schur complement
+        (frozen fixed effects held: their rows are those of the identity)."""
+        M, B, S = system
+        rhs = np.where(fz, 0.0, rb - np.einsum("glp,gl->gp", B, ru / M))
+        db = np.linalg.solve(S, rhs[:, :, None])[:, :, 0]
+        return (ru - np.einsum("glp,gp->gl", B, db)) / M, db
+
+    def _joint_newton(self, theta, phi, beta, u, fz):
+        """One pass at ``(beta, u)``: the Newton step on ``(u, beta)`` and its decrement."""
+        ps = self._pair_sums(self._c(theta, beta, phi, u), phi, False)
+        gu = u - theta[:, None] * self._level(ps["s"])
+        gb = np.where(fz, 0.0, -(ps["s"] @ self.d.Xp))
+        du, db = self._joint_solve(self._joint_system(theta, ps, fz), -gu, -gb, fz)
+        return du, db, -np.sum(gu * du, axis=1) - np.sum(gb * db, axis=1)
+
     def joint_mode(self, theta, phi, beta, u, max_iter=30):
-        """Per gene, the joint mode ``beta~`` of the penalised deviance at ``(theta, phi)``
-        by Newton steps on beta with the Schur complement (at most one unit on the log
-        scale each); returns ``beta~``, the mode ``u`` and the state there."""
+        """Per gene, the joint mode ``(u~, beta~)`` of the penalised deviance at
+        ``(theta, phi)``: Newton on ``(u, beta)`` together (the problem is convex), one
+        pass over the counts per step, steps halved where the Newton decrement would
+        grow (steps of the log mean capped at one unit). Genes still moving after
+        ``max_iter`` steps finish by :meth:`_joint_mode_nested`."""
         beta, u = beta.copy(), u.copy()
-        fz = self.frozen()
+        fz = self._frozen()
+        du, db, dec = self._joint_newton(theta, phi, beta, u, fz)
+        act = np.arange(self.G)
+        for _ in range(max_iter):
+            done = np.all(np.abs(du) <= 1e-11 * (1.0 + np.abs(u[act])), axis=1) & np.all(
+                np.abs(db) <= 1e-11 * (1.0 + np.abs(beta[act])), axis=1
+            )
+            u[act[done]] += du[done]
+            beta[act[done]] += db[done]
+            keep = ~done
+            act, du, db, dec = act[keep], du[keep], db[keep], dec[keep]
+            if act.size == 0:
+                return beta, u
+            big = np.maximum(np.max(np.abs(db), axis=1), np.max(np.abs(theta[act, None] * du), axis=1))
+            lam = 1.0 / np.maximum(big, 1.0)
+            out = [np.empty_like(du), np.empty_like(db), np.empty_like(dec)]
+            pending = np.arange(act.size)
+            for _ in range(40):
+                rows = act[pending]
+                sub = self if rows.size == self.G else self.subset(rows)
+                ut = u[rows] + lam[pending, None] * du[pending]
+                bt = beta[rows] + lam[pending, None] * db[pending]
+                with np.errstate(over="ignore", invalid="ignore"):
+                    res = sub._joint_newton(theta[rows], phi[rows], bt, ut, fz[rows])
+                good = np.isfinite(res[2]) & (res[2] <= dec[pending] * (1.0 + 1e-8) + 1e-20)
+                good |= lam[pending] < 1e-3
+                hit = pending[good]
+                u[act[hit]], beta[act[hit]] = ut[good], bt[good]
+                for o, r in zip(out, res):
+                    o[hit] = r[good]
+                pending = pending[~good]
+                if pending.size == 0:
+                    break
+                lam[pending] *= 0.5
+            du, db, dec = out
+            keep = np.ones(act.size, dtype=bool)
+            keep[pending] = False
+            act, du, db, dec = act[keep], du[keep], db[keep], dec[keep]
+        if act.size:
+            sub = self.subset(act)
+            beta[act], u[act] = sub._joint_mode_nested(theta[act], phi[act], beta[act], u[act])
+        return beta, u
+
+    def _joint_mode_nested(self, theta, phi, beta, u, max_iter=30):
+        """The joint mode by Newton steps on beta with the Schur complement, u at its
+        mode (PIRLS) for each beta: slower than :meth:`joint_mode` and the fallback."""
+        beta, u = beta.copy(), u.copy()
+        fz = self._frozen()
         act = np.arange(self.G)
         for _ in range(max_iter):
             eng = self if act.size == self.G else self.subset(act)
@@ -96,7 +202,7 @@ class NBRemlMixin:
             step = step / np.maximum(big, 1.0)[:, None]
             act = act[moving]
             beta[act] = beta[act] + step[moving]
-        return beta, u
+        return beta, self.mode(theta, beta, phi, u)
 
     def _schur(self, theta, u, ps):
         """``X'WX - X'WA M^-1 A'WX`` per gene from the pair sums at the mode."""
@@ -106,104 +212,137 @@ class NBRemlMixin:
         XW = (d.to_level_x @ ps["W"].T).T.reshape(G, L, p)
         return (ps["W"] @ d.XX).reshape(G, p, p) - np.swapaxes(XW * (t * t / M)[:, :, None], 1, 2) @ XW
 
-    def reml_deviance(self, theta, phi, beta, u):
+    def reml_deviance(self, theta, phi, beta, u, grad=False):
         """The REML criterion per gene (the Laplace deviance at the joint mode plus
-        ``log det S``), ``beta~``, ``u`` and ``(M, S)`` there."""
+        ``log det S``), ``beta~``, ``u`` and ``(M, S)`` there, the slopes of the joint
+        mode in ``(theta, phi)``: ``(d beta~, d u~)``, (G, p, 2) and (G, L, 2), by the
+        implicit function theorem (the starts of nearby evaluations), and with ``grad``
+        the criterion's gradient (G, 2) (else None)."""
         phi = np.maximum(phi, 0.0)
+        fz = self._frozen()
         beta, u = self.joint_mode(theta, phi, beta, u)
-        u = self.mode(theta, beta, phi, u)
         ps = self._pair_sums(self._c(theta, beta, phi, u), phi, True)
-        M = 1.0 + theta[:, None] ** 2 * self._level(ps["W"])
-        S = self._masked_schur(self._schur(theta, u, ps), self.frozen())
+        system = self._joint_system(theta, ps, fz)
+        M, B, S = system
         sign, logdet = np.linalg.slogdet(S)
         dev = -2.0 * ps["ll"].sum(axis=1) + (u * u).sum(axis=1) + np.log(M).sum(axis=1)
-        return dev + np.where(sign > 0, logdet, np.inf), beta, u, (M, S)
+        # gradient of (u - theta S_l, -X's) along theta and phi, at fixed (u, beta)
+        t = theta[:, None]
+        S_l, W_l = self._level(ps["s"]), self._level(ps["W"])
+        XWu = np.einsum("glp,gl->gp", (self.d.to_level_x @ ps["W"].T).T.reshape(*u.shape, self.p), u)
+        du_t, db_t = self._joint_solve(system, S_l - t * W_l * u, -XWu, fz)
+        du_p, db_p = self._joint_solve(system, t * self._level(ps["ds"]), ps["ds"] @ self.d.Xp, fz)
+        slope = (np.stack([db_t, db_p], axis=2), np.stack([du_t, du_p], axis=2))
+        g = None
+        if grad:
+            g = self._reml_gradient(theta, u, ps, system, slope, fz)
+        return dev + np.where(sign > 0, logdet, np.inf), beta, u, (M, S), slope, g
+
+    def _reml_gradient(self, theta, u, ps, system, slope, fz):
+        """d/d(theta, phi) of the criterion: the deviance's partial derivatives at the
+        mode (it is stationary in (u, beta)) plus ``tr(H^-1 dH)`` for the log-determinant
+        of the joint Hessian ``H = diag(1_u, 0) + sum over pairs W z z'``, ``z = (theta
+        e_l, x_k)``: each pair's leverage ``z'H^-1 z`` times the total change of its
+        weight (through the mode too), and along theta the change of ``z``."""
+        M, B, S = system
+        d, t = self.d, theta[:, None]
+        lvl = d.pair_level
+        keep = ~fz[:, None, :]
+        Bm = np.where(keep, B / M[:, :, None], 0.0)[:, lvl, :]  # (G, P, p)
+        v = np.where(keep, d.Xp[None] - t[:, :, None] * Bm, 0.0)
+        Sv = v @ np.linalg.inv(S)
+        Minv = 1.0 / M[:, lvl]
+        lev = t * t * Minv + np.sum(Sv * v, axis=2)
+        cross = t * Minv - np.sum(Bm * Sv, axis=2)
+        (db, du), Wd = slope, ps["Wd"]
+        dc_t = db[:, :, 0] @ d.Xp.T + t * du[:, lvl, 0] + u[:, lvl]
+        dc_p = db[:, :, 1] @ d.Xp.T + t * du[:, lvl, 1]
+        g_t = -2.0 * np.sum(ps["s"] * u[:, lvl], axis=1) + np.sum(lev * Wd * dc_t + 2.0 * ps["W"] * cross, axis=1)
+        g_p = -2.0 * ps["dl"].sum(axis=1) + np.sum(lev * (ps["dW"] + Wd * dc_p), axis=1)
+        return np.stack([g_t, g_p], axis=1)
 
     def _reml_curvature(self, x, beta, u, rel=1e-4, cheap=False):
-        """The criterion at ``x = (theta, phi)`` (G, 2), its gradient (G, 2), Hessian
-        (G, 2, 2) and ``d beta~ / d theta`` (G, p) by differences on a 3 x 3 stencil
-        (along phi forward, second order, where a central step would cross 0), and
-        ``beta~``, ``u`` and ``(M, S)`` at ``x``. ``cheap``: the cross derivative from
-        one corner (first order; enough for a Newton direction), five evaluations
-        instead of eight."""
-        f0, b0, u0, st0 = self.reml_deviance(x[:, 0], x[:, 1], beta, u)
+        """At ``x = (theta, phi)`` (G, 2): the criterion, its gradient (G, 2), its
+        Hessian (G, 2, 2) by differences of the gradient (central, one-sided second
+        order along phi where a central step would cross 0; ``cheap``: forward, one
+        evaluation per parameter, enough for a Newton direction), ``d beta~ / d theta``
+        (G, p), ``beta~``, ``u`` and ``(M, S)`` at ``x``, and the slopes of the mode."""
+        f0, b0, u0, st0, sl0, g0 = self.reml_deviance(x[:, 0], x[:, 1], beta, u, grad=True)
         h = rel * np.maximum(1.0, np.abs(x))
-        fwd = x[:, 1] < h[:, 1]
-        # phi offsets (in steps) of the stencil's columns; column jc is phi itself
-        offs = np.where(fwd[:, None], [0.0, 1.0, 2.0], [-1.0, 0.0, 1.0])
-        jc = np.where(fwd, 0, 1)
-        rows = np.arange(self.G)
-        need = np.ones((self.G, 3, 3), dtype=bool)
-        if cheap:
-            need[:, [0, 2], :] = False
-            need[rows, 0, jc] = need[rows, 2, jc] = need[rows, 2, jc + 1] = True
-        need[rows, 1, jc] = False
-        F = np.full((self.G, 3, 3), np.nan)
-        F[rows, 1, jc] = f0
-        B = np.empty((2, *b0.shape))
-        for i, dt in enumerate((-1.0, 0.0, 1.0)):
-            for j in range(3):
-                if not need[:, i, j].any():
-                    continue
-                f, bb, _, _ = self.reml_deviance(x[:, 0] + dt * h[:, 0], x[:, 1] + offs[:, j] * h[:, 1], b0, u0)
-                F[:, i, j] = np.where(need[:, i, j], f, F[:, i, j])
-                if i != 1:
-                    B[i // 2][jc == j] = bb[jc == j]
-        ht, hp = h[:, 0], h[:, 1]
-        Ft = F[rows, :, jc]  # (G, 3): theta moves at phi
-        g_t = (Ft[:, 2] - Ft[:, 0]) / (2.0 * ht)
-        H_tt = (Ft[:, 2] - 2.0 * Ft[:, 1] + Ft[:, 0]) / (ht * ht)
-        c = np.where(fwd[:, None], [-1.5, 2.0, -0.5], [-0.5, 0.0, 0.5]) / hp[:, None]
-        gp_rows = np.einsum("gij,gj->gi", F, c)  # d f / d phi at theta - h, theta, theta + h
-        H_pp = (F[:, 1, 0] - 2.0 * F[:, 1, 1] + F[:, 1, 2]) / (hp * hp)
-        if cheap:
-            H_tp = (F[rows, 2, jc + 1] - F[rows, 2, jc] - F[rows, 1, jc + 1] + f0) / (ht * hp)
-        else:
-            H_tp = (gp_rows[:, 2] - gp_rows[:, 0]) / (2.0 * ht)
-        g = np.stack([g_t, gp_rows[:, 1]], axis=1)
-        H = np.stack([np.stack([H_tt, H_tp], axis=1), np.stack([H_tp, H_pp], axis=1)], axis=1)
-        J = (B[1] - B[0]) / (2.0 * ht[:, None])
-        return f0, g, H, J, b0, u0, st0
+        H = np.empty((self.G, 2, 2))
+
+        def grad_at(dx):
+            return self.reml_deviance(*(x + dx).T, *_predict(b0, u0, sl0, dx), grad=True)[-1]
+
+        for j in range(2):
+            e = np.zeros_like(x)
+            e[:, j] = h[:, j]
+            gp = grad_at(e)
+            if cheap:
+                H[:, :, j] = (gp - g0) / h[:, j, None]
+                continue
+            one = (x[:, 1] < h[:, 1]) if j == 1 else np.zeros(self.G, dtype=bool)
+            dx = np.where(one[:, None], 2.0 * e, -e)
+            g2 = grad_at(dx)
+            H[:, :, j] = np.where(one[:, None], -3.0 * g0 + 4.0 * gp - g2, gp - g2) / (2.0 * h[:, j, None])
+        H = 0.5 * (H + np.swapaxes(H, 1, 2))
+        return f0, g0, H, sl0[0][:, :, 0], b0, u0, st0, sl0
 
     def fit_reml(self, params, u, *, max_iter=100, hessian_cov=True):
-        """Minimise the REML criterion over each gene's ``(theta, phi)`` (batched Newton
-        on differences, theta reflected at 0, phi held at the Poisson boundary where the
-        criterion rises from it, backtracking), from the ML fit ``params``."""
+        """Minimise the REML criterion over each gene's ``(theta, phi)`` from ``params``
+        (theta reflected at 0, phi held at the Poisson boundary where the criterion
+        rises from it): Newton steps with backtracking, the first with the Hessian by
+        differences of the exact gradient, the next with its BFGS updates (each
+        accepted step gives the gradient at the new point: one evaluation per step)."""
         G = self.G
         x = np.stack([np.maximum(np.abs(params[:, 0]), 0.05), params[:, -1]], axis=1)  # theta = 0 is stationary
-        beta, u = params[:, 1:-1].copy(), u.copy()
+        f, g, H, _, beta, u, _, slope = self._reml_curvature(x, params[:, 1:-1], u, cheap=True)
+        slope = list(slope)
         done = np.zeros(G, dtype=bool)
         for _, act, eng in self._rounds(done, max_iter):
-            xa = x[act]
-            f0, g, H, _, b0, u0, _ = eng._reml_curvature(xa, beta[act], u[act], cheap=True)
+            xa, f0, ga, Ha = x[act], f[act], g[act], H[act].copy()
+            b0, u0, sl0 = beta[act], u[act], [s[act] for s in slope]
             # near theta = 0 the criterion is flat (quartic at a minimum there): try 0 itself
-            at_zero = xa[:, 0] < 1e-3
+            at_zero = (xa[:, 0] < 1e-3) & (xa[:, 0] > 0.0)
             if at_zero.any():
-                f_zero = eng.reml_deviance(np.zeros(act.size), xa[:, 1], b0, u0)[0]
+                dx = np.stack([-xa[:, 0], np.zeros(act.size)], axis=1)
+                f_zero = eng.reml_deviance(np.zeros(act.size), xa[:, 1], *_predict(b0, u0, sl0, dx))[0]
                 at_zero &= f_zero <= f0 + 1e-10 * (1.0 + np.abs(f0))
                 xa[at_zero, 0] = x[act[at_zero], 0] = 0.0
                 f0 = np.where(at_zero, f_zero, f0)
-            held = np.stack([at_zero, (xa[:, 1] <= 0.0) & (g[:, 1] >= 0)], axis=1)
-            g = np.where(held, 0.0, g)
+                f[act] = f0
+            held = np.stack([xa[:, 0] == 0.0, (xa[:, 1] <= 0.0) & (ga[:, 1] >= 0)], axis=1)
+            gh = np.where(held, 0.0, ga)
             for j in range(2):
-                H[held[:, j], j, :] = 0.0
-                H[held[:, j], :, j] = 0.0
-                H[held[:, j], j, j] = 1.0
-            step = abs_eigen_step(H, g)
+                Ha[held[:, j], j, :] = 0.0
+                Ha[held[:, j], :, j] = 0.0
+                Ha[held[:, j], j, j] = 1.0
+            step = abs_eigen_step(Ha, gh)
             # at most 1 + the parameter's size per iteration; the line search does the rest
             lim = np.max(np.abs(step) / (1.0 + xa), axis=1)
             step = step / np.maximum(lim, 1.0)[:, None]
-            small = np.abs(np.sum(g * step, axis=1)) < 1e-14 * np.maximum(1.0, np.abs(f0))
+            # the decrease at round-off and the step at the gradient's precision: the
+            # decrement alone stops ~1e-6 short of the optimum in the flat directions
+            small = (np.abs(np.sum(gh * step, axis=1)) < 1e-14 * np.maximum(1.0, np.abs(f0))) & np.all(
+                np.abs(step) <= 1e-8 * (1.0 + xa), axis=1
+            )
             trial, outs, ok = backtrack(
-                eng, xa, step, np.ones(act.size), f0, g, small, _project_reml,
-                lambda sub, tp, rows: sub.reml_deviance(tp[:, 0], tp[:, 1], b0[rows], u0[rows])[:3],  # noqa: B023
+                eng, xa, step, np.ones(act.size), f0, gh, small, _project_reml,
+                lambda sub, tp, rows: _flat_reml(sub.reml_deviance(  # noqa: B023
+                    *tp.T, *_predict(b0[rows], u0[rows], [s[rows] for s in sl0], tp - xa[rows]), grad=True  # noqa: B023
+                )),
                 40,
             )
             done[act] = small | ~ok
             move = ok & ~small
-            beta[act], u[act] = b0, u0
-            if move.any():
-                x[act[move]], beta[act[move]], u[act[move]] = trial[move], outs[1][move], outs[2][move]
+            rows = act[move]
+            if rows.size:
+                f_new, b_new, u_new, g_new, sb_new, su_new = (o[move] for o in outs)
+                # a move from theta = 0 set above has no gradient at its start: keep H
+                upd = ~at_zero[move]
+                H[rows[upd]] = _bfgs(H[rows[upd]], trial[move][upd] - xa[move][upd], g_new[upd] - ga[move][upd])
+                x[rows], f[rows], g[rows], beta[rows], u[rows] = trial[move], f_new, g_new, b_new, u_new
+                slope[0][rows], slope[1][rows] = sb_new, su_new
         return self._reml_result(x, beta, u, done, hessian_cov)
 
     def _reml_result(self, x, beta, u, done, hessian_cov):
@@ -211,7 +350,7 @@ class NBRemlMixin:
         (:meth:`~skmixed.mixed._laplace.LaplaceProblem.reml_cov` for beta, twice the
         inverse Hessian over ``(theta, phi)`` for phi)."""
         G, p = beta.shape
-        f, g, H, J, beta, u, (M, S) = self._reml_curvature(x, beta, u)
+        f, g, H, J, beta, u, (M, S), _ = self._reml_curvature(x, beta, u)
         bound = (x <= 1e-8) & (g >= 0)
         converged = done & np.isfinite(f) & (np.max(np.abs(np.where(bound, 0.0, g)), axis=1) < 1e-2)
         cov_b = np.linalg.inv(S)
