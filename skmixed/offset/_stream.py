@@ -32,7 +32,7 @@ from ..glm._newton import _column_products, _weighted_gram, fit_glm
 
 # Values (cells x genes) read and distilled at a time; the counts are read as float64,
 # and the distillation holds a few arrays of that size.
-READ_BUDGET = 2**25
+READ_BUDGET = 2**24
 # Probabilities (cells x perturbations) fitted at a time, tested, then freed.
 ROUND_BUDGET = 2**26
 # Treated (pair, cell) entries per pass of the observed statistics.
