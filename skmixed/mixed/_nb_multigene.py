@@ -175,7 +175,7 @@ class NonZeros:
         keep = g >= 0
         return sh["big"][keep], g[keep]
 
-    SMALL = 64  # counts up to this go through the sums over k < y below
+    SMALL = _fused.SMALL  # counts up to this go through the sums over k < y below
 
     def cache(self):
         """Which counts are small integers, and their ``log y!``, for the view."""
