@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = ROOT / "tests" / "reference" / "eiv"
+# time this checkout's skmixed, not an installed copy
+sys.path.insert(0, str(ROOT))
 
 R_TIMER = r"""
 .libPaths(c("/tmp/rlib", .libPaths()))

@@ -43,3 +43,16 @@ def test_dense_pass_matches_gathered_pass(nb):
     gathered = _reduced_pass(_take(pm, rows), _take(pg, rows), pa.ravel(), bm.ravel(), bg.ravel())
     for a, b in zip(dense, gathered):
         np.testing.assert_allclose(np.asarray(a).ravel(), b, rtol=2e-5, atol=1e-3)
+
+
+def test_dense_pass_without_loglik_keeps_the_m_step_sums():
+    y, L, _ = _data(4, n=4000, B=1)
+    g, Lg, _ = _data(5, n=4000, B=1)
+    pm, pg = _ratio_pieces(Poisson(), y, L), _ratio_pieces(Poisson(), g, Lg)
+    P, nbm = _dense_matrix(pm, pg)
+    pa, bm, bg = (np.full((1, 3), v, dtype=np.float32) for v in (0.05, -1.0, 1.0))
+    full = _dense_pass(P, nbm, pa, bm, bg)
+    lean = _dense_pass(P, nbm, pa, bm, bg, with_ll=False)
+    assert np.all(np.asarray(lean[0]) == 0) and np.all(np.asarray(full[0]) > 0)
+    for a, b in zip(full[1:], lean[1:]):
+        np.testing.assert_array_equal(a, b)
