@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from skmixed.mixed import _nb_fused, _nb_multigene
+from skmixed.mixed import _nb_cells, _nb_fused, _nb_multigene
 from skmixed.mixed._glmm import PoissonGLMM
 from skmixed.mixed._nb_zeros import ZeroSumExact, ZeroSumTable
 from skmixed.mixed._nbglmm import NegativeBinomialGLMM
@@ -314,7 +314,7 @@ def test_many_genes_inputs_and_chunks_agree(many, monkeypatch):
     X, Y, g, off, model = many
     monkeypatch.setattr(_nb_multigene, "CHUNK_GENES", 3)
     monkeypatch.setattr(_nb_fused, "AVAILABLE", False)
-    monkeypatch.setattr(_nb_multigene, "ZeroSumTable", ZeroSumExact)  # zeros summed cell by cell
+    monkeypatch.setattr(_nb_cells, "ZeroSumTable", ZeroSumExact)  # zeros summed cell by cell
     names = [f"g{j}" for j in range(Y.shape[1])]
     for counts in (Y, pd.DataFrame(Y, columns=names), anndata.AnnData(sp.csr_matrix(Y))):
         with warnings.catch_warnings(), parallel_config(n_jobs=2):

@@ -68,13 +68,13 @@ def test_reml_between_patient_test_holds_the_level():
 def test_reml_chunks_and_numpy_pass_agree(many_reml, monkeypatch):
     """Another chunk size, the numpy (not compiled) pass and the zeros summed cell by
     cell give the same REML fits."""
-    from skmixed.mixed import _nb_fused, _nb_multigene
+    from skmixed.mixed import _nb_cells, _nb_fused, _nb_multigene
     from skmixed.mixed._nb_zeros import ZeroSumExact
 
     X, Y, g, off, model = many_reml
     monkeypatch.setattr(_nb_multigene, "CHUNK_GENES", 3)
     monkeypatch.setattr(_nb_fused, "AVAILABLE", False)
-    monkeypatch.setattr(_nb_multigene, "ZeroSumTable", ZeroSumExact)
+    monkeypatch.setattr(_nb_cells, "ZeroSumTable", ZeroSumExact)
     other = _fit(X, Y, g, off, reml=True)
     np.testing.assert_allclose(other.coef_, model.coef_, atol=1e-8)
     np.testing.assert_allclose(other.size_, model.size_, rtol=1e-8)
@@ -95,3 +95,51 @@ def test_reml_row_order_and_level_labels_do_not_matter(many_reml, seed):
     np.testing.assert_allclose(other.size_[live], model.size_[live], rtol=1e-6)
     np.testing.assert_allclose(other.theta_[live], model.theta_[live], atol=1e-6)
     np.testing.assert_allclose(other.loglik_[live], model.loglik_[live], atol=1e-6)
+
+
+def _engine(Y, X, g, off):
+    from skmixed.mixed import _nb_multigene as mg
+
+    w = np.ones(off.size)
+    design = mg.PairDesign(X, g, g.max() + 1, off, w)
+    nz = mg.NonZeros.from_columns(Y, w, design)
+    return mg.BatchedNBLaplace(design, nz), mg._start(design, nz)
+
+
+@settings(max_examples=5, deadline=None, derandomize=True)
+@given(dtheta=st.floats(0.0, 0.5), phi_scale=st.floats(0.3, 3.0))
+def test_reml_gradient_and_mode_slopes_are_derivatives(dtheta, phi_scale):
+    """The exact gradient of the REML criterion in (theta, phi) and the slopes of the
+    joint mode (beta~, u~) are the central differences of the criterion and of the
+    mode, at points away from the optimum; genes with a cell group without counts
+    (frozen fixed effects) included."""
+    X, Y, g, off = _genes_data()
+    live = Y.sum(axis=0) > 0
+    eng, start = _engine(Y[:, live], X, g, off)
+    theta, phi = start[:, 0] + dtheta, start[:, -1] * phi_scale
+    beta, u = start[:, 1:-1], np.zeros((theta.size, eng.L))
+    _, beta, u, _, (db, du), grad = eng.reml_deviance(theta, phi, beta, u, grad=True)
+    for j in range(2):
+        h = 1e-5 * np.maximum(1.0, [theta, phi][j])
+        e = np.zeros((theta.size, 2))
+        e[:, j] = h
+        plus = eng.reml_deviance(theta + e[:, 0], phi + e[:, 1], beta, u)
+        minus = eng.reml_deviance(theta - e[:, 0], phi - e[:, 1], beta, u)
+        np.testing.assert_allclose(grad[:, j], (plus[0] - minus[0]) / (2 * h), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(db[:, :, j], (plus[1] - minus[1]) / (2 * h[:, None]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(du[:, :, j], (plus[2] - minus[2]) / (2 * h[:, None]), rtol=1e-5, atol=1e-6)
+
+
+def test_joint_newton_finds_the_nested_joint_mode():
+    """Newton on (u, beta) together reaches the joint mode of the nested iteration
+    (beta by its Schur complement, u by PIRLS at each beta), from far off."""
+    X, Y, g, off = _genes_data()
+    live = Y.sum(axis=0) > 0
+    eng, start = _engine(Y[:, live], X, g, off)
+    theta, phi = start[:, 0] + 0.3, start[:, -1]
+    beta0, u0 = start[:, 1:-1] + 1.0, np.full((theta.size, eng.L), 0.5)
+    b1, u1 = eng.joint_mode(theta, phi, beta0, u0)
+    b2, u2 = eng._joint_mode_nested(theta, phi, beta0, u0)
+    free = ~eng._frozen()
+    np.testing.assert_allclose(b1[free], b2[free], atol=1e-9)
+    np.testing.assert_allclose(u1, u2, atol=1e-9)

@@ -223,7 +223,7 @@ class NBRemlMixin:
         beta, u = self.joint_mode(theta, phi, beta, u)
         ps = self._pair_sums(self._c(theta, beta, phi, u), phi, True)
         system = self._joint_system(theta, ps, fz)
-        M, B, S = system
+        M, _, S = system
         sign, logdet = np.linalg.slogdet(S)
         dev = -2.0 * ps["ll"].sum(axis=1) + (u * u).sum(axis=1) + np.log(M).sum(axis=1)
         # gradient of (u - theta S_l, -X's) along theta and phi, at fixed (u, beta)
@@ -328,7 +328,7 @@ class NBRemlMixin:
             )
             trial, outs, ok = backtrack(
                 eng, xa, step, np.ones(act.size), f0, gh, small, _project_reml,
-                lambda sub, tp, rows: _flat_reml(sub.reml_deviance(  # noqa: B023
+                lambda sub, tp, rows: _flat_reml(sub.reml_deviance(
                     *tp.T, *_predict(b0[rows], u0[rows], [s[rows] for s in sl0], tp - xa[rows]), grad=True  # noqa: B023
                 )),
                 40,
