@@ -38,8 +38,9 @@ def m_step_modality(design, family, y, offset, T, coef, *, max_newton=50, tol=1e
     started at ``coef`` (B, q + 1). With ``T=None`` the plain GLM of ``y`` on the design (the
     covariates-only pilot fit; ``coef`` of shape (B, q)). Returns the new coefficients and
     whether every pair reached the tolerance. ``first``: the score and information at
-    ``coef``, ``(s0, i0, s1, i1)``, when the E-step has computed them already
-    (:func:`modality_estep`).
+    ``coef`` and the kernels there, ``(s0, i0, s1, i1, k0, k1)``, when the E-step has
+    computed them already (:func:`modality_estep`): the first Newton step and the line
+    search's starting value then need no pass of their own.
     """
     xp = get_namespace(y)
     plain = T is None
@@ -53,7 +54,7 @@ def m_step_modality(design, family, y, offset, T, coef, *, max_newton=50, tol=1e
             eta0 = base_eta(design.Z, c, offset)
             return xp.sum(w0 * kernel(family, y, eta0) + w1 * _shifted(family, y, eta0, c[:, 1]), axis=0)
 
-    q_old = None
+    q_old = kernels = None  # kernels: the E-step's, at coef until the first step moves it
     eye = xp.eye(coef.shape[1])[None]
     for _ in range(max_newton):
         if plain:
@@ -62,7 +63,7 @@ def m_step_modality(design, family, y, offset, T, coef, *, max_newton=50, tol=1e
             H = design.gram(i0)
         else:
             if first is not None:
-                s0, i0, s1, i1 = first
+                s0, i0, s1, i1, *kernels = first
                 first = None
             else:
                 eta0 = base_eta(design.Z, coef, offset)
@@ -79,10 +80,11 @@ def m_step_modality(design, family, y, offset, T, coef, *, max_newton=50, tol=1e
             # inside the region of quadratic convergence of a concave objective: the full
             # step increases it (the EM's monotone path is checked in the tests)
             coef = coef + step
-            q_old = None
+            q_old = kernels = None
             continue
         if q_old is None:
-            q_old = q_value(coef)
+            q_old = q_value(coef) if kernels is None else xp.sum(w0 * kernels[0] + w1 * kernels[1], axis=0)
+        kernels = None
         t = xp.ones(coef.shape[0])
         for _ in range(40):
             trial = coef + t[:, None] * step
@@ -138,12 +140,10 @@ def run_full_em(design, fm, fg, M, G, om, og, const, pi, coef_m, coef_g, *, tol=
     def estep(idx, pi_a, cm, cg, Ma, Ga, fma, fga, oma, oga):
         # the M-step's first Newton step needs the score and information at these very
         # coefficients: computed here from the same means (stats), not in a second pass
-        k0, k1, sm = modality_estep(fma, Ma, base_eta(design.Z, cm, oma), cm[:, 1])
+        m0, m1, sm = modality_estep(fma, Ma, base_eta(design.Z, cm, oma), cm[:, 1])
         g0, g1, sg = modality_estep(fga, Ga, base_eta(design.Z, cg, oga), cg[:, 1])
-        k0 += g0
-        k1 += g1
-        T, ll = e_step(k0, k1, pi_a, const[idx if xp is np else xp.asarray(idx)])
-        return T, ll, (sm, sg)
+        T, ll = e_step(m0 + g0, m1 + g1, pi_a, const[idx if xp is np else xp.asarray(idx)])
+        return T, ll, ((*sm, m0, m1), (*sg, g0, g1))
 
     active = np.arange(B)
     Ma, Ga, oma, oga, fma, fga = M, G, om, og, fm, fg
