@@ -235,7 +235,11 @@ class ZINBWaVE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
             ``cupyx`` sparse matrix (the fit then runs on the GPU and the fitted
             attributes are CuPy arrays), or an AnnData object (the ``layer``
             parameter's layer; by default ``"counts"`` if present, else ``.X``;
-            duck-typed, anndata need not be installed).
+            duck-typed, anndata need not be installed). An AnnData opened with
+            ``backed="r"`` or a ``dask.array`` is not loaded: it is read by chunks of
+            ``batch_size`` cells in every pass (the initialisation's too), so memory
+            holds one chunk and the parameters; the fit is the same (store the file
+            CSR, whose rows are contiguous).
         y : None
             Ignored (scikit-learn's signature).
         cell_covariates : array-like of shape (n_cells, M), default=None
