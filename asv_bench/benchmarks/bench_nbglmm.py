@@ -5,10 +5,16 @@ The many-gene counts are NB2 with size 5 around the means of
 ``make_boland_like_counts`` (about 9% non-zero entries), simulated once per process
 with a fixed seed. The quick sizes are 200 genes; ``SKMIXED_ASV_FULL=1`` runs 2,000
 (20,000 genes x 68,627 cells is the issue's target; doc/user_guide/negbin_glmm.rst
-gives the measured times and the extrapolation).
+gives the measured times). The same fit timed outside asv, wall-clock and CPU, on
+``--n-jobs`` threads (from the repository's root)::
+
+    python -m asv_bench.benchmarks.bench_nbglmm --genes 20000 --n-jobs 2 [--ml]
 """
 
+import argparse
 import functools
+import resource
+import time
 import warnings
 from pathlib import Path
 
@@ -16,10 +22,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from skmixed import parallel_config
 from skmixed.datasets import make_zeb2_like
 from skmixed.mixed._nbglmm import NegativeBinomialGLMM
 
-from ._sizes import sizes
+try:
+    from ._sizes import sizes
+except ImportError:  # run as a script
+    from asv_bench.benchmarks._sizes import sizes
 
 REF = Path(__file__).resolve().parents[2] / "tests" / "reference" / "nbglmm"
 N_CELLS = 68_627
@@ -101,3 +111,37 @@ def _reference_data(case):
     data = pd.read_csv(REF / "zeb2_nb_data.csv.gz")
     data["cell_group"] = pd.Categorical(data.cell_group, categories=sorted(data.cell_group.unique()))
     return data
+
+
+def _cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def main(argv=None):
+    """Simulate ``--genes`` genes (:func:`nb_counts`) and time the REML fit (and the ML
+    one with ``--ml``) on ``--n-jobs`` threads: wall-clock and CPU seconds, per gene,
+    the flags and the median size."""
+    parser = argparse.ArgumentParser(description="Time the many-gene NegativeBinomialGLMM (ZEB2 design).")
+    parser.add_argument("--genes", type=int, default=1_000)
+    parser.add_argument("--n-jobs", type=int, default=2)
+    parser.add_argument("--ml", action="store_true", help="also time reml=False")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    X, Y, groups, offset = nb_counts(args.genes)
+    print(f"{args.genes} genes x {N_CELLS} cells, {Y.nnz / np.prod(Y.shape):.1%} non-zero "
+          f"(simulated in {time.perf_counter() - t0:.0f} s)")
+    for reml in (True, False) if args.ml else (True,):
+        model = NegativeBinomialGLMM(fit_intercept=False, reml=reml)
+        wall, cpu = time.perf_counter(), _cpu_seconds()
+        with parallel_config(n_jobs=args.n_jobs):
+            _quiet(lambda: model.fit(X, Y, groups=groups, offset=offset))  # noqa: B023
+        wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
+        genes = model.genes_
+        print(f"{'REML' if reml else 'ML'}: {wall:.1f} s wall, {cpu:.1f} s CPU on {args.n_jobs} threads "
+              f"({1e3 * wall / args.genes:.2f} ms wall per gene); flags {genes.flag.value_counts().to_dict()}; "
+              f"median size {np.median(genes['size']):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -37,7 +37,7 @@ from ._gene_chunks import check_count_values
 from ._laplace import abs_eigen_step
 from ._multigene import wald_contrasts
 from ._nb_cells import NonZeros, PairDesign
-from ._nb_reml import NBRemlMixin, backtrack
+from ._nb_reml import TOL_STEP, NBRemlMixin, backtrack
 
 PHI_FLOOR = 1e-12  # as in _nbglmm: phi = 0 is evaluated as size 1e12
 
@@ -158,7 +158,7 @@ class BatchedNBLaplace(NBRemlMixin):
         g, M = grad(u)
         for _ in range(max_iter):
             step = g / M
-            done = np.abs(step) <= 1e-11 * (1.0 + np.abs(u))
+            done = np.abs(step) <= TOL_STEP * (1.0 + np.abs(u))  # the last step left ~1e-14
             if np.all(done):
                 return u + step
             lam = np.ones_like(u)
