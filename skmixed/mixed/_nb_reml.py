@@ -5,7 +5,8 @@ effects (flat prior): the Laplace approximation is taken at the joint mode
 ``(u~, beta~)`` of the penalised deviance, and the log-determinant of the joint
 Hessian is ``log det M + log det S``, ``S`` the Schur complement of beta (the
 conditional information). The criterion is minimised over each gene's ``(theta, phi)``
-by a batched Newton iteration on differences, from the ML fit; ``beta~`` follows.
+by a batched Newton iteration (exact gradient by implicit differentiation through the
+joint mode, Hessian by differences then BFGS), from the moment start; ``beta~`` follows.
 This is :meth:`~skmixed.mixed._nbglmm.NBLaplaceProblem.optimise_reml` for one
 response, and :meth:`~skmixed.mixed._batched.BatchedScalarLaplace.fit_reml` with the
 size as a second parameter; it corrects the downward bias of the ML patient variance
