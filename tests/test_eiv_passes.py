@@ -56,3 +56,27 @@ def test_dense_pass_without_loglik_keeps_the_m_step_sums():
     assert np.all(np.asarray(lean[0]) == 0) and np.all(np.asarray(full[0]) > 0)
     for a, b in zip(full[1:], lean[1:]):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_tune_malloc_sets_glibc_thresholds_once_unless_opted_out(monkeypatch, opt_out):
+    import skmixed.eiv._fit as fit_mod
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(fit_mod, "_MALLOC_TUNED", [])
+    monkeypatch.setattr(fit_mod.sys, "platform", "linux")
+    monkeypatch.setattr(fit_mod.ctypes, "CDLL", lambda name: FakeLibc())
+    if opt_out:
+        monkeypatch.setenv("SKMIXED_NO_MALLOPT", "1")
+    else:
+        monkeypatch.delenv("SKMIXED_NO_MALLOPT", raising=False)
+    fit_mod.tune_malloc()
+    fit_mod.tune_malloc()
+    # M_MMAP_THRESHOLD (-3) and M_TRIM_THRESHOLD (-1) at glibc's dynamic maxima, set once
+    assert calls == ([] if opt_out else [(-3, 32 * 2**20), (-1, 64 * 2**20)])
