@@ -44,16 +44,18 @@ def louis_information(design, fm, fg, M, G, om, og, pi, coef_m, coef_g, T):
     # minus the conditional variance of the complete-data score, pair by pair
     dpi = 1.0 / pi + 1.0 / (1.0 - pi)
     w = T0 * T1
-    Z = design.Z
+    # the score differences as a (k, n) array: each row a contiguous pass over the cells
+    # (an (n, k) layout broadcasts over a trailing axis of 7, 1.7x slower)
+    ZT = xp.ascontiguousarray(design.Z.T)
     zi = design.zi
-    D = xp.empty((Z.shape[0], k))
+    D = xp.empty((k, ZT.shape[1]))
     for b in range(B):
-        D[:, 0] = dpi[b]
+        D[0] = dpi[b]
         for off, key in ((1, "m"), (1 + p1, "g")):
             u, a1 = dsc[key][0][:, b], dsc[key][1][:, b]
-            D[:, off + zi] = Z * u[:, None]
-            D[:, off + 1] = a1
-        info[b] -= D.T @ (D * w[:, b][:, None])
+            D[off + zi] = ZT * u[None, :]
+            D[off + 1] = a1
+        info[b] -= (D * w[:, b][None, :]) @ D.T
     return info
 
 
