@@ -241,9 +241,14 @@ def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_it
     for it in range(1, max_iter + 1):
         if shape is not None and active.size < 0.5 * work.size:
             work = active
-            wx = pair[work] if xp is np else xp.asarray(pair[work])
-            am, ag = _take(pm, wx), _take(pg, wx)
-            shape = None
+            if B == 1:
+                # one pair: its remaining runs stay products with P (cheaper than gathered
+                # elementwise passes); with several pairs the counts differ per pair
+                shape = (1, work.size)
+            else:
+                wx = pair[work] if xp is np else xp.asarray(pair[work])
+                am, ag = _take(pm, wx), _take(pg, wx)
+                shape = None
         pa, bma, bga = pi[work], bm[work], bg[work]
         if shape is not None:
             pa, bma, bga = pa.reshape(shape), bma.reshape(shape), bga.reshape(shape)
