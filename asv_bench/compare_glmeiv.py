@@ -143,6 +143,9 @@ def main():
         vals = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in r]
         print("   * - " + "\n     - ".join(vals))
     print(f"\nglmeiv time: {b['source'].iloc[0]}")
+    reached = int(np.sum(t["speedup"] >= 100))
+    print(f"100x glmeiv (wall / wall) on {reached} of {len(t)} pairs; smallest speed-up {t['speedup'].min():.0f}x "
+          f"({t.loc[t['speedup'].idxmin(), 'gene']}, {t.loc[t['speedup'].idxmin(), 'perturbation']})")
 
 
 if __name__ == "__main__":
