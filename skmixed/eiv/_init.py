@@ -363,7 +363,10 @@ def _dense_pass(P, nb, pa, bma, bga, with_ll=True):
     for s in range(0, n, rows):
         Pb = P[:, s:s + rows, :]
         m = Pb.shape[1]
-        d, x, u = (b[:, :m] for b in bufs)
+        if m != bufs[0].shape[1]:
+            # the last, shorter block: contiguous buffers of its own (CuPy's ``out=``)
+            bufs = [xp.empty((B, m, K), dtype=P.dtype) for _ in range(3)]
+        d, x, u = bufs
         xp.matmul(Pb, W, out=d)
         if nb is not None:
             xb, ypr, c0 = (a[:, s:s + rows, None] for a in nb)
