@@ -200,9 +200,10 @@ class BatchedNBLaplace(NBRemlMixin):
         schur = (ps["W"] @ d.XX).reshape(G, p, p) - np.swapaxes(XW * (tm / 1.0), 1, 2) @ XW
         return dev, grad, (u, M, schur), du
 
-    def _grad_columns(self, params, u, du, g0, h_rel, cols):
+    def _grad_columns(self, params, u, du, g0, h_rel, cols, forward=False):
         """Differences of the gradient along ``cols`` (central; one-sided second order
-        where phi would go negative), PIRLS started from the first-order mode."""
+        where phi would go negative; ``forward``: first order, one evaluation per
+        column, enough for a Newton direction), PIRLS started from the first-order mode."""
         G, P = params.shape
         H = np.zeros((G, P, len(cols)))
         for j, c in enumerate(cols):
@@ -212,12 +213,15 @@ class BatchedNBLaplace(NBRemlMixin):
             e[:, c] = h
             shift = h[:, None] * du[:, :, c]
             gp = self.evaluate(params + e, u + shift)[1]
+            if forward:
+                H[:, :, j] = (gp - g0) / h[:, None]
+                continue
             gm_params = np.where(one_sided[:, None], params + 2 * e, params - e)
             gm_u = np.where(one_sided[:, None], u + 2 * shift, u - shift)
             gm = self.evaluate(gm_params, gm_u)[1]
             central = (gp - gm) / (2.0 * h[:, None])
-            forward = (-3.0 * g0 + 4.0 * gp - gm) / (2.0 * h[:, None])
-            H[:, :, j] = np.where(one_sided[:, None], forward, central)
+            second = (-3.0 * g0 + 4.0 * gp - gm) / (2.0 * h[:, None])
+            H[:, :, j] = np.where(one_sided[:, None], second, central)
         return H
 
     def _newton_step(self, params, g, du, state, f):
@@ -227,7 +231,7 @@ class BatchedNBLaplace(NBRemlMixin):
         G, P = params.shape
         u, _, schur = state
         cols = [0, P - 1]
-        Hc = self._grad_columns(params, u, du, g, 1e-5, cols)
+        Hc = self._grad_columns(params, u, du, g, 1e-5, cols, forward=True)
         H = np.empty((G, P, P))
         H[:, 1:-1, 1:-1] = 2.0 * schur
         H[:, :, cols] = Hc
