@@ -143,3 +143,22 @@ def test_joint_newton_finds_the_nested_joint_mode():
     free = ~eng._frozen()
     np.testing.assert_allclose(b1[free], b2[free], atol=1e-9)
     np.testing.assert_allclose(u1, u2, atol=1e-9)
+
+
+def test_reml_poisson_limit_is_the_poisson_reml_fit():
+    """Under REML too, an under-dispersed gene among overdispersed ones reaches the
+    Poisson boundary (flagged, size inf) with PoissonGLMM's REML fit (started from the
+    moment estimate of the size, not from an ML fit)."""
+    from skmixed import PoissonGLMM
+
+    X, Y, g, off = _genes_data(G=4, seed=3)
+    patient = np.random.default_rng(5).normal(0, 0.5, 8)[g]
+    Y[:, 3] = np.round(np.exp(1.0 + off + patient))  # the mean rounded: less variable than Poisson
+    model = _fit(X, Y, g, off, reml=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pois = PoissonGLMM(fit_intercept=False, reml=True).fit(X, Y[:, 3], groups=g, offset=off)
+    assert model.genes_.flag[3] == "poisson_limit" and np.isinf(model.size_[3])
+    np.testing.assert_allclose(model.coef_[3], pois.coef_, atol=1e-6)
+    np.testing.assert_allclose(model.theta_[3], pois.theta_, rtol=1e-5)
+    np.testing.assert_allclose(model.loglik_[3], pois.loglik_, atol=1e-6)
