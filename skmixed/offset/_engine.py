@@ -204,11 +204,13 @@ class Columns:
 _TILE = 2048
 
 
-def column_tables(Yt, Ot, shift, phi, statistic, order=None, rows=None):
+def column_tables(Yt, Ot, shift, phi, statistic, order=None, rows=None, out=None):
     """:class:`Columns` from gene-major counts ``Yt`` and offsets ``Ot`` (Gc, n) of the
     block's columns, ``shift`` (Gc,) at least the largest offset of each; ``order``
     renumbers the cells (None: as given). With ``rows``, the block's columns are the
-    rows ``rows`` of ``Yt`` and ``Ot`` (read tile by tile: no (Gc, n) copies)."""
+    rows ``rows`` of ``Yt`` and ``Ot`` (read tile by tile: no (Gc, n) copies). ``out``:
+    a flat float64 host buffer of at least ``2 n Gc`` values for the table (reused from
+    block to block, a fresh tens-of-MB array costs page faults on every block)."""
     xp = get_namespace(Yt, Ot)
     if rows is not None and (order is not None or xp is not np):
         Yt, Ot, rows = Yt[rows], Ot[rows], None
@@ -218,7 +220,10 @@ def column_tables(Yt, Ot, shift, phi, statistic, order=None, rows=None):
     n = Yt.shape[1]
     if rows is None:
         rows = slice(None)
-    X = xp.empty((n, 2 * Gc))
+    if out is not None and xp is np and out.size >= 2 * n * Gc:
+        X = out[: 2 * n * Gc].reshape(n, 2 * Gc)
+    else:
+        X = xp.empty((n, 2 * Gc))
     # on the CPU the (Gc, n) inputs are read and the cell-major table written by tiles of
     # cells: the arithmetic runs on cache-resident gene-major rows and each tile is
     # transposed once (about half the time of whole-array passes through strided views)

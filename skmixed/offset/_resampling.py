@@ -806,7 +806,11 @@ def _run_block(Yt, Ot, gshift, gpos, phi, statistic, xp_dev, block):
         parts, order = parts()
     g = gpos[idx]
     if xp_dev is np:
-        cols = column_tables(Yt, Ot, gshift[g], phi[idx], statistic, order=order, rows=g)
+        size = 2 * Yt.shape[1] * idx.size
+        buf = getattr(_TABLES, "buffer", None)
+        if buf is None or buf.size < size:
+            buf = _TABLES.buffer = np.empty(size)
+        cols = column_tables(Yt, Ot, gshift[g], phi[idx], statistic, order=order, rows=g, out=buf)
         return idx, block_statistics(parts, cols)
     parts = [(el.to(xp_dev), _to(thr, xp_dev), _to(cthr, xp_dev)) for el, thr, cthr in parts]
     cols = column_tables(*(to_device(a, xp_dev) for a in (Yt[g], Ot[g], gshift[g], phi[idx])), statistic)
@@ -820,6 +824,8 @@ _MAX_COLUMNS = 32
 # with common random numbers (one union of resamples, masked per perturbation).
 _MIN_COLUMNS = 8
 _TRANSPOSE_LOCK = threading.Lock()
+# per thread: the buffer of the blocks' per-cell tables (see column_tables)
+_TABLES = threading.local()
 
 
 def _transpose_lock():
