@@ -232,6 +232,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3, help="simulated data sets per setting (null and planted)")
     ap.add_argument("--planted-sd", type=float, default=0.3, help="patient SD of the data with planted effects")
     ap.add_argument("--no-planted", action="store_true", help="null data sets only (no power / FDR table)")
+    ap.add_argument("--no-null", action="store_true", help="planted data sets only (for a run to --merge)")
     ap.add_argument("--no-r", action="store_true", help="skip edgeR and limma")
     ap.add_argument("--no-nb", action="store_true", help="skip NegativeBinomialGLMM")
     ap.add_argument("--nb-genes", type=int, default=None,
@@ -256,7 +257,7 @@ def main(argv=None):
     null, planted, times = [], [], {}
     versions = ""
     for noise in args.noise:
-        for sd in args.sds:
+        for sd in [] if args.no_null else args.sds:
             for rep in range(args.reps):
                 seed = dataset_seed("null", noise, sd, rep)
                 cells, counts, _ = make_multipatient_counts(args.genes, args.cells, sd_patient=sd, noise=noise,
@@ -266,6 +267,7 @@ def main(argv=None):
                 null += null_records(res, noise, sd, rep, expression_quartiles(counts))
                 for method, (_, sec) in res.items():
                     times.setdefault(method, []).append(sec)
+                save(args, null, planted, times, versions, nb_cls, run)
                 print(f"null {noise} sd={sd:g} data set {rep + 1}: " + "; ".join(
                     f"{m}: {rejection_rate(pv['between']):.3f}/{rejection_rate(pv['within']):.3f} {sec:.1f}s"
                     for m, (pv, sec) in res.items()), flush=True)
@@ -280,15 +282,32 @@ def main(argv=None):
                     planted.append({"method": method, "noise": noise, "rep": rep, "contrast": c,
                                     **power_fdr(pv[c], de)})
                 times.setdefault(method, []).append(sec)
+            save(args, null, planted, times, versions, nb_cls, run)
             print(f"planted {noise} data set {rep + 1} done", flush=True)
     run.update(load_end=os.getloadavg()[0], seconds=time.perf_counter() - run["start"])
-    null = pd.concat(null, ignore_index=True).dropna(subset=["p"])
-    planted = pd.DataFrame(planted)
-    if args.save:
-        with open(args.save, "wb") as f:
-            pickle.dump({"args": vars(args), "null": null, "planted": planted, "times": times,
-                         "versions": versions, "have_nb": nb_cls is not None, "run": run}, f)
-    write_report(args, null, planted, times, versions, nb_cls is not None, [run])
+    save(args, null, planted, times, versions, nb_cls, run)
+    if not null:
+        print(f"no null data sets: no page (the results are in {args.save})")
+        return
+    write_report(args, null_table(null), pd.DataFrame(planted), times, versions, nb_cls is not None, [run])
+
+
+def null_table(records):
+    if not records:
+        return pd.DataFrame(columns=["method", "noise", "sd", "rep", "contrast", "quartile", "p"])
+    return pd.concat(records, ignore_index=True).dropna(subset=["p"])
+
+
+def save(args, null, planted, times, versions, nb_cls, run):
+    """Keep what is done so far in ``--save``'s pickle (after every data set, so that a
+    long run stopped early still leaves its finished data sets to --merge)."""
+    if not args.save:
+        return
+    run.update(load_end=os.getloadavg()[0], seconds=time.perf_counter() - run["start"])
+    with open(args.save, "wb") as f:
+        pickle.dump({"args": vars(args), "null": null_table(null),
+                     "planted": pd.DataFrame(planted), "times": times, "versions": versions,
+                     "have_nb": nb_cls is not None, "run": run}, f)
 
 
 def merge(paths, out):
@@ -311,7 +330,7 @@ def merge(paths, out):
     for p in parts:
         for method, secs in p["times"].items():
             times.setdefault(method, []).extend(secs)
-    null = pd.concat([p["null"] for p in parts], ignore_index=True)
+    null = pd.concat([p["null"] for p in parts if len(p["null"])], ignore_index=True)
     versions = next((p["versions"] for p in parts if p["versions"]), "")
     write_report(args, null, planted, times, versions, all(p["have_nb"] for p in parts), [p["run"] for p in parts])
 
