@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as hs
 
 from skmixed.datasets import load_sleepstudy
@@ -157,6 +157,7 @@ def test_offset_shift_moves_the_intercept(design, shift):
 
 @settings(max_examples=10)
 @given(designs, hs.floats(0.1, 10.0))
+@example(design=(5, 3, 395), c=2.0)  # theta ~0.03: the profile is flat, theta known to ~1e-3
 def test_scaling_precision_weights(design, c):
     """lme4's weights are precision weights, Var(e_i) = sigma^2 / w_i: multiplying them all
     by c is the same model with sigma^2 times c and theta = sd(b) / sigma divided by sqrt(c);
@@ -169,12 +170,16 @@ def test_scaling_precision_weights(design, c):
     w = np.random.default_rng(design[2]).uniform(0.5, 2.0, len(y))
     ref = LinearMixedModel(reml=False).fit(X[["x"]], y, groups=X.g, sample_weight=w)
     m = LinearMixedModel(reml=False).fit(X[["x"]], y, groups=X.g, sample_weight=c * w)
-    np.testing.assert_allclose(m.theta_, ref.theta_ / np.sqrt(c), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(m.coef_, ref.coef_, rtol=1e-5, atol=1e-6)
+    # The likelihood is the invariant pinned tightly. Near theta = 0 the profiled deviance
+    # is so flat that the optimiser's gradient tolerance leaves theta uncertain by ~1e-3
+    # (a change of 1e-10 in the log-likelihood, found by hypothesis at theta = 0.03):
+    # theta and Var(b) get an absolute tolerance on the residual scale for that.
+    np.testing.assert_allclose(m.loglik_, ref.loglik_, rtol=1e-9)
+    np.testing.assert_allclose(m.theta_, ref.theta_ / np.sqrt(c), rtol=1e-4, atol=2e-3)
+    np.testing.assert_allclose(m.coef_, ref.coef_, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(m.sigma_**2, ref.sigma_**2 * c, rtol=1e-5)
     vc, vc_ref = m.variance_components_.vcov.iloc[:-1], ref.variance_components_.vcov.iloc[:-1]
-    np.testing.assert_allclose(vc, vc_ref, rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(m.loglik_, ref.loglik_, rtol=1e-9)
+    np.testing.assert_allclose(vc, vc_ref, rtol=1e-4, atol=1e-5 * ref.sigma_**2)
 
 
 def test_formula_offset_shifts_the_slope(sleep):
