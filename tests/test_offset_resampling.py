@@ -566,9 +566,7 @@ def test_backed_counts_are_read_by_chunks_of_genes(chunk_screen, tmp_path, monke
 
     counts, treatment, cov, pairs = chunk_screen
     n = counts.shape[0]
-    path = tmp_path / "screen.h5ad"
-    anndata.AnnData(scipy.sparse.csc_matrix(counts.to_numpy(dtype=float)), obs=cov.set_axis([f"c{i}" for i in range(n)]),
-                    var=pd.DataFrame(index=counts.columns)).write_h5ad(path)
+    path = _write_h5ad(counts, cov, tmp_path / "screen.h5ad")
     kw = dict(pairs=pairs, n_resamples=19, random_state=0, return_resampled=True)
     reads = []
     original = MatrixReader.columns
@@ -599,3 +597,94 @@ def test_simulated_screen_is_drawn_by_blocks_of_cells_as_one_draw(monkeypatch):
     for a, b in zip(whole, blocks):
         pd.testing.assert_frame_equal(a, b, check_exact=True)
     assert whole[1].to_numpy().any() and (whole[0].to_numpy() > 0).any()
+
+
+@pytest.fixture(scope="module")
+def backed_screen(chunk_screen, tmp_path_factory):
+    pytest.importorskip("anndata")
+    counts, _, cov, _ = chunk_screen
+    return _write_h5ad(counts, cov, tmp_path_factory.mktemp("backed") / "screen.h5ad")
+
+
+def _write_h5ad(counts, cov, path):
+    """The counts as a CSC (column-major: gene chunks read fast) ``.h5ad`` file."""
+    import anndata
+
+    anndata.AnnData(scipy.sparse.csc_matrix(counts.to_numpy(dtype=float)),
+                    obs=cov.set_axis([f"c{i}" for i in range(counts.shape[0])]),
+                    var=pd.DataFrame(index=counts.columns)).write_h5ad(path)
+    return path
+
+
+def test_backed_resampling_holds_one_chunk_of_genes_at_a_time(tmp_path, monkeypatch):
+    """Cis pairs (each perturbation's 8 neighbouring genes, genes in order) from a
+    backed AnnData read by chunks of 4 genes: every read is at most the chunk, and the
+    blocks of pairs run on the chunk's gene rows plus those carried for the blocks that
+    straddle a chunk boundary, never on every gene; the results and resampled statistics
+    are the in-memory ones to the last digit."""
+    anndata = pytest.importorskip("anndata")
+    import skmixed.offset._resampling as R
+    from skmixed._inputs import MatrixReader
+
+    counts, treatment, cov, _ = make_perturbation_screen(1200, 24, 6, treated_fraction=0.06, random_state=8)
+    n = counts.shape[0]
+    pairs = [(f"gene{g}", f"pert{p}") for p in range(6) for g in range(3 * p, 3 * p + 8)]
+    path = _write_h5ad(counts, cov, tmp_path / "cis.h5ad")
+    reads, resident = [], []
+    read, run_block = MatrixReader.columns, R._run_block
+
+    def spy_read(self, sel):
+        reads.append(len(sel))
+        return read(self, sel)
+
+    def spy_block(Yt, Ot, *args):
+        resident.append((Yt.shape[0], Ot.shape[0]))
+        return run_block(Yt, Ot, *args)
+
+    for statistic in ("wald", "score"):
+        kw = dict(pairs=pairs, n_resamples=19, statistic=statistic, random_state=2, return_resampled=True)
+        reads.clear()
+        resident.clear()
+        with _Budgets(genes=2, read=4 * n):
+            ref, ref_draws = resampling_test(counts, treatment, cov, **kw)
+            monkeypatch.setattr(MatrixReader, "columns", spy_read)
+            monkeypatch.setattr(R, "_run_block", spy_block)
+            res, draws = resampling_test(anndata.read_h5ad(path, backed="r"), treatment, cov, **kw)
+            monkeypatch.undo()
+        used = len({g for g, _ in pairs})  # 23 genes, read 4 at a time
+        assert reads == [4] * 5 + [3]
+        assert len(resident) == 6  # one block per perturbation
+        # a block's 8 genes span 2 or 3 chunks: at most 4 fresh rows + 7 carried
+        assert max(max(r) for r in resident) <= 4 + 7 < used
+        pd.testing.assert_frame_equal(res, ref, check_exact=True)
+        np.testing.assert_array_equal(draws, ref_draws)
+
+
+@pytest.mark.parametrize(("read", "n_jobs", "statistic", "family", "given"), [
+    (1, 1, "wald", "negative_binomial", False), (2, 2, "wald", "negative_binomial", True),
+    (3, 1, "score", "negative_binomial", False), (1, 2, "wald", "poisson", False),
+    (2, 1, "wald", "no_overdispersion", False)])
+def test_backed_gene_chunks_do_not_change_results(chunk_screen, backed_screen, monkeypatch, read, n_jobs, statistic,
+                                                   family, given):
+    """Pairs spread over the genes (blocks straddling chunks, packs of small
+    perturbations run in the chunk of their last gene), given or fitted propensities,
+    and NB sizes all infinite (the observed Wald statistics then take the Poisson
+    formula, known only once every chunk is distilled): the backed results equal the
+    in-memory ones to the last digit."""
+    anndata = pytest.importorskip("anndata")
+    import skmixed.offset._resampling as R
+
+    counts, treatment, cov, pairs = chunk_screen
+    n = counts.shape[0]
+    if family == "no_overdispersion":
+        monkeypatch.setattr(R, "_profile_size", lambda Y, eta, r0, max_iter=100: np.full(Y.shape[1], np.inf))
+        family = "negative_binomial"
+    kw = dict(pairs=pairs, n_resamples=19, statistic=statistic, family=family, random_state=5, return_resampled=True,
+              propensity=treatment_probabilities(treatment, cov) if given else None)
+    with _Budgets(genes=1, read=read * n):
+        ref, ref_draws = resampling_test(counts, treatment, cov, **kw)
+        res, draws = resampling_test(anndata.read_h5ad(backed_screen, backed="r"), treatment, cov, n_jobs=n_jobs,
+                                     **kw)
+    assert np.isfinite(ref["statistic"]).sum() > 20
+    pd.testing.assert_frame_equal(res, ref, check_exact=True)
+    np.testing.assert_array_equal(draws, ref_draws)

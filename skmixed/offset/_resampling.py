@@ -37,8 +37,12 @@ Memory (see :mod:`skmixed.offset._stream`): the genes in pairs are read (from a 
 AnnData: a chunk of columns of the file at a time), checked and distilled by chunks, and
 kept as int32 counts beside float64 offsets, 12 bytes per cell and gene; the treatment
 models are fitted a round of perturbations at a time, whose pairs are tested before the
-next round is fitted. No (cells x perturbations) array of floats is held, and the chunks
-do not change the results.
+next round is fitted. From a backed AnnData (conditional resampling) the gene data are
+not kept whole: the treatment models are fitted first and keep their coefficients, then
+each chunk of genes is distilled and the blocks of pairs whose last gene it holds are
+tested, with the rows carried over for blocks that straddle chunks
+(``_streamed_test``). No (cells x perturbations) array of floats is held, and the
+chunks do not change the results.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ from .._backend import (
     to_host,
 )
 from .._families import NegativeBinomial, Poisson, _trigamma
-from .._inputs import count_source
+from .._inputs import MatrixReader, count_source
 from .._parallel import Engine, call_item
 from .._progress import check_verbose, logger, progress
 from .._threads import one_blas_thread
@@ -681,10 +685,6 @@ def resampling_test(
     gi, pj = _pair_indices(pairs, genes, perts)
     used, gpos = np.unique(gi, return_inverse=True)  # genes in pairs; pair -> position
     X = _design(covariates, n)
-    Yt, Ot, sizes = _gene_data(counts, src, used, covariates, family, size, distillation, n_jobs, G, n)
-    if family == "poisson":
-        sizes = np.full(used.size, np.inf)
-
     used_p = np.unique(pj)
     if resampling == "conditional" and propensity is not None:
         propensity = propensity.to_numpy() if isinstance(propensity, pd.DataFrame) else np.asarray(propensity)
@@ -696,38 +696,47 @@ def resampling_test(
 
     B = int(n_resamples)
     K = gi.size
-    phi = np.where(np.isfinite(sizes), 1.0 / sizes, 0.0)[gpos]  # per pair; 0: Poisson
-    gshift = np.max(Ot, axis=1) if Ot.shape[1] else np.zeros(Ot.shape[0])
     Tcsc = _indicator_csc(T)
-    k_pert = np.diff(Tcsc.indptr)
-    coef, obs = _observed_statistics(Yt, Ot, gshift, gpos, pj, phi, Tcsc, statistic)
-    n_treated = k_pert[pj]
+    n_treated = np.diff(Tcsc.indptr)[pj]
     # the pert's children seed its resamples; the extra last child seeds the permutations
     seeds = np.random.SeedSequence(_entropy(random_state)).spawn(T.shape[1] + 1)
-    if resampling == "permutation":
-        rounds = iter([_permutation_blocks(n_treated, B, seeds[-1], n)[0]])
-    else:
-        # the treatment models are fitted round by round of perturbations, each round's
-        # pairs tested before the next round is fitted (see _stream)
-        logger.info("resampling_test: treatment model of %d perturbations", used_p.size)
-        rounds = _conditional_rounds(pj, T, X, propensity, seeds, B, n_jobs)
-
     stats = np.empty((K, B + 1))
-    stats[:, 0] = obs
-    logger.info("resampling_test: %d pairs (%d genes, %d perturbations), %d resamples",
-                K, used.size, used_p.size, B)
-    bar = progress(total=K, desc="resampling_test pairs", unit="pair", verbose=verbose)
-    run = functools.partial(_run_block, Yt, Ot, gshift, gpos, phi, statistic, xp_dev)
-    # blocks through skmixed._parallel: n_jobs threads, or the Dask client of
-    # parallel_config (the GPU path stays in-process); run and the gene data it closes
-    # over go to a cluster once, a round's blocks once, the tasks get block numbers
-    with Engine(n_jobs=n_jobs, client=None if xp_dev is np else False) as pool:
-        run_h = pool.share(run)
-        for blocks in rounds:
-            for idx, S in pool.map(call_item, range(len(blocks)), run_h, pool.share(blocks)):
-                stats[idx, 1:] = S.T
-                bar.update(len(idx))
-            del blocks  # this round's probabilities go before the next round is fitted
+    reader = _stream.CountChunks(counts, src)
+    # a backed AnnData (or dask array): the gene data are held a chunk at a time
+    streamed = (resampling == "conditional" and distillation is None and isinstance(reader.A, MatrixReader)
+                and len(_gene_groups(used.size, n)) > 1)
+    if streamed:
+        logger.info("resampling_test: %d pairs (%d genes, %d perturbations), %d resamples, genes by chunks",
+                    K, used.size, used_p.size, B)
+        bar = progress(total=K, desc="resampling_test pairs", unit="pair", verbose=verbose)
+        coef, sizes = _streamed_test(reader, used, gpos, pj, X, T, Tcsc, covariates, family, size, propensity,
+                                     seeds, statistic, xp_dev, n_jobs, stats, bar, G)
+    else:
+        Yt, Ot, sizes = _gene_data(reader, used, covariates, family, size, distillation, n_jobs, G, n)
+        if family == "poisson":
+            sizes = np.full(used.size, np.inf)
+        phi = np.where(np.isfinite(sizes), 1.0 / sizes, 0.0)[gpos]  # per pair; 0: Poisson
+        gshift = np.max(Ot, axis=1) if Ot.shape[1] else np.zeros(Ot.shape[0])
+        coef, stats[:, 0] = _observed_statistics(Yt, Ot, gshift, gpos, pj, phi, Tcsc, statistic)
+        if resampling == "permutation":
+            rounds = iter([_permutation_blocks(n_treated, B, seeds[-1], n)[0]])
+        else:
+            # the treatment models are fitted round by round of perturbations, each round's
+            # pairs tested before the next round is fitted (see _stream)
+            logger.info("resampling_test: treatment model of %d perturbations", used_p.size)
+            rounds = _conditional_rounds(pj, T, X, propensity, seeds, B, n_jobs)
+        logger.info("resampling_test: %d pairs (%d genes, %d perturbations), %d resamples",
+                    K, used.size, used_p.size, B)
+        bar = progress(total=K, desc="resampling_test pairs", unit="pair", verbose=verbose)
+        run = functools.partial(_run_block, Yt, Ot, gshift, gpos, phi, statistic, xp_dev)
+        # blocks through skmixed._parallel: n_jobs threads, or the Dask client of
+        # parallel_config (the GPU path stays in-process); run and the gene data it closes
+        # over go to a cluster once, a round's blocks once, the tasks get block numbers
+        with Engine(n_jobs=n_jobs, client=None if xp_dev is np else False) as pool:
+            run_h = pool.share(run)
+            for blocks in rounds:
+                _run_blocks(pool, run_h, blocks, stats, bar)
+                del blocks  # this round's probabilities go before the next round is fitted
     bar.close()
     stats[n_treated == 0, 0] = np.nan
 
@@ -759,11 +768,15 @@ def resampling_test(
     return out
 
 
-def _gene_data(counts, src, used, covariates, family, size, distillation, n_jobs, G, n):
+def _gene_groups(m, n):
+    """The chunks of genes read, checked and distilled together: runs of whole
+    :func:`distill` chunks, so the fits are those of one call on every gene."""
+    return _stream.grouped(_stream.column_chunks(m, n), n, _stream.READ_BUDGET)
+
+
+def _gene_data(reader, used, covariates, family, size, distillation, n_jobs, G, n):
     """Gene-major counts (compact) and offsets of the genes ``used``, and their sizes:
-    read, checked and distilled a chunk of genes at a time (chunks of whole
-    :func:`distill` chunks, so the fits are those of one call on every gene)."""
-    reader = _stream.CountChunks(counts, src)
+    read, checked and distilled a chunk of genes at a time (:func:`_gene_groups`)."""
     m = used.size
     whole = reader.view is not None and m == reader.G
     Yt = reader.view if whole else _stream.CompactCounts(m, n)
@@ -771,28 +784,99 @@ def _gene_data(counts, src, used, covariates, family, size, distillation, n_jobs
         if distillation.offsets.shape != (n, G):
             raise ValueError(f"distillation.offsets has shape {distillation.offsets.shape}, expected {(n, G)}.")
         if not whole:
-            for sl in _stream.grouped(_stream.column_chunks(m, n), n, _stream.READ_BUDGET):
+            for sl in _gene_groups(m, n):
                 Yt.put(sl, reader.block(used[sl]))
         Ot = distillation.offsets.T if m == G else distillation.offsets.T[used]
         return _compact(Yt), np.ascontiguousarray(Ot), np.asarray(distillation.size)[used]
-    logger.info("resampling_test: distillation (%s GLM) of %d genes on %d cells", family, m, n)
-    fixed = None if size is None else np.broadcast_to(size, (G,))[used]
     Ot = np.empty((m, n))
     sizes = np.empty(m)
-    bad = 0
-    for sl in _stream.grouped(_stream.column_chunks(m, n), n, _stream.READ_BUDGET):
-        Yc = reader.block(used[sl])
+    for sl, Yc, Oc, sc in _distilled(reader, used, covariates, family, size, n_jobs, G, n):
         if not whole:
             Yt.put(sl, Yc)
+        Ot[sl] = Oc
+        sizes[sl] = sc
+    return _compact(Yt), Ot, sizes
+
+
+def _distilled(reader, used, covariates, family, size, n_jobs, G, n):
+    """``(chunk, counts, offsets, sizes)`` of the genes ``used``, one chunk of
+    :func:`_gene_groups` at a time (gene-major counts and offsets)."""
+    m = used.size
+    logger.info("resampling_test: distillation (%s GLM) of %d genes on %d cells", family, m, n)
+    fixed = None if size is None else np.broadcast_to(size, (G,))[used]
+    bad = 0
+    for sl in _gene_groups(m, n):
+        Yc = reader.block(used[sl])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # one warning for all chunks, below
             sub = distill(Yc.T, covariates, family=family, size=None if fixed is None else fixed[sl], n_jobs=n_jobs)
-        Ot[sl] = sub.offsets.T
-        sizes[sl] = sub.size
         bad += int((~sub.converged).sum())
+        yield sl, Yc, sub.offsets.T, sub.size
     if bad:
-        warnings.warn(f"the distillation GLM did not converge for {bad} gene(s).", ConvergenceWarning, stacklevel=3)
-    return _compact(Yt), Ot, sizes
+        warnings.warn(f"the distillation GLM did not converge for {bad} gene(s).", ConvergenceWarning, stacklevel=4)
+
+
+def _run_blocks(pool, run_h, blocks, stats, bar):
+    for idx, S in pool.map(call_item, range(len(blocks)), run_h, pool.share(blocks)):
+        stats[idx, 1:] = S.T
+        bar.update(len(idx))
+
+
+def _streamed_test(reader, used, gpos, pj, X, T, Tcsc, covariates, family, size, propensity, seeds, statistic,
+                   xp_dev, n_jobs, stats, bar, G):
+    """Conditional resampling with the gene data held a chunk of genes at a time.
+
+    The treatment models are fitted first, by the rounds of :func:`_conditional_rounds`,
+    keeping their coefficients (:class:`~skmixed.offset._stream.Propensities`). Then the
+    genes are read and distilled chunk by chunk (:func:`_distilled`); a block of pairs
+    runs, whole, in the chunk of its last gene, its perturbation's probabilities
+    recomputed from the coefficients; the rows of genes whose blocks are still to run are
+    carried to the next chunk, the others dropped. Every number is computed by the
+    arithmetic of the resident path (same blocks, same fits): the results are the same
+    to the last digit. Fills ``stats``; returns the pairs' estimates and genes' sizes."""
+    m, n, K = used.size, X.shape[0], gpos.size
+    chunk_of = np.empty(m, np.int64)
+    for c, sl in enumerate(_gene_groups(m, n)):
+        chunk_of[sl] = c
+    store = _stream.Propensities(X)
+    logger.info("resampling_test: treatment model of %d perturbations", np.unique(pj).size)
+    blocks = [b for r in _conditional_rounds(pj, T, X, propensity, seeds, stats.shape[1] - 1, n_jobs, store)
+              for b in r]
+    run_at = np.array([int(chunk_of[gpos[idx]].max()) for idx, _, _ in blocks], np.int64)
+    last_use = np.full(m, -1)  # the last chunk whose blocks read a gene's row
+    for (idx, _, _), c in zip(blocks, run_at):
+        np.maximum.at(last_use, gpos[idx], c)
+    sizes, phi, coef = np.empty(m), np.zeros(K), np.empty(K)
+    obs, obs_poisson = np.empty(K), np.empty(K)
+    rows, Y, O, shift = np.zeros(0, np.int64), np.zeros((0, n), np.int32), np.zeros((0, n)), np.zeros(0)
+    with Engine(n_jobs=n_jobs, client=None if xp_dev is np else False) as pool:
+        for c, (sl, Yc, Oc, sc) in enumerate(_distilled(reader, used, covariates, family, size, n_jobs, G, n)):
+            sizes[sl] = np.inf if family == "poisson" else sc
+            compact = _stream.CompactCounts(*Yc.shape)
+            compact.put(slice(None), Yc)
+            rows = np.concatenate([rows, np.arange(sl.start, sl.stop)])
+            Y, O = np.concatenate([Y, compact.values]), np.concatenate([O, Oc])
+            shift = np.concatenate([shift, np.max(Oc, axis=1) if n else np.zeros(Oc.shape[0])])
+            local = np.full(m, -1)
+            local[rows] = np.arange(rows.size)
+            gloc = local[gpos]
+            here = np.flatnonzero(chunk_of[gpos] == c)
+            s_here = sizes[gpos[here]]
+            phi[here] = np.where(np.isfinite(s_here), 1.0 / s_here, 0.0)
+            args = (Y, O, shift, gloc[here], pj[here], phi[here], Tcsc, statistic)
+            coef[here], obs[here] = _observed_statistics(*args, nb=family != "poisson")
+            if family != "poisson" and not np.any(phi[here] > 0):
+                # the Wald formula of the resident path is that of all pairs: Poisson's if
+                # no gene is overdispersed, known once every chunk is distilled
+                obs_poisson[here] = _observed_statistics(*args, nb=False)[1]
+            _run_blocks(pool, pool.share(functools.partial(_run_block, Y, O, shift, gloc, phi, statistic, xp_dev)),
+                        [b for b, r in zip(blocks, run_at) if r == c], stats, bar)
+            later = [b for b, r in zip(blocks, run_at) if r > c]
+            store.release({int(pj[idx[0]]) for idx, _, _ in later})
+            keep = last_use[rows] > c
+            rows, Y, O, shift = rows[keep], Y[keep], O[keep], shift[keep]
+    stats[:, 0] = obs if family == "poisson" or np.any(phi > 0) else obs_poisson
+    return coef, sizes
 
 
 def _compact(Yt):
@@ -865,7 +949,7 @@ def _permutation_blocks(k, B, seed, n):
     return blocks, C
 
 
-def _conditional_rounds(pj, T, X, propensity, seeds, B, n_jobs):
+def _conditional_rounds(pj, T, X, propensity, seeds, B, n_jobs, store=None):
     """Blocks of pairs for conditional resamples, yielded round by round of
     perturbations. A perturbation with at least ``_MIN_COLUMNS`` pairs is a block (its
     exact Bernoulli resamples, from its own seed), yielded with its round; smaller
@@ -874,7 +958,9 @@ def _conditional_rounds(pj, T, X, propensity, seeds, B, n_jobs):
     probabilities, each uniform ``U`` kept with the probability of the perturbation it
     is compared with (``U < pi``). Only a round's probabilities and those of the small
     perturbations are held (``propensity`` None: fitted by rounds of whole chunks of
-    :func:`treatment_probabilities`, so they are its values)."""
+    :func:`treatment_probabilities`, so they are its values). With a ``store``
+    (:class:`~skmixed.offset._stream.Propensities`) the blocks hold no probabilities:
+    a perturbation's are recomputed from its stored coefficients when its block runs."""
     n = T.shape[0]
     order = np.argsort(pj, kind="stable")
     used_p, starts = np.unique(pj[order], return_index=True)
@@ -885,14 +971,19 @@ def _conditional_rounds(pj, T, X, propensity, seeds, B, n_jobs):
     for sl in _stream.grouped(_stream.column_chunks(used_p.size, n, budget=2**24), n, _stream.ROUND_BUDGET):
         cols = used_p[sl]
         if propensity is None:
-            pi, b = _stream.treatment_chunks(T, X, cols, n_jobs=n_jobs)
+            pi, b = _stream.treatment_chunks(T, X, cols, n_jobs=n_jobs, store=store)
             bad += b
         else:
             pi = propensity[:, cols]
         pos = np.flatnonzero(small[: sl.start])
         pi_small[:, pos.size : pos.size + int(small[sl].sum())] = pi[:, small[sl]]
-        yield [(pair_sets[j], functools.partial(_exact_parts, pi[:, j - sl.start], seeds[used_p[j]], n, B), None)
-               for j in range(sl.start, sl.stop) if not small[j]]
+        if store is None:
+            yield [(pair_sets[j], functools.partial(_exact_parts, pi[:, j - sl.start], seeds[used_p[j]], n, B), None)
+                   for j in range(sl.start, sl.stop) if not small[j]]
+        else:
+            source = store.column if propensity is None else functools.partial(_column, propensity)
+            yield [(pair_sets[j], functools.partial(_stored_parts, source, int(used_p[j]), seeds[used_p[j]], n, B),
+                    None) for j in range(sl.start, sl.stop) if not small[j]]
         del pi
     _stream.warn_treatment(bad)
     if not small.any():
@@ -953,6 +1044,15 @@ def _conditional_rounds(pj, T, X, propensity, seeds, B, n_jobs):
     yield blocks
 
 
+def _stored_parts(source, p, seed, n, B):
+    """:func:`_exact_parts` of perturbation ``p``, its probabilities ``source(p)``."""
+    return _exact_parts(source(p), seed, n, B)
+
+
+def _column(a, p):
+    return a[:, p]
+
+
 def _exact_parts(pi, seed, n, B):
     """The exact Bernoulli resamples of one perturbation, as one element set."""
     order, rows, cols = _binned_resamples(pi, B, perturbation_rng(seed))
@@ -980,15 +1080,16 @@ def _to(a, xp):
     return None if a is None else to_device(a, xp)
 
 
-def _observed_statistics(Yt, Ot, gshift, gpos, pj, phi, Tcsc, statistic):
+def _observed_statistics(Yt, Ot, gshift, gpos, pj, phi, Tcsc, statistic, nb=None):
     """Closed-form estimate and statistic of every pair on its treated cells, with the
     formulas of :func:`~skmixed.offset._engine.block_statistics`, by runs of pairs of
     about ``_stream.OBSERVED_BUDGET`` treated cells (a pair's sums do not depend on the
-    runs)."""
+    runs). ``nb``: the NB Wald formula (None: if any pair's ``phi`` is positive)."""
     K = gpos.size
     coef, z = np.empty(K), np.empty(K)
     ends = np.cumsum(np.diff(Tcsc.indptr)[pj])
-    nb = bool(np.any(phi > 0))  # of every pair: the runs use one formula
+    if nb is None:
+        nb = bool(np.any(phi > 0))  # of every pair: the runs use one formula
     start = 0
     while start < K:
         stop = max(start + 1, int(np.searchsorted(ends, ends[start] + _stream.OBSERVED_BUDGET, side="right")))

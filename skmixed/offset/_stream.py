@@ -8,6 +8,9 @@ that a whole screen (200,000 cells, 2,000 genes, 6,600 perturbations) fits in me
 * Perturbations: the treatment probabilities are fitted a round of perturbations at a
   time, and a round's pairs are tested before the next round is fitted, so the
   (cells x perturbations) matrix of probabilities never exists whole.
+* Backed counts: the genes are not kept whole either; the treatment models' coefficients
+  are kept (:class:`Propensities`) and a perturbation's probabilities recomputed, bit for
+  bit, in the chunk of genes where its pairs are tested.
 
 Chunks are whole chunks of :func:`distill` and :func:`treatment_probabilities` (the
 batched Newton solvers stop per batch), so the fitted values, hence the results, are
@@ -16,6 +19,7 @@ those of the whole-matrix computation to the last digit, for every chunk budget.
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
@@ -183,9 +187,10 @@ def _logistic_newton(X, T, coef0, max_iter, tol=1e-10):
     return coef, ok & np.all(np.isfinite(coef), axis=1)
 
 
-def fit_treatment(Tc, X, max_iter):
+def fit_treatment(Tc, X, max_iter, coefs=None):
     """Logistic regressions of the columns of ``Tc`` (n, w) float 0/1 on ``X``: the
-    probabilities (n, w) and the number of fits that did not converge."""
+    probabilities (n, w) and the number of fits that did not converge; ``coefs`` (a
+    list): the fitted coefficients (w, p) are appended to it."""
     n = X.shape[0]
     # start at the intercept-only fit: a few Newton steps from the optimum
     frac = np.clip(Tc.mean(axis=0), 1.0 / n, 1.0 - 1.0 / n)
@@ -199,28 +204,74 @@ def fit_treatment(Tc, X, max_iter):
         res = fit_glm(X, Tc[:, idx], Bernoulli, coef0=coef0[idx], max_iter=max_iter)
         coef[idx] = res.coef
         bad = int((~res.converged).sum())
-    return scipy.special.expit(X @ coef.T), bad
+    if coefs is not None:
+        coefs.append(coef)
+    return probabilities(X, coef), bad
 
 
-def treatment_chunks(T, X, cols=None, max_iter=100, n_jobs=None):
+def probabilities(X, coef):
+    """The probabilities (n, w) of the coefficients (w, p): one expression for the fit
+    and for :class:`Propensities`, so that a recomputation is bit-identical."""
+    return scipy.special.expit(X @ coef.T)
+
+
+def treatment_chunks(T, X, cols=None, max_iter=100, n_jobs=None, store=None):
     """Probabilities of the perturbations ``T[:, cols]`` (all: None), shape (n, width),
     Fortran-ordered, fitted by the chunks of
     :func:`~skmixed.offset.treatment_probabilities` (in threads), and the number of
-    fits that did not converge."""
+    fits that did not converge. ``store``: a :class:`Propensities` that keeps each
+    chunk's coefficients."""
     n = T.shape[0]
     width = T.shape[1] if cols is None else len(cols)
     pi = np.empty((n, width), order="F")
 
     def fit_chunk(sl):
         Tc = T[:, sl] if cols is None else T[:, cols[sl]]
-        pi[:, sl], bad = fit_treatment(Tc.astype(np.float64), X, max_iter)
-        return bad
+        coefs = []
+        pi[:, sl], bad = fit_treatment(Tc.astype(np.float64), X, max_iter, coefs)
+        return sl, coefs[0], bad
 
+    chunks = column_chunks(width, n, budget=2**24)
     # one BLAS thread: the products are thin (n x few), and a multithreaded BLAS beside
     # the chunk threads spins instead of computing
     with one_blas_thread(), Engine(n_jobs=n_jobs, client=False) as pool:
-        bad = sum(pool.map(fit_chunk, column_chunks(width, n, budget=2**24)))
-    return pi, bad
+        fits = list(pool.map(fit_chunk, chunks))
+    if store is not None:
+        for sl, coef, _ in fits:
+            store.add(np.arange(width)[sl] if cols is None else cols[sl], coef)
+    return pi, sum(bad for _, _, bad in fits)
+
+
+class Propensities:
+    """The treatment probabilities of fitted perturbations, kept as the coefficients of
+    their fit chunks (chunk width x p, not cells x perturbations): a perturbation's
+    column is recomputed with its chunk's expression of :func:`fit_treatment` (same
+    inputs, same arithmetic, one BLAS thread: the fitted values to the last digit), the
+    chunk cached until :meth:`release`."""
+
+    def __init__(self, X):
+        self.X, self.coefs, self.where, self.cache = X, [], {}, {}
+        self.lock = threading.Lock()
+
+    def add(self, cols, coef):
+        for c, p in enumerate(cols):
+            self.where[int(p)] = (len(self.coefs), c)
+        self.coefs.append(coef)
+
+    def column(self, p):
+        k, c = self.where[int(p)]
+        with self.lock:
+            if k not in self.cache:
+                with one_blas_thread():
+                    self.cache[k] = probabilities(self.X, self.coefs[k])
+            return self.cache[k][:, c]
+
+    def release(self, keep):
+        """Forget the recomputed chunks but those of the perturbations ``keep``."""
+        wanted = {self.where[int(p)][0] for p in keep if int(p) in self.where}
+        with self.lock:
+            for k in [k for k in self.cache if k not in wanted]:
+                del self.cache[k]
 
 
 def warn_treatment(bad):
