@@ -788,30 +788,31 @@ def _gene_data(reader, used, covariates, family, size, distillation, n_jobs, G, 
                 Yt.put(sl, reader.block(used[sl]))
         Ot = distillation.offsets.T if m == G else distillation.offsets.T[used]
         return _compact(Yt), np.ascontiguousarray(Ot), np.asarray(distillation.size)[used]
+    logger.info("resampling_test: distillation (%s GLM) of %d genes on %d cells", family, m, n)
     Ot = np.empty((m, n))
     sizes = np.empty(m)
-    for sl, Yc, Oc, sc in _distilled(reader, used, covariates, family, size, n_jobs, G, n):
+    bad = 0
+    for sl in _gene_groups(m, n):
+        Yc, Ot[sl], sizes[sl], b = _distill_chunk(reader, used, sl, covariates, family, size, n_jobs, G)
         if not whole:
             Yt.put(sl, Yc)
-        Ot[sl] = Oc
-        sizes[sl] = sc
+        bad += b
+    _warn_distillation(bad)
     return _compact(Yt), Ot, sizes
 
 
-def _distilled(reader, used, covariates, family, size, n_jobs, G, n):
-    """``(chunk, counts, offsets, sizes)`` of the genes ``used``, one chunk of
-    :func:`_gene_groups` at a time (gene-major counts and offsets)."""
-    m = used.size
-    logger.info("resampling_test: distillation (%s GLM) of %d genes on %d cells", family, m, n)
-    fixed = None if size is None else np.broadcast_to(size, (G,))[used]
-    bad = 0
-    for sl in _gene_groups(m, n):
-        Yc = reader.block(used[sl])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)  # one warning for all chunks, below
-            sub = distill(Yc.T, covariates, family=family, size=None if fixed is None else fixed[sl], n_jobs=n_jobs)
-        bad += int((~sub.converged).sum())
-        yield sl, Yc, sub.offsets.T, sub.size
+def _distill_chunk(reader, used, sl, covariates, family, size, n_jobs, G):
+    """Counts and offsets (gene-major), sizes and number of unconverged fits of the
+    genes ``used[sl]``, a chunk of :func:`_gene_groups`."""
+    Yc = reader.block(used[sl])
+    fixed = None if size is None else np.broadcast_to(size, (G,))[used[sl]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # one warning for all chunks
+        sub = distill(Yc.T, covariates, family=family, size=fixed, n_jobs=n_jobs)
+    return Yc, sub.offsets.T, sub.size, int((~sub.converged).sum())
+
+
+def _warn_distillation(bad):
     if bad:
         warnings.warn(f"the distillation GLM did not converge for {bad} gene(s).", ConvergenceWarning, stacklevel=4)
 
@@ -828,7 +829,7 @@ def _streamed_test(reader, used, gpos, pj, X, T, Tcsc, covariates, family, size,
 
     The treatment models are fitted first, by the rounds of :func:`_conditional_rounds`,
     keeping their coefficients (:class:`~skmixed.offset._stream.Propensities`). Then the
-    genes are read and distilled chunk by chunk (:func:`_distilled`); a block of pairs
+    genes are read and distilled chunk by chunk (:func:`_distill_chunk`); a block of pairs
     runs, whole, in the chunk of its last gene, its perturbation's probabilities
     recomputed from the coefficients; the rows of genes whose blocks are still to run are
     carried to the next chunk, the others dropped. Every number is computed by the
@@ -849,14 +850,23 @@ def _streamed_test(reader, used, gpos, pj, X, T, Tcsc, covariates, family, size,
     sizes, phi, coef = np.empty(m), np.zeros(K), np.empty(K)
     obs, obs_poisson = np.empty(K), np.empty(K)
     rows, Y, O, shift = np.zeros(0, np.int64), np.zeros((0, n), np.int32), np.zeros((0, n)), np.zeros(0)
+    bad = 0
+    logger.info("resampling_test: distillation (%s GLM) of %d genes on %d cells", family, m, n)
     with Engine(n_jobs=n_jobs, client=None if xp_dev is np else False) as pool:
-        for c, (sl, Yc, Oc, sc) in enumerate(_distilled(reader, used, covariates, family, size, n_jobs, G, n)):
+        for c, sl in enumerate(_gene_groups(m, n)):
+            Yc, Oc, sc, b = _distill_chunk(reader, used, sl, covariates, family, size, n_jobs, G)
+            bad += b
             sizes[sl] = np.inf if family == "poisson" else sc
             compact = _stream.CompactCounts(*Yc.shape)
             compact.put(slice(None), Yc)
-            rows = np.concatenate([rows, np.arange(sl.start, sl.stop)])
-            Y, O = np.concatenate([Y, compact.values]), np.concatenate([O, Oc])
+            del Yc  # the float64 block: only the compact counts stay
             shift = np.concatenate([shift, np.max(Oc, axis=1) if n else np.zeros(Oc.shape[0])])
+            rows = np.concatenate([rows, np.arange(sl.start, sl.stop)])
+            if Y.shape[0]:
+                Y, O = np.concatenate([Y, compact.values]), np.concatenate([O, Oc])
+            else:  # nothing carried: the chunk's arrays, not copies
+                Y, O = compact.values, Oc
+            del compact, Oc
             local = np.full(m, -1)
             local[rows] = np.arange(rows.size)
             gloc = local[gpos]
@@ -875,6 +885,7 @@ def _streamed_test(reader, used, gpos, pj, X, T, Tcsc, covariates, family, size,
             store.release({int(pj[idx[0]]) for idx, _, _ in later})
             keep = last_use[rows] > c
             rows, Y, O, shift = rows[keep], Y[keep], O[keep], shift[keep]
+    _warn_distillation(bad)
     stats[:, 0] = obs if family == "poisson" or np.any(phi > 0) else obs_poisson
     return coef, sizes
 
