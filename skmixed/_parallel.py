@@ -170,7 +170,12 @@ def local_cluster(n_workers=None, **kwargs):
     import distributed  # noqa: PLC0415
 
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
-    env.pop("MALLOC_TRIM_THRESHOLD_", None)
+    default = env.pop("MALLOC_TRIM_THRESHOLD_", None)
+    # distributed's nanny writes its pre-spawn variables into this process's os.environ,
+    # so a plain LocalCluster made earlier leaves the setting for every later worker to
+    # inherit: undo that (only distributed's own value; a user's other value stays)
+    if default is not None and os.environ.get("MALLOC_TRIM_THRESHOLD_") == str(default):
+        del os.environ["MALLOC_TRIM_THRESHOLD_"]
     kwargs.setdefault("dashboard_address", None)
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
         return distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, **kwargs)

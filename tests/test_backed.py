@@ -449,13 +449,12 @@ def test_glmeiv_backed_on_a_cluster_reads_on_the_workers(eiv):
     the counts (the readers weigh a few kB)."""
     distributed = pytest.importorskip("distributed")
     cloudpickle = pytest.importorskip("cloudpickle")
-    from skmixed._parallel import parallel_config  # noqa: PLC0415
+    from skmixed._parallel import local_cluster, parallel_config  # noqa: PLC0415
 
     data, mpath, gpath = eiv
     ref = _eiv_fit(data, data["y"], data["grna"])
     sent = {"memory": [], "backed": []}
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address=None, worker_dashboard_address=None) as cluster, \
+    with local_cluster(2, host="127.0.0.1", worker_dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
         real_scatter = client.scatter
         for kind in sent:

@@ -14,6 +14,7 @@ cloudpickle = pytest.importorskip("cloudpickle")
 
 import skmixed.zinb._chunks as chunks_module  # noqa: E402
 from skmixed import ZINBWaVE, parallel_config  # noqa: E402
+from skmixed._parallel import local_cluster  # noqa: E402
 from skmixed.datasets import make_zinb_counts  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the cluster takes several seconds to start on a loaded machine
@@ -23,8 +24,7 @@ KW = {"random_state": 0, "max_iter": 6, "tol": 0.0, "batch_size": 90}
 
 @pytest.fixture(scope="module")
 def client():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address=None, worker_dashboard_address=None) as cluster:
+    with local_cluster(2, host="127.0.0.1", worker_dashboard_address=None) as cluster:
         with distributed.Client(cluster) as c:
             yield c
 
