@@ -12,15 +12,15 @@ import scipy.sparse as sp
 import scipy.stats
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
-from threadpoolctl import threadpool_limits
 
 from .._backend import get_namespace, is_cupy_array, to_host
 from .._families import Poisson, check_counts
 from .._inputs import align_names, count_source, is_anndata, require_counts
 from .._progress import check_verbose
+from .._threads import one_blas_thread
 from ..glm._newton import fit_glm
-from ._design import RandomEffectsDesign, RandomTerm, distinct_rows
 from ._contrast import FixedEffectsTests, GLMMSummary, _format_pvalues  # noqa: F401  (re-exported)
+from ._design import RandomEffectsDesign, RandomTerm, distinct_rows
 from ._inference import BetweenWithin
 from ._laplace import LaplaceProblem, warn_not_converged
 from ._multigene import as_count_matrix, fit_many, poisson_d2_by_column
@@ -394,7 +394,7 @@ class PoissonGLMM(FixedEffectsTests, RegressorMixin, BaseEstimator):
         glm = fit_glm(Xu, y, Poisson, offset=off, weights=w)
         beta0 = glm.coef[0]
         p_full = fixed.shape[1]
-        with threadpool_limits(limits=1, user_api="blas"):
+        with one_blas_thread():
             if terms is None:
                 result = self._fit_glm_only(glm, Xu, y, off, w)
             else:
@@ -566,7 +566,7 @@ class PoissonGLMM(FixedEffectsTests, RegressorMixin, BaseEstimator):
         nobs = n if sample_weight is None else int(np.sum(sample_weight > 0))
         _, cells = distinct_rows([fixed, codes[:, None].astype(float)])  # distinct (X row, level) pairs
         self._ddf = BetweenWithin(fixed[cells], [(codes[cells], np.ones((cells.size, 1)))], nobs)
-        with threadpool_limits(limits=1, user_api="blas"):
+        with one_blas_thread():
             out = self._fit_many_core(
                 fixed, Y, codes, levels, offset, sample_weight,
                 names=names, fixed_names=fixed_names, group_name=name, vcov=self.vcov, xp=xp, integer=integer,

@@ -13,8 +13,8 @@ import scipy.stats
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted, validate_data
-from threadpoolctl import threadpool_limits
 
+from .._threads import one_blas_thread
 from . import _lmm_core as core
 from ._design import RandomEffectsDesign
 from ._glmm import _SINGULAR_TOL, GLMMSummary, PoissonGLMM, _check_vector, _check_weights
@@ -293,7 +293,7 @@ class LinearMixedModel(RegressorMixin, BaseEstimator):
         if self.reml and nobs <= Xu.shape[1]:
             raise ValueError(f"REML needs more observations ({nobs}) than fixed effects ({Xu.shape[1]}).")
         t0 = time.perf_counter()
-        with threadpool_limits(limits=1, user_api="blas"):
+        with one_blas_thread():
             stats = core.SufficientStats(Xu, Y, design, w)
             results = [self._fit_one(stats, g) for g in range(Y.shape[1])]
         self.fit_time_ = time.perf_counter() - t0
@@ -306,7 +306,7 @@ class LinearMixedModel(RegressorMixin, BaseEstimator):
             self._term_has_intercept = [t.names[0] == "(Intercept)" for t in terms]
         # one BLAS thread: on a shared machine OpenBLAS threads contend badly for 1,000-column
         # factorisations (seen: 0.6 s instead of 0.02 s per Cholesky)
-        with threadpool_limits(limits=1, user_api="blas"):
+        with one_blas_thread():
             self._set_attributes(results, stats, design, terms, used, names, many)
         return self
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import scipy.stats
-from threadpoolctl import threadpool_limits
 
+from .._threads import one_blas_thread
 from . import _lmm_core as core
 
 
@@ -94,7 +94,7 @@ class _ThetaCache:
 
 def satterthwaite(model, L, response=0):
     """Satterthwaite df of the contrasts in the rows of ``L`` (over the kept fixed effects)."""
-    with threadpool_limits(limits=1, user_api="blas"):
+    with one_blas_thread():
         return _satterthwaite(model, np.atleast_2d(L), response)
 
 
