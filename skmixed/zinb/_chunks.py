@@ -28,6 +28,23 @@ def finite_ge(new, old, xp):
     return xp.isfinite(new) & (new >= old - tol)
 
 
+def backtrack(bad, step, retry, f, f0, xp):
+    """Step halving for the units (cells or genes) marked ``bad``, each on its own.
+
+    ``retry(idx)`` moves the units ``idx`` to their current ``step`` and returns their
+    new objective, written into ``f``; a unit is done once ``f >= f0`` (``finite_ge``).
+    After ``MAX_HALVINGS`` halvings the step of the units still failing is 0 (their
+    start): the objective never goes down."""
+    for it in range(MAX_HALVINGS + 1):
+        idx = xp.flatnonzero(bad)
+        if idx.size == 0:
+            break
+        last = it == MAX_HALVINGS
+        step[idx] = 0.0 if last else step[idx] * 0.5
+        f[idx] = retry(idx)
+        bad[idx] = False if last else ~finite_ge(f[idx], f0[idx], xp)
+
+
 def _rows_of(a, rows):
     return None if a is None else a[rows]
 
@@ -175,20 +192,16 @@ class ChunkWork:
         P.set_cell_block(C, rows)
         E = list(evaluate(design, counts, P, rows, derivs=True, zeta=True))
         f = E[0].sum(axis=1) - design.cell_penalty(C)
-        bad = ~finite_ge(f, f0, xp)
-        for it in range(MAX_HALVINGS + 1):
-            idx = xp.flatnonzero(bad)
-            if idx.size == 0:
-                break
-            last = it == MAX_HALVINGS
-            step[idx] = 0.0 if last else step[idx] * 0.5
+
+        def retry(idx):
             C[idx] = C0[idx] + step[idx, None] * d[idx]
             P.set_cell_block(C[idx], idx + start)
             Es = evaluate(design, counts, P, idx + start, derivs=True, zeta=True)
             for full, part in zip(E, Es):
                 full[idx] = part
-            f[idx] = Es[0].sum(axis=1) - design.cell_penalty(C[idx])
-            bad[idx] = False if last else ~finite_ge(f[idx], f0[idx], xp)
+            return Es[0].sum(axis=1) - design.cell_penalty(C[idx])
+
+        backtrack(~finite_ge(f, f0, xp), step, retry, f, f0, xp)
         return E
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._blocks import BlockPlan, newton_direction
-from ._chunks import MAX_HALVINGS, Chunks, ChunkWork
+from ._chunks import Chunks, ChunkWork, backtrack
 from ._chunks import finite_ge as _finite_ge
 
 ZETA_BOUNDS = (-30.0, 30.0)
@@ -154,20 +154,16 @@ class Optimizer:
         P.zeta[...] = zt
         ll, cache = self._trial_pass(P)
         f = ll - design.gene_penalty(G) - self.zeta_surrogate(zt, center)
-        bad = ~_finite_ge(f, f0, xp)
-        for it in range(MAX_HALVINGS + 1):
-            cols = xp.flatnonzero(bad)
-            if cols.size == 0:
-                break
-            last = it == MAX_HALVINGS
-            step[cols] = 0.0 if last else step[cols] * 0.5
+
+        def retry(cols):
             G[cols] = G0[cols] + step[cols, None] * d[cols]
             P.set_gene_block(G[cols], cols)
             zt[cols] = xp.clip(zeta0[cols] + step[cols] * dz[cols], lo, hi)
             P.zeta[cols] = zt[cols]
             ll[cols] = self.loglik_by_gene(P, cols)
-            f[cols] = ll[cols] - design.gene_penalty(G[cols]) - self.zeta_surrogate(zt, center)[cols]
-            bad[cols] = False if last else ~_finite_ge(f[cols], f0[cols], xp)
+            return ll[cols] - design.gene_penalty(G[cols]) - self.zeta_surrogate(zt, center)[cols]
+
+        backtrack(~_finite_ge(f, f0, xp), step, retry, f, f0, xp)
         # the cells' statistics of the trial pass hold where every gene took its full step;
         # for the others, swap their trial contributions for those at the accepted values
         moved = xp.flatnonzero(step != 1.0)
