@@ -112,7 +112,7 @@ def main():
     ap.add_argument("--write", default=str(ROOT / "doc" / "benchmarks_screen.rst"), help="RST page ('' : none)")
     args = ap.parse_args()
 
-    import skmixed.offset._resampling as resampling_module
+    import skmixed.offset._distill as resampling_module
     import skmixed.offset._stream as stream_module
     from skmixed.offset import make_perturbation_screen, resampling_test
 

@@ -25,12 +25,9 @@ from skmixed.offset import (
     treatment_probabilities,
 )
 from skmixed.offset._engine import permutation_orderings
-from skmixed.offset._resampling import (
-    _binned_resamples,
-    _indicator_csc,
-    _profile_size,
-    perturbation_rng,
-)
+from skmixed.offset._checks import indicator_csc
+from skmixed.offset._distill import _profile_size
+from skmixed.offset._draws import binned_resamples, perturbation_rng
 
 REF = Path(__file__).parent / "reference" / "offset"
 
@@ -124,7 +121,7 @@ def test_resampled_statistics_are_refits(small_screen):
     pd.testing.assert_frame_equal(res, again)
     seeds = np.random.SeedSequence(5).spawn(4)
     first = int(np.argmin(pi.mean(axis=0)))  # the pack is ordered by mean probability
-    order, rows, cols, u = _binned_resamples(pi.max(axis=1), 30, perturbation_rng(seeds[first]), uniforms=True)
+    order, rows, cols, u = binned_resamples(pi.max(axis=1), 30, perturbation_rng(seeds[first]), uniforms=True)
     cells_all = order[rows]
     for k in (0, 5, 11):
         p = treatment.columns.get_loc(res.perturbation[k])
@@ -175,7 +172,7 @@ def test_indicator_csc_equals_scipy(order):
     rng = np.random.default_rng(5)
     T = np.asarray(rng.uniform(size=(700, 13)) < 0.05, order=order)
     T[:, 4] = False  # an untreated perturbation
-    A, ref = _indicator_csc(T), scipy.sparse.csc_matrix(T)
+    A, ref = indicator_csc(T), scipy.sparse.csc_matrix(T)
     assert A.shape == ref.shape and (A != ref).nnz == 0
     np.testing.assert_array_equal(A.indptr, ref.indptr)
     np.testing.assert_array_equal(A.indices, ref.indices)
@@ -623,7 +620,7 @@ def test_backed_resampling_holds_one_chunk_of_genes_at_a_time(tmp_path, monkeypa
     straddle a chunk boundary, never on every gene; the results and resampled statistics
     are the in-memory ones to the last digit."""
     anndata = pytest.importorskip("anndata")
-    import skmixed.offset._resampling as R
+    import skmixed.offset._blocks as R
     from skmixed._inputs import MatrixReader
 
     counts, treatment, cov, _ = make_perturbation_screen(1200, 24, 6, treated_fraction=0.06, random_state=8)
@@ -631,7 +628,7 @@ def test_backed_resampling_holds_one_chunk_of_genes_at_a_time(tmp_path, monkeypa
     pairs = [(f"gene{g}", f"pert{p}") for p in range(6) for g in range(3 * p, 3 * p + 8)]
     path = _write_h5ad(counts, cov, tmp_path / "cis.h5ad")
     reads, resident = [], []
-    read, run_block = MatrixReader.columns, R._run_block
+    read, run_block = MatrixReader.columns, R.run_block
 
     def spy_read(self, sel):
         reads.append(len(sel))
@@ -648,7 +645,7 @@ def test_backed_resampling_holds_one_chunk_of_genes_at_a_time(tmp_path, monkeypa
         with _Budgets(genes=2, read=4 * n):
             ref, ref_draws = resampling_test(counts, treatment, cov, **kw)
             monkeypatch.setattr(MatrixReader, "columns", spy_read)
-            monkeypatch.setattr(R, "_run_block", spy_block)
+            monkeypatch.setattr(R, "run_block", spy_block)
             res, draws = resampling_test(anndata.read_h5ad(path, backed="r"), treatment, cov, **kw)
             monkeypatch.undo()
         used = len({g for g, _ in pairs})  # 23 genes, read 4 at a time
@@ -672,7 +669,7 @@ def test_backed_gene_chunks_do_not_change_results(chunk_screen, backed_screen, m
     formula, known only once every chunk is distilled): the backed results equal the
     in-memory ones to the last digit."""
     anndata = pytest.importorskip("anndata")
-    import skmixed.offset._resampling as R
+    import skmixed.offset._distill as R
 
     counts, treatment, cov, pairs = chunk_screen
     n = counts.shape[0]
