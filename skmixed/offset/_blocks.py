@@ -27,6 +27,7 @@ from ._engine import (
 def compact(Yt):
     return Yt.values if isinstance(Yt, _stream.CompactCounts) else Yt
 
+
 def run_blocks(pool, run_h, blocks, stats, bar):
     for idx, S in pool.map(call_item, range(len(blocks)), run_h, pool.share(blocks)):
         stats[idx, 1:] = S.T
@@ -35,7 +36,8 @@ def run_blocks(pool, run_h, blocks, stats, bar):
 
 def run_block(Yt, Ot, gshift, gpos, phi, statistic, xp_dev, block):
     """The resampled statistics (B, columns) of one block of pairs."""
-    idx, parts, order = block
+    idx, parts, order, *width = block  # width: see permutation_blocks
+    width = width[0] if width else None
     if callable(parts):
         parts, order = parts()
     g = gpos[idx]
@@ -45,10 +47,10 @@ def run_block(Yt, Ot, gshift, gpos, phi, statistic, xp_dev, block):
         if buf is None or buf.size < size:
             buf = _TABLES.buffer = np.empty(size)
         cols = column_tables(Yt, Ot, gshift[g], phi[idx], statistic, order=order, rows=g, out=buf)
-        return idx, block_statistics(parts, cols)
+        return idx, block_statistics(parts, cols, width)
     parts = [(el.to(xp_dev), to_namespace(thr, xp_dev), to_namespace(cthr, xp_dev)) for el, thr, cthr in parts]
     cols = column_tables(*(to_device(a, xp_dev) for a in (Yt[g], Ot[g], gshift[g], phi[idx])), statistic)
-    return idx, to_host(block_statistics(parts, cols))
+    return idx, to_host(block_statistics(parts, cols, width))
 
 
 # Columns per block: wide enough that the per-element work is shared by many columns,
@@ -68,35 +70,55 @@ def _transpose_lock():
     return _TRANSPOSE_LOCK
 
 
-def permutation_blocks(k, B, seed, n):
+def permutation_elements(k_max, B, seed, n):
+    """The ordered resamples shared by every pair (:func:`permutation_orderings` from the
+    generator of ``seed``) as elements ranked by their position: a pair with ``k``
+    treated cells uses the elements of rank below ``k``. Drawn up to the upper edge of
+    the bucket of ``k_max`` (:func:`k_buckets`), so that every bucket's element sets are
+    whole whatever the largest ``k`` (by the prefix property, a pair's draws are the
+    same for every ``k_max``)."""
+    top = min(int(k_buckets(k_max)[-1]), n) if k_max > 0 else 0
+    C = permutation_orderings(n, top, B, perturbation_rng(seed))
+    return orderings_to_elements(C, n)
+
+
+def k_buckets(k_max):
+    """Edges ``0 = g_0 < g_1 < ...`` of the buckets of treated-cell counts: bucket ``j``
+    holds ``g_j <= k < g_{j+1}``, ``k`` within 3% + 8 cells of ``g_j``."""
+    edges = [0]
+    while edges[-1] <= k_max:
+        edges.append(int(1.03 * edges[-1]) + 9)
+    return np.array(edges)
+
+
+def permutation_blocks(k, full, pairs=None):
     """Blocks of pairs for permutation resamples: every pair uses the first ``k`` cells
-    of the same ordered resamples, so pairs are grouped by ``k`` (at most
-    ``_MAX_COLUMNS``, and ``k`` within a few percent). A block's elements below its
-    smallest ``k`` need no mask; the few above it are masked per column."""
-    k_max = int(k.max()) if k.size else 0
-    C = permutation_orderings(n, k_max, B, perturbation_rng(seed))
-    full = orderings_to_elements(C, n)
-    order = np.argsort(k, kind="stable")
-    blocks, start = [], 0
-    while start < order.size:
-        stop = start + 1
-        k0 = int(k[order[start]])
-        while stop < order.size and stop - start < _MAX_COLUMNS and k[order[stop]] <= 1.03 * k0 + 8:
-            stop += 1
-        idx = order[start:stop]
-        start = stop
+    of the same ordered resamples (``full``, :func:`permutation_elements`), so pairs are
+    grouped by bucket of ``k`` (:func:`k_buckets`), at most ``_MAX_COLUMNS`` a block.
+    The elements of rank below the bucket's lower edge need no mask; those up to its
+    upper edge are masked per column. The element sets, and the chunks of their passes
+    (as for ``_MAX_COLUMNS`` columns), depend on the bucket only: a pair's statistics
+    do not depend on the pairs that share its block, so the streamed path, which blocks
+    the pairs of one chunk of genes at a time, gives the numbers of the resident path
+    to the last digit. ``pairs``: the pairs' indices (default ``arange(k.size)``)."""
+    k = np.asarray(k)
+    pairs = np.arange(k.size) if pairs is None else np.asarray(pairs)
+    edges = k_buckets(int(k.max()) if k.size else 0)
+    bucket = np.searchsorted(edges, k, side="right") - 1
+    order = np.lexsort((k, bucket))
+    blocks = []
+    for j in np.unique(bucket):
+        members = order[bucket[order] == j]
+        for s in range(0, members.size, _MAX_COLUMNS):
+            idx = members[s : s + _MAX_COLUMNS]
 
-        def parts(kb=k[idx]):
-            k_lo, k_hi = int(kb.min()), int(kb.max())
-            r = full.rank
-            main = r < k_lo
-            out = [(full.select(main), None, None)]
-            if k_hi > k_lo:
-                out.append((full.select((r < k_hi) ^ main), kb, None))
-            return out, None
+            def parts(lo=int(edges[j]), hi=int(edges[j + 1]), kb=k[idx]):
+                r = full.rank
+                main = r < lo
+                return [(full.select(main), None, None), (full.select((r < hi) ^ main), kb, None)], None
 
-        blocks.append((idx, parts, None))
-    return blocks, C
+            blocks.append((pairs[idx], parts, None, _MAX_COLUMNS))
+    return blocks
 
 
 def conditional_rounds(pj, T, X, propensity, seeds, B, n_jobs, store=None):
@@ -209,26 +231,25 @@ def exact_parts(pi, seed, n, B):
     return [(Elements.from_rows(rows, cols, n, B).renumbered(order), None, None)], None
 
 
-def observed_statistics(Yt, Ot, gshift, gpos, pj, phi, Tcsc, statistic, nb=None):
+def observed_statistics(Yt, Ot, gshift, gpos, pj, phi, Tcsc, statistic):
     """Closed-form estimate and statistic of every pair on its treated cells, with the
-    formulas of :func:`~skmixed.offset._engine.block_statistics`, by runs of pairs of
-    about ``_stream.OBSERVED_BUDGET`` treated cells (a pair's sums do not depend on the
-    runs). ``nb``: the NB Wald formula (None: if any pair's ``phi`` is positive)."""
+    formulas of :func:`~skmixed.offset._engine.block_statistics` (the Wald information
+    of a pair is the NB one where its ``phi`` is positive, else Poisson's), by runs of
+    pairs of about ``_stream.OBSERVED_BUDGET`` treated cells (a pair's sums do not
+    depend on the runs)."""
     K = gpos.size
     coef, z = np.empty(K), np.empty(K)
     ends = np.cumsum(np.diff(Tcsc.indptr)[pj])
-    if nb is None:
-        nb = bool(np.any(phi > 0))  # of every pair: the runs use one formula
     start = 0
     while start < K:
         stop = max(start + 1, int(np.searchsorted(ends, ends[start] + _stream.OBSERVED_BUDGET, side="right")))
         sl = slice(start, min(stop, K))
-        coef[sl], z[sl] = observed_run(Yt, Ot, gshift, gpos[sl], pj[sl], phi[sl], Tcsc, statistic, nb)
+        coef[sl], z[sl] = observed_run(Yt, Ot, gshift, gpos[sl], pj[sl], phi[sl], Tcsc, statistic)
         start = sl.stop
     return coef, z
 
 
-def observed_run(Yt, Ot, gshift, gpos, pj, phi, Tcsc, statistic, nb):
+def observed_run(Yt, Ot, gshift, gpos, pj, phi, Tcsc, statistic):
     K = gpos.size
     lens = np.diff(Tcsc.indptr)[pj]
     pair = np.repeat(np.arange(K), lens)
@@ -249,11 +270,10 @@ def observed_run(Yt, Ot, gshift, gpos, pj, phi, Tcsc, statistic, nb):
             U = np.bincount(pair, weights=(y - mu0) * dd, minlength=K)
             info0 = np.bincount(pair, weights=mu0 * dd, minlength=K)
             return np.where(lens > 0, coef, np.nan), U / np.sqrt(info0)
-        if nb:
+        info = Sy
+        if np.any(phi > 0):
             acc = np.bincount(pair, weights=1.0 / (np.exp(-d) + phi[pair] * t[pair]), minlength=K)
-            info = t * acc
-        else:
-            info = Sy
+            info = np.where(phi > 0, t * acc, Sy)
         z = coef * np.sqrt(info)
     z = np.where(Sy <= 0, -np.inf, z)
     return np.where(lens > 0, coef, np.nan), z

@@ -254,7 +254,7 @@ def column_tables(Yt, Ot, shift, phi, statistic, order=None, rows=None, out=None
     return Columns("wald", X, Q, shift, phi)
 
 
-def block_statistics(parts, cols):
+def block_statistics(parts, cols, width=None):
     """Statistics of every column over every resample: array (B, Gc).
 
     Parameters
@@ -265,12 +265,19 @@ def block_statistics(parts, cols):
         elements of cell ``i`` with ``rank < cell_thresholds[i, c]``; both None: every
         column uses every element.
     cols : Columns
+    width : int or None
+        Chunk the element passes as for a block of this many columns (None: the
+        block's own). A column's sums are then grouped the same way whichever columns
+        share its block, so its statistics do not depend on its block-mates to the
+        last digit (the permutation blocks of :func:`~skmixed.offset.resampling_test`
+        are formed by chunk of genes when they are streamed).
 
     Wald: ``(log t - shift) * sqrt(I(t))``, ``-inf`` where the treated counts are all
     zero; score: ``U / sqrt(I)``. NaN where a resample has no treated cell.
     """
     xp = get_namespace(cols.X)
     Gc = cols.X.shape[1] // 2
+    w = Gc if width is None else int(width)
     el0 = parts[0][0]
     S = xp.zeros((el0.B, 2 * Gc))
     masked = []  # chunks of the masked parts, with their masks, for the second pass
@@ -278,7 +285,7 @@ def block_statistics(parts, cols):
         if thr is None and cell_thr is None:
             S += csc_matmul(None, el.cols, el.indptr, (el.B, el.n), cols.X)
             continue
-        for c0, c1, e0, e1, mask in _chunks(el, 2 * Gc, thr, cell_thr):
+        for c0, c1, e0, e1, mask in _chunks(el, 2 * w, thr, cell_thr):
             V = _expand(cols.X, c0, c1, el, e0, e1)
             V[:, :Gc] *= mask
             V[:, Gc:] *= mask
@@ -290,12 +297,12 @@ def block_statistics(parts, cols):
             return A / xp.sqrt(D)
         t = A / D
         if cols.Q is None:
-            info = A  # Poisson: I = t * sum e^(o - shift) = sum y
+            info = A  # Poisson (phi = 0): I = t * sum e^(o - shift) = sum y
         else:
             st = t * cols.phi[None, :]
             acc = xp.zeros((el0.B, Gc))
             chunks = [(el, c0, c1, e0, e1, None) for el, thr, cell_thr in parts if thr is None and cell_thr is None
-                      for c0, c1, e0, e1, _ in _chunks(el, Gc)]
+                      for c0, c1, e0, e1, _ in _chunks(el, w)]
             for el, c0, c1, e0, e1, mask in chunks + masked:
                 V = _expand(cols.Q, c0, c1, el, e0, e1)
                 V += st[el.cols[e0:e1]]
@@ -303,7 +310,7 @@ def block_statistics(parts, cols):
                 if mask is not None:
                     V *= mask
                 add_rows_at(acc, el.cols[e0:e1], V)
-            info = t * acc
+            info = xp.where(cols.phi[None, :] > 0, t * acc, A)  # a column's own formula, whatever its block-mates
         z = (xp.log(t) - cols.shift[None, :]) * xp.sqrt(info)
     # no treated cell in a resample (D = 0): undefined; treated counts all zero: -inf
     return xp.where(D <= 0, xp.nan, xp.where(A <= 0, -xp.inf, z))

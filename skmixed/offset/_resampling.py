@@ -37,12 +37,14 @@ Memory (see :mod:`skmixed.offset._stream`): the genes in pairs are read (from a 
 AnnData: a chunk of columns of the file at a time), checked and distilled by chunks, and
 kept as int32 counts beside float64 offsets, 12 bytes per cell and gene; the treatment
 models are fitted a round of perturbations at a time, whose pairs are tested before the
-next round is fitted. From a backed AnnData (conditional resampling) the gene data are
-not kept whole: the treatment models are fitted first and keep their coefficients, then
-each chunk of genes is distilled and the blocks of pairs whose last gene it holds are
-tested, with the rows carried over for blocks that straddle chunks
-(:func:`skmixed.offset._chunked.streamed_test`). No (cells x perturbations) array of
-floats is held, and the chunks do not change the results.
+next round is fitted. From a backed AnnData or a dask array the gene data are not kept
+whole (:func:`skmixed.offset._chunked.streamed_test`), with or without a given
+distillation: conditional resampling fits the treatment models first, keeping their
+coefficients, then distils each chunk of genes and tests the blocks of pairs whose last
+gene it holds, carrying the rows of blocks that straddle chunks; permutations block and
+test each chunk's pairs in that chunk (a pair's statistics do not depend on its
+block-mates). No (cells x perturbations) array of floats is held, and the chunks do not
+change the results.
 
 Modules: ``_checks`` (input handling), ``_distill`` (distillation and treatment
 models), ``_draws`` (resamples and their seeding), ``_blocks`` (blocks of pairs and
@@ -146,7 +148,9 @@ def resampling_test(
         NB sizes; None estimates them in the distillation.
     alternative : {"two-sided", "less", "greater"}
     distillation : Distillation, optional
-        Precomputed :func:`distill` result for all genes (skips that fit).
+        Precomputed :func:`distill` result for all genes (skips that fit). The counts
+        are still read (the statistics sum them over treated cells): from a backed
+        AnnData or a dask array, a chunk of genes at a time.
     propensity : array-like of shape (n_cells, n_perturbations), optional
         Precomputed treatment probabilities (:func:`treatment_probabilities`) for the
         conditional resamples (skips that fit). Without it the probabilities are fitted
@@ -164,7 +168,8 @@ def resampling_test(
         stay on the host; the returned table is on the host.
     random_state : int, numpy Generator or None
     return_resampled : bool
-        Also return the resampled statistics, shape (n_pairs, n_resamples).
+        Also return the resampled statistics, shape (n_pairs, n_resamples) (NaN for
+        the pairs not tested).
     min_treated : int, default=7
         Pairs whose perturbation has fewer treated cells, or fewer untreated cells, are
         not tested (SCEPTRE's quality control also asks for 7): their p-values are NaN
@@ -183,8 +188,10 @@ def resampling_test(
         cells), statistic, p_empirical, p_skewnorm, pvalue (skew-normal where its fit
         passes a KS check, else empirical), skewnorm_ok, sn_shape, sn_loc, sn_scale,
         size (of the gene), flag (``""`` for a tested pair; ``"no_treated_cells"``,
-        ``"too_few_treated_cells"``, ``"no_control_cells"`` or ``"too_few_control_cells"``:
-        p-values NaN). A pair whose treated counts are all
+        ``"too_few_treated_cells"``, ``"no_control_cells"`` or ``"too_few_control_cells"``
+        for the perturbation, else ``"all_zero_gene"`` for a gene without a count in any
+        cell: p-values NaN; a gene without counts also has NaN coef, statistic and
+        size, whatever its flag). A pair whose treated counts are all
         zero has Wald statistic ``-inf``, the most extreme value on the left: its
         empirical p-value counts the resamples that are also ``-inf`` (ties count as
         extreme), and the skew-normal is not used.
@@ -238,36 +245,49 @@ def resampling_test(
     K = gi.size
     Tcsc = indicator_csc(T)
     n_treated = np.diff(Tcsc.indptr)[pj]
+    n_control = n - n_treated
+    flag = np.select(
+        [n_treated == 0, n_treated < min_treated, n_control == 0, n_control < min_treated],
+        ["no_treated_cells", "too_few_treated_cells", "no_control_cells", "too_few_control_cells"],
+        default="",
+    ).astype(object)
     # the pert's children seed its resamples; the extra last child seeds the permutations
     seeds = np.random.SeedSequence(entropy(random_state)).spawn(T.shape[1] + 1)
     stats = np.empty((K, B + 1))
+    full = None
+    if resampling == "permutation":
+        # drawn for the pairs with a test only (an all-treated perturbation would ask for
+        # B orderings of every cell); a pair's draws do not depend on the largest k
+        runs = flag == ""
+        full = _blocks.permutation_elements(int(n_treated[runs].max()) if runs.any() else 0, B, seeds[-1], n)
+        stats[~runs, 1:] = np.nan
     reader = _stream.CountChunks(counts, src)
+    logger.info("resampling_test: %d pairs (%d genes, %d perturbations), %d resamples",
+                K, used.size, used_p.size, B)
+    bar = progress(total=K, desc="resampling_test pairs", unit="pair", verbose=verbose)
+    if full is not None:
+        bar.update(int(np.sum(~runs)))
     # a backed AnnData (or dask array): the gene data are held a chunk at a time
-    streamed = (resampling == "conditional" and distillation is None and isinstance(reader.A, MatrixReader)
-                and len(_chunked.gene_groups(used.size, n)) > 1)
-    if streamed:
-        logger.info("resampling_test: %d pairs (%d genes, %d perturbations), %d resamples, genes by chunks",
-                    K, used.size, used_p.size, B)
-        bar = progress(total=K, desc="resampling_test pairs", unit="pair", verbose=verbose)
-        coef, sizes = _chunked.streamed_test(reader, used, gpos, pj, X, T, Tcsc, covariates, family, size, propensity,
-                                     seeds, statistic, xp_dev, n_jobs, stats, bar, G)
+    if isinstance(reader.A, MatrixReader) and len(_chunked.gene_groups(used.size, n)) > 1:
+        logger.info("resampling_test: genes by chunks")
+        coef, sizes, zero = _chunked.streamed_test(
+            reader, used, gpos, pj, X, T, Tcsc, covariates, family, size, distillation, propensity, seeds, full,
+            None if full is None else runs, statistic, xp_dev, n_jobs, stats, bar, G)
     else:
         Yt, Ot, sizes = _chunked.gene_data(reader, used, covariates, family, size, distillation, n_jobs, G, n)
+        zero = ~np.any(Yt, axis=1)
         if family == "poisson":
             sizes = np.full(used.size, np.inf)
         phi = np.where(np.isfinite(sizes), 1.0 / sizes, 0.0)[gpos]  # per pair; 0: Poisson
         gshift = np.max(Ot, axis=1) if Ot.shape[1] else np.zeros(Ot.shape[0])
         coef, stats[:, 0] = _blocks.observed_statistics(Yt, Ot, gshift, gpos, pj, phi, Tcsc, statistic)
-        if resampling == "permutation":
-            rounds = iter([_blocks.permutation_blocks(n_treated, B, seeds[-1], n)[0]])
+        if full is not None:
+            rounds = iter([_blocks.permutation_blocks(n_treated[runs], full, np.flatnonzero(runs))])
         else:
             # the treatment models are fitted round by round of perturbations, each round's
             # pairs tested before the next round is fitted (see _stream)
             logger.info("resampling_test: treatment model of %d perturbations", used_p.size)
             rounds = _blocks.conditional_rounds(pj, T, X, propensity, seeds, B, n_jobs)
-        logger.info("resampling_test: %d pairs (%d genes, %d perturbations), %d resamples",
-                    K, used.size, used_p.size, B)
-        bar = progress(total=K, desc="resampling_test pairs", unit="pair", verbose=verbose)
         run = functools.partial(_blocks.run_block, Yt, Ot, gshift, gpos, phi, statistic, xp_dev)
         # blocks through skmixed._parallel: n_jobs threads, or the Dask client of
         # parallel_config (the GPU path stays in-process); run and the gene data it closes
@@ -279,14 +299,17 @@ def resampling_test(
                 del blocks  # this round's probabilities go before the next round is fitted
     bar.close()
     stats[n_treated == 0, 0] = np.nan
-
-    n_control = n - n_treated
-    flag = np.select(
-        [n_treated == 0, n_treated < min_treated, n_control == 0, n_control < min_treated],
-        ["no_treated_cells", "too_few_treated_cells", "no_control_cells", "too_few_control_cells"],
-        default="",
-    )
+    # a gene without a count has no distillation (its offsets run off to -inf) and no
+    # statistic: the Wald statistic would be -inf on every resample (p = 1), the score
+    # statistic ~0 against resamples of ~0 (p anywhere); not tested, not silently wrong
+    no_counts = zero[gpos]
+    empty = no_counts & (flag == "")  # a perturbation's flag, if any, comes first
+    flag[empty] = "all_zero_gene"
     untested = flag != ""
+    stats[untested, 1:] = np.nan
+    stats[no_counts, 0] = np.nan
+    coef = np.where(no_counts, np.nan, coef)
+    sizes = np.where(zero, np.nan, sizes)
     pv = resampling_pvalues(np.where(untested, np.nan, stats[:, 0]), stats[:, 1:], alternative)
     out = pd.DataFrame(
         {"gene": [genes[i] for i in gi], "perturbation": [perts[j] for j in pj], "n_treated": n_treated,
@@ -294,12 +317,13 @@ def resampling_test(
     )
     out = pd.concat([out, pv], axis=1)
     out["size"] = sizes[gpos]
-    out["flag"] = flag
+    out["flag"] = flag.astype(str)
     if untested.any():
         warnings.warn(
             f"{int(untested.sum())} of {K} pairs were not tested (fewer than min_treated={min_treated} "
             f"treated or untreated cells; {int(np.sum(n_treated == 0))} with no treated cell, "
-            f"{int(np.sum(n_control == 0))} with no untreated cell): their p-values are NaN, see the 'flag' column.",
+            f"{int(np.sum(n_control == 0))} with no untreated cell; {int(empty.sum())} of a gene without counts): "
+            "their p-values are NaN, see the 'flag' column.",
             UserWarning,
             stacklevel=2,
         )

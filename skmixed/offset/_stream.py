@@ -8,9 +8,11 @@ that a whole screen (200,000 cells, 2,000 genes, 6,600 perturbations) fits in me
 * Perturbations: the treatment probabilities are fitted a round of perturbations at a
   time, and a round's pairs are tested before the next round is fitted, so the
   (cells x perturbations) matrix of probabilities never exists whole.
-* Backed counts: the genes are not kept whole either; the treatment models' coefficients
-  are kept (:class:`Propensities`) and a perturbation's probabilities recomputed, bit for
-  bit, in the chunk of genes where its pairs are tested.
+* Backed counts (or a dask array): the genes are not kept whole either. Conditional
+  resampling keeps the treatment models' coefficients (:class:`Propensities`) and
+  recomputes a perturbation's probabilities, bit for bit, in the chunk of genes where its
+  pairs are tested; permutations test each chunk's pairs in that chunk. A given
+  distillation is read by the same chunks (its offsets' rows beside the chunk's counts).
 
 Chunks are whole chunks of :func:`distill` and :func:`treatment_probabilities` (the
 batched Newton solvers stop per batch), so the fitted values, hence the results, are
