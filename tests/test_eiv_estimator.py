@@ -234,3 +234,38 @@ def test_the_sklearn_checks_that_apply(check):
     from sklearn.utils import estimator_checks
 
     getattr(estimator_checks, check)("GLMEIV", GLMEIV())
+
+
+def test_stopping_rule_bounds_the_distance_to_the_mle(screen):
+    """tol bounds the log-likelihood still to gain, hence the distance to the MLE in standard
+    errors (sqrt(2 tol |loglik|)); a tighter tol lands on the same MLE."""
+    for j, fam in ((0, "negative_binomial"), (1, "poisson")):
+        a = _fit(GLMEIV(mrna_family=fam, random_state=0), screen, j)
+        b = _fit(GLMEIV(mrna_family=fam, tol=1e-15, random_state=0), screen, j)
+        se = b.results_["std_error"].to_numpy()
+        bound = np.sqrt(2 * 1e-10 * abs(b.loglik_))
+        assert np.max(np.abs(a.coef_[0] - b.coef_[0]) / se) <= bound
+        assert 0 <= b.loglik_ - a.loglik_ <= 1e-10 * abs(b.loglik_)
+        assert a.n_iter_ <= b.n_iter_
+
+
+def test_rejected_newton_steps_fall_back_to_the_m_step(screen, monkeypatch):
+    """A Newton step that loses log-likelihood is replaced by the M-step from the same point:
+    with every proposed step reversed (each one rejected) the path stays monotone and the
+    plain EM reaches the same MLE."""
+    import skmixed.eiv._em as em
+
+    good = _fit(GLMEIV(random_state=0), screen, 1)
+    check = em.newton_check
+
+    def reversed_steps(*args):
+        info, step, dec = check(*args)
+        return info, -step, dec
+
+    monkeypatch.setattr(em, "newton_check", reversed_steps)
+    model = _fit(GLMEIV(random_state=0), screen, 1)
+    path = model.loglik_path_
+    assert model.converged_ and np.all(np.diff(path) >= -1e-12 * np.abs(path[1:]))
+    se = good.results_["std_error"].to_numpy()
+    assert np.max(np.abs(model.coef_[0] - good.coef_[0]) / se) < 2 * np.sqrt(2 * 1e-10 * abs(good.loglik_))
+    np.testing.assert_allclose(model.results_["std_error"], se, rtol=1e-3)

@@ -147,3 +147,39 @@ def test_pair_batch_equals_one_pair_at_a_time_and_n_jobs(family, init, monkeypat
         se = alone.results_["std_error"].to_numpy()
         assert np.max(np.abs(together.coef_[j] - alone.coef_[0]) / se) < 1e-6
         assert together.loglik_[j] == pytest.approx(alone.loglik_, rel=1e-12)
+
+
+@pytest.mark.parametrize("family", ["poisson", "negative_binomial"])
+def test_newton_check_is_newton_on_the_marginal_loglik(family):
+    """The EM's convergence check: Louis's information from the E-step's pieces equals the
+    one computed afresh, the score is the gradient of the marginal log-likelihood (central
+    differences), and the decrement is ``S' I^{-1} S / 2`` for the returned step."""
+    from skmixed.eiv._em import newton_check
+    from skmixed.eiv._model import modality_estep
+
+    X, m, g, off, _ = _data(12, 800, pi=0.2, g_perturbation=np.log(2.0))
+    Z = np.column_stack([np.ones(len(X)), X.to_numpy()])
+    design = Design(Z)
+    om, og = off[["mrna"]].to_numpy(), off[["grna"]].to_numpy()
+    fm, fg = make_family(family, np.array([7.0])), make_family("poisson")
+    M, G = m.astype(float), g.astype(float)
+    const = normaliser(fm, M) + normaliser(fg, G)
+    theta = np.array([0.21, np.log(0.01), np.log(0.3), -0.1, np.log(0.005), np.log(2.1), 0.1])
+
+    def ll(th):
+        cm, cg = th[None, 1:4], th[None, 4:]
+        k0, k1 = component_logliks(fm, fg, M, G, base_eta(Z, cm, om), cm[:, 1], base_eta(Z, cg, og), cg[:, 1])
+        return e_step(k0, k1, th[:1], const)
+
+    cm, cg = theta[None, 1:4], theta[None, 4:]
+    T, _ = ll(theta)
+    stats = tuple(modality_estep(f, y, base_eta(Z, c, o), c[:, 1])[2] for f, y, c, o in ((fm, M, cm, om), (fg, G, cg, og)))
+    info, step, dec = newton_check(design, fm, fg, M, G, om, og, theta[:1], cm, cg, T, stats)
+    fresh = louis_information(design, fm, fg, M, G, om, og, theta[:1], cm, cg, T)
+    np.testing.assert_allclose(info, fresh, rtol=1e-10, atol=1e-10 * np.abs(fresh).max())
+    S = info[0] @ step[0]
+    h = 1e-6
+    grad = np.array([(ll(theta + e)[1][0] - ll(theta - e)[1][0]) / (2 * h) for e in np.eye(len(theta)) * h])
+    np.testing.assert_allclose(S, grad, rtol=1e-5, atol=1e-5 * np.abs(grad).max())
+    assert dec[0] == pytest.approx(0.5 * S @ step[0], rel=1e-12)
+    assert dec[0] > 0

@@ -5,9 +5,17 @@ modality, the weighted GLM of glmeiv's stacked 2n data (every cell once as unper
 weight ``1 - T`` and once as perturbed with weight ``T``). The stacked design never exists:
 its gradient and Gram matrix collapse to ``Z``-sums of the two halves
 (:meth:`Design.stacked_gram`), so a Newton step over B pairs costs a few (n, B) passes and
-one ``(n, q^2)`` matrix product. Each M-step runs Newton with a backtracking line search on
-the expected complete-data log-likelihood until the Newton decrement is below ``1e-10``:
-a (generalised) EM, hence coordinate ascent on the ELBO and a monotone log-likelihood.
+one ``(n, q^2)`` matrix product. Each M-step takes Newton steps with a backtracking line
+search on the expected complete-data log-likelihood: a (generalised) EM, hence coordinate
+ascent on the ELBO and a monotone log-likelihood.
+
+Near the maximum the EM is accelerated as Louis (1982) proposed: after each E-step, Louis's
+observed information ``I`` and the observed score ``S`` (the posterior mean of the
+complete-data score) give the Newton step ``I^{-1} S`` on the observed log-likelihood and
+its decrement ``S' I^{-1} S / 2``, the gain still to come. The decrement is the stopping
+rule; the Newton step replaces the next M-step where it increases the log-likelihood (the
+path stays monotone) and converges quadratically where the EM converges at the rate of the
+fraction of missing information (0.19 per iteration for NB mRNA and a weak gRNA).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import numpy as np
 
 from .._backend import get_namespace
 from .._families import NegativeBinomial
+from ._inference import louis_information, observed_pieces
 from ._model import base_eta, e_step, kernel, modality_estep, score_info, _shifted
 
 
@@ -105,9 +114,11 @@ class EMResult:
     T: np.ndarray  # (n, B) posteriors at the final parameters
     loglik: np.ndarray  # (B,)
     loglik_path: list  # one 1-D array per pair
-    n_iter: np.ndarray  # (B,) int: M-steps run
+    n_iter: np.ndarray  # (B,) int: steps run (M-steps and Newton steps)
     converged: np.ndarray  # (B,) bool
     n_flips: np.ndarray  # (B,) int: label switches done to keep pi <= 1/2
+    info: np.ndarray | None = None  # (B, k, k) host: Louis's information at the final parameters
+    n_newton: np.ndarray | None = None  # (B,) int: Newton steps accepted
 
 
 def _flip(T, xp):
@@ -117,58 +128,149 @@ def _flip(T, xp):
     return T, flip
 
 
+def _host(a):
+    return np.asarray(a if isinstance(a, np.ndarray) else a.get(), dtype=float)
+
+
+def newton_check(design, fm, fg, M, G, om, og, pi, cm, cg, T, stats):
+    """Louis's information ``I`` (B, k, k), the observed score ``S`` (Fisher's identity:
+    the complete-data score averaged over the posteriors) and, where ``I`` is positive
+    definite, the Newton step ``I^{-1} S`` and decrement ``S' I^{-1} S / 2``: the
+    log-likelihood gain a Newton step predicts, i.e. the distance to the maximum (NaN where
+    ``I`` is not positive definite: not in the maximum's concave region). Host arrays."""
+    xp = get_namespace(M)
+    n = M.shape[0]
+    sm, sg = stats
+    pieces = (observed_pieces(fm, *sm[:4]), observed_pieces(fg, *sg[:4]))
+    info = _host(louis_information(design, fm, fg, M, G, om, og, pi, cm, cg, T, pieces))
+    S0 = (xp.sum(T, axis=0) - n * pi) / (pi * (1.0 - pi))
+    Sm = design.stacked_grad((1.0 - T) * sm[0], T * sm[2])
+    Sg = design.stacked_grad((1.0 - T) * sg[0], T * sg[2])
+    S = np.concatenate([_host(S0)[:, None], _host(Sm), _host(Sg)], axis=1)
+    B, k = S.shape
+    step = np.full((B, k), np.nan)
+    dec = np.full(B, np.nan)
+    # the scales of pi (n / pi) and of the coefficients differ by 1e3-1e4: a Jacobi scaling
+    # before the eigenvalue test and the solve
+    d = np.sqrt(np.abs(np.diagonal(info, axis1=1, axis2=2)))
+    ok = np.all(np.isfinite(info), axis=(1, 2)) & np.all(d > 0, axis=1) & np.all(np.isfinite(S), axis=1)
+    if ok.any():
+        Is = info[ok] / d[ok][:, :, None] / d[ok][:, None, :]
+        w, V = np.linalg.eigh(Is)
+        pd_ = w[:, 0] > 1e-12 * w[:, -1]
+        g = S[ok] / d[ok]
+        x = np.einsum("bij,bj->bi", V, np.einsum("bji,bj->bi", V, g) / w)
+        st = x / d[ok]
+        rows = np.flatnonzero(ok)[pd_]
+        step[rows] = st[pd_]
+        dec[rows] = 0.5 * np.sum(st[pd_] * S[ok][pd_], axis=1)
+    return info, step, dec
+
+
 def run_full_em(design, fm, fg, M, G, om, og, const, pi, coef_m, coef_g, *, tol=1e-10, max_iter=200,
-                first_newton=50):
+                first_newton=50, newton=False):
     """EM from starting parameters (glmeiv's ``run_full_glmeiv_given_pilot_params``).
 
-    Convergence per pair when ``|ll_new - ll_old| / min(|ll_new|, |ll_old|) < tol``
-    (glmeiv's ``compute_tolerance``); converged pairs are frozen and dropped from the
-    work arrays. ``first_newton``: Newton steps of the first M-step (later ones take one).
+    ``newton=False``: convergence per pair when ``|ll_new - ll_old| / min(|ll_new|, |ll_old|)
+    < tol`` (glmeiv's ``compute_tolerance``). ``newton=True``: after every E-step from the
+    first M-step on, Louis's information and the observed score at the current parameters
+    (:func:`newton_check`); a pair has converged when the Newton decrement, the
+    log-likelihood still to gain, is below ``tol * |ll|`` (or, where the information is not
+    positive definite, by glmeiv's rule), and otherwise takes a Newton step on the observed
+    log-likelihood (Louis 1982) in place of the next M-step, kept only if the log-likelihood
+    increases (else the M-step is taken): the path stays monotone. The information at the
+    final parameters is returned for the standard errors. Converged pairs are frozen and
+    dropped from the work arrays. ``first_newton``: Newton steps of the first M-step (later
+    ones take one).
     """
     xp = get_namespace(M)
     B = M.shape[1]
     pi = xp.asarray(pi, dtype=float).copy()
     coef_m = coef_m.copy()
     coef_g = coef_g.copy()
+    p1 = coef_m.shape[1]
     T_out = xp.empty(M.shape)
     ll_out = xp.full(B, -xp.inf)
     n_iter = np.zeros(B, dtype=int)
+    n_newton = np.zeros(B, dtype=int)
     converged = np.zeros(B, dtype=bool)
     n_flips = np.zeros(B, dtype=int)
+    info_out = np.full((B, 1 + 2 * p1, 1 + 2 * p1), np.nan) if newton else None
     paths = [[] for _ in range(B)]
+    dev = (lambda a: a) if xp is np else xp.asarray
 
     def estep(idx, pi_a, cm, cg, Ma, Ga, fma, fga, oma, oga):
         # the M-step's first Newton step needs the score and information at these very
         # coefficients: computed here from the same means (stats), not in a second pass
         m0, m1, sm = modality_estep(fma, Ma, base_eta(design.Z, cm, oma), cm[:, 1])
         g0, g1, sg = modality_estep(fga, Ga, base_eta(design.Z, cg, oga), cg[:, 1])
-        T, ll = e_step(m0 + g0, m1 + g1, pi_a, const[idx if xp is np else xp.asarray(idx)])
+        T, ll = e_step(m0 + g0, m1 + g1, pi_a, const[dev(idx)])
         return T, ll, ((*sm, m0, m1), (*sg, g0, g1))
 
     active = np.arange(B)
     Ma, Ga, oma, oga, fma, fga = M, G, om, og, fm, fg
     T, ll, stats = estep(active, pi, coef_m, coef_g, Ma, Ga, fma, fga, oma, oga)
-    prev = np.asarray(ll, dtype=float).copy() if xp is np else ll.get()
+    prev = _host(ll).copy()
     for b in range(B):
         paths[b].append(float(prev[b]))
     T, flip = _flip(T, xp)
-    n_flips += np.asarray(flip if xp is np else flip.get(), dtype=int)
+    n_flips += _host(flip).astype(int)
+    step = None  # (active, k) host: the Newton steps proposed at the current parameters
     for it in range(1, max_iter + 1):
-        # M-step on the active pairs
-        pi_a = xp.mean(T, axis=0)
-        ax = active if xp is np else xp.asarray(active)  # device index
-        # after the first M-step the coefficients move little between EM iterations: one
-        # Newton step (from the previous M-step's optimum, in its quadratic region) leaves
-        # an error of the square of the move, and the EM (a generalised EM: Q still
+        ax = dev(active)
+        pi_c, cm_c, cg_c = pi[ax], coef_m[ax], coef_g[ax]
+        # the M-step. After the first the coefficients move little between EM iterations:
+        # one Newton step (from the previous M-step's optimum, in its quadratic region)
+        # leaves an error of the square of the move, and the EM (a generalised EM: Q still
         # increases) needs no more iterations for it; each further step would cost a pass
         steps = first_newton if it == 1 else 1
-        cm, _ = m_step_modality(design, fma, Ma, oma, T, coef_m[ax], max_newton=steps, first=stats[0])
-        cg, _ = m_step_modality(design, fga, Ga, oga, T, coef_g[ax], max_newton=steps, first=stats[1])
+        use = np.zeros(active.size, dtype=bool) if step is None else np.isfinite(step[:, 0])
+        T_c, stats_c = T, stats
+
+        def m_step(cols=None):
+            # the (generalised) M-step of the active pairs at positions cols (None: all)
+            if cols is None:
+                return (xp.mean(T_c, axis=0),
+                        m_step_modality(design, fma, Ma, oma, T_c, cm_c, max_newton=steps, first=stats_c[0])[0],
+                        m_step_modality(design, fga, Ga, oga, T_c, cg_c, max_newton=steps, first=stats_c[1])[0])
+            cx = dev(cols)
+            Tc = T_c[:, cx]
+            sm, sg = (tuple(a[:, cx] for a in st) for st in stats_c)
+            return (xp.mean(Tc, axis=0),
+                    m_step_modality(design, subset_family(fma, cx), Ma[:, cx], _cols(oma, cx), Tc, cm_c[cx],
+                                    max_newton=steps, first=sm)[0],
+                    m_step_modality(design, subset_family(fga, cx), Ga[:, cx], _cols(oga, cx), Tc, cg_c[cx],
+                                    max_newton=steps, first=sg)[0])
+
+        if use.any():
+            st = dev(np.nan_to_num(step))
+            pi_a, cm, cg = pi_c + st[:, 0], cm_c + st[:, 1:1 + p1], cg_c + st[:, 1 + p1:]
+            if not use.all():
+                u = dev(use)
+                em = m_step()
+                pi_a = xp.where(u, pi_a, em[0])
+                cm = xp.where(u[:, None], cm, em[1])
+                cg = xp.where(u[:, None], cg, em[2])
+        else:
+            pi_a, cm, cg = m_step()
+        T, ll, stats = estep(active, pi_a, cm, cg, Ma, Ga, fma, fga, oma, oga)
+        llh = _host(ll)
+        back = use & ~(llh >= prev[active])
+        if back.any():
+            # a Newton step that lost log-likelihood: the M-step from the same point instead
+            r = np.flatnonzero(back)
+            rx = dev(r)
+            pi_a[rx], cm[rx], cg[rx] = m_step(r)
+            Tr, llr, str_ = estep(active[r], pi_a[rx], cm[rx], cg[rx], Ma[:, rx], Ga[:, rx],
+                                  subset_family(fma, rx), subset_family(fga, rx), _cols(oma, rx), _cols(oga, rx))
+            T[:, rx], ll[rx] = Tr, llr
+            for a, b in zip(stats, str_):
+                for x, y in zip(a, b):
+                    x[:, rx] = y
+            llh[r] = _host(llr)
+        n_newton[active[use & ~back]] += 1
         pi[ax], coef_m[ax], coef_g[ax] = pi_a, cm, cg
         n_iter[active] = it
-        # E-step
-        T, ll, stats = estep(active, pi_a, cm, cg, Ma, Ga, fma, fga, oma, oga)
-        llh = np.asarray(ll if xp is np else ll.get(), dtype=float)
         for j, b in enumerate(active):
             paths[b].append(float(llh[j]))
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -177,24 +279,40 @@ def run_full_em(design, fm, fg, M, G, om, og, const, pi, coef_m, coef_g, *, tol=
         T_out[:, ax] = T
         ll_out[ax] = ll
         prev[active] = llh
+        step = None
+        if newton:
+            info, step, dec = newton_check(design, fma, fga, Ma, Ga, oma, oga, pi_a, cm, cg, T,
+                                           (stats[0], stats[1]))
+            info_out[active] = info
+            pdef = np.isfinite(dec)
+            done = np.where(pdef, dec < tol * np.abs(llh), done)
+            # a Newton step must keep pi inside (0, 1/2)
+            with np.errstate(invalid="ignore"):
+                pin = _host(pi_a) + step[:, 0]
+                step[~((pin > 0) & (pin < 0.5))] = np.nan
         T, flip = _flip(T, xp)
-        n_flips[active] += np.asarray(flip if xp is np else flip.get(), dtype=int)
-        if np.any(flip & done if xp is np else flip.get() & done):
-            done = done & ~np.asarray(flip if xp is np else flip.get())
+        fl = _host(flip).astype(bool)
+        n_flips[active] += fl
+        done &= ~fl
+        if step is not None:
+            step[fl] = np.nan  # the labels were swapped: the step was for the other labelling
         converged[active[done]] = True
         if done.all():
             break
         if done.any():
             keep = np.flatnonzero(~done)
             active = active[keep]
-            kx = keep if xp is np else xp.asarray(keep)
+            kx = dev(keep)
             T = T[:, kx]
             stats = tuple(tuple(a[:, kx] for a in st) for st in stats)
-            ax = active if xp is np else xp.asarray(active)
+            if step is not None:
+                step = step[keep]
+            ax = dev(active)
             Ma, Ga = M[:, ax], G[:, ax]
             oma, oga = _cols(om, ax), _cols(og, ax)
             fma, fga = subset_family(fm, ax), subset_family(fg, ax)
     return EMResult(
         pi=pi, coef_m=coef_m, coef_g=coef_g, T=T_out, loglik=ll_out,
         loglik_path=[np.asarray(p) for p in paths], n_iter=n_iter, converged=converged, n_flips=n_flips,
+        info=info_out, n_newton=n_newton,
     )

@@ -100,8 +100,13 @@ class GLMEIV(BaseEstimator):
         each), the best continued to convergence.
     n_restarts : int, default=15
     tol : float, default=1e-10
-        EM stops when the relative change of the log-likelihood is below ``tol``
-        (glmeiv's criterion; glmeiv's default 1e-4 stops short of the MLE).
+        The EM stops when the log-likelihood still to gain is below ``tol`` times its
+        absolute value: the gain a Newton step on the observed log-likelihood predicts,
+        ``S' I^{-1} S / 2`` with Louis's information ``I`` and the score ``S``. Every
+        estimate is then within ``sqrt(2 tol |loglik|)`` standard errors of the MLE (0.009
+        at 50,000 cells). Where ``I`` is not positive definite, glmeiv's rule: the relative
+        change of the log-likelihood below ``tol`` (glmeiv's default 1e-4 stops short of
+        the MLE).
     max_iter : int, default=500
         EM iterations per pair.
     n_jobs : int or None, default=None

@@ -15,7 +15,7 @@ import numpy as np
 
 from .._backend import get_namespace, to_host
 from ._em import run_full_em
-from ._inference import louis_information, wald_table
+from ._inference import wald_table
 from ._init import (
     COV_RANGE, G_INT_RANGE, G_PERT_RANGE, M_INT_RANGE, M_PERT_RANGE, PI_RANGE, reduced_em, select_best,
 )
@@ -118,7 +118,7 @@ def fit_block(Z, M, G, om, og, *, mrna_family, grna_family, mrna_size, grna_size
         # MLE than a converged M-step would (same iteration counts on the reference pairs,
         # estimates within 1e-9 SE), where a random start needs the converged M-step
         em = run_full_em(design, fm, fg, M, G, om, og, const, xp.asarray(pi0), coef_m0, coef_g0, tol=tol,
-                         max_iter=max_iter, first_newton=2)
+                         max_iter=max_iter, first_newton=2, newton=True)
         extra = {"init_em_iter": np.zeros(B, dtype=int)}
     else:
         # glmeiv's random restarts of the full EM (15 iterations, tol 1e-5), pairs x restarts as columns
@@ -145,10 +145,12 @@ def fit_block(Z, M, G, om, og, *, mrna_family, grna_family, mrna_size, grna_size
         sel = np.arange(B) * K + j
         selx = sel if xp is np else xp.asarray(sel)
         em = run_full_em(design, fm, fg, M, G, om, og, const, r.pi[selx], r.coef_m[selx], r.coef_g[selx],
-                         tol=tol, max_iter=max_iter)
+                         tol=tol, max_iter=max_iter, newton=True)
         pilot_ll = ll[np.arange(B), j]
         extra = {"init_em_iter": r.n_iter.reshape(B, K).sum(axis=1)}
-    info = louis_information(design, fm, fg, M, G, om, og, em.pi, em.coef_m, em.coef_g, em.T)
+    # Louis's information at the final parameters: computed by the EM's convergence check
+    info = em.info
+    extra["n_newton"] = em.n_newton
     est = np.concatenate([to_host(em.pi)[:, None], to_host(em.coef_m), to_host(em.coef_g)], axis=1)
     se, z, p, lo, hi = wald_table(est, info)
     return BlockResult(

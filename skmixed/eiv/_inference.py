@@ -16,14 +16,19 @@ import numpy as np
 from scipy.stats import norm
 
 from .._backend import get_namespace, to_host
+from .._families import NegativeBinomial
 from ._model import base_eta, observed_info
 
 Z975 = float(norm.ppf(0.975))
 
 
-def louis_information(design, fm, fg, M, G, om, og, pi, coef_m, coef_g, T):
+def louis_information(design, fm, fg, M, G, om, og, pi, coef_m, coef_g, T, pieces=None):
     """Observed information (B, k, k) in glmeiv's parameter order
-    ``[pi, m_intercept, m_perturbation, m_covs..., g_intercept, g_perturbation, g_covs...]``."""
+    ``[pi, m_intercept, m_perturbation, m_covs..., g_intercept, g_perturbation, g_covs...]``.
+
+    ``pieces``: per modality the score and observed information (with respect to the
+    linear predictor) of every cell at ``p = 0`` and ``p = 1``, ``(a0, c0, a1, c1)``, when
+    the E-step has them already (:func:`observed_pieces`); else computed here."""
     xp = get_namespace(M)
     B = M.shape[1]
     p1 = coef_m.shape[1]
@@ -31,13 +36,16 @@ def louis_information(design, fm, fg, M, G, om, og, pi, coef_m, coef_g, T):
     T0, T1 = 1.0 - T, T
     info = xp.zeros((B, k, k))
     dsc = {}
-    for sl, fam, y, off, coef, key in (
+    for j, (sl, fam, y, off, coef, key) in enumerate((
         (slice(1, 1 + p1), fm, M, om, coef_m, "m"),
         (slice(1 + p1, k), fg, G, og, coef_g, "g"),
-    ):
-        eta0 = base_eta(design.Z, coef, off)
-        a0, c0 = observed_info(fam, y, eta0)
-        a1, c1 = observed_info(fam, y, eta0 + coef[:, 1][None, :])
+    )):
+        if pieces is None:
+            eta0 = base_eta(design.Z, coef, off)
+            a0, c0 = observed_info(fam, y, eta0)
+            a1, c1 = observed_info(fam, y, eta0 + coef[:, 1][None, :])
+        else:
+            a0, c0, a1, c1 = pieces[j]
         info[:, sl, sl] = design.stacked_gram(T0 * c0, T1 * c1)
         dsc[key] = (a1 - a0, a1)
     info[:, 0, 0] = xp.sum(T1, axis=0) / pi**2 + xp.sum(T0, axis=0) / (1.0 - pi) ** 2
@@ -57,6 +65,17 @@ def louis_information(design, fm, fg, M, G, om, og, pi, coef_m, coef_g, T):
             D[off + 1] = a1
         info[b] -= (D * w[:, b][None, :]) @ D.T
     return info
+
+
+def observed_pieces(family, s0, i0, s1, i1):
+    """``(a0, c0, a1, c1)`` for :func:`louis_information` from the E-step's scores and
+    expected informations (:func:`~skmixed.eiv._model.modality_estep`), without a pass of
+    exponentials: Poisson's observed information is its expected one, NB's is
+    ``mu r (y + r) / (r + mu)^2 = i (1 + s / r)``."""
+    if isinstance(family, NegativeBinomial):
+        r = family.size
+        return s0, i0 * (1.0 + s0 / r), s1, i1 * (1.0 + s1 / r)
+    return s0, i0, s1, i1
 
 
 def wald_table(estimate, info):

@@ -205,7 +205,7 @@ def _log_ratio(pieces, b):
     return y * b - ypr * (xp.log1p(x * xp.exp(b)) - l0)
 
 
-def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_iter=3, merge=1e-2):
+def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_iter=3, merge=0.1):
     """glmeiv's ``run_reduced_em_algo`` for B pairs x K restarts at once.
 
     ``Lm``, ``Lg`` (n, B) are the pilot linear predictors (offsets of the reduced model);
@@ -213,7 +213,12 @@ def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_it
     array (the per-pair pieces broadcast over the restarts) until fewer than half are still
     running; the survivors are then gathered into (n, C) columns. A run that comes within
     ``merge`` of another run of the same pair (in log pi and both coefficients) is dropped:
-    the two would end in the same basin, and only the best run is used. Returns pi, m_pert,
+    the two would end in the same basin, and only the best run is used. 0.1 is about two
+    standard errors at 50,000 cells, while distinct maxima lie far apart (pi near 0 against
+    0.02, effects of opposite signs); with NB mRNA and a weak gRNA the runs of the main
+    basin approach each other slowly (the closed-form M-step is approximate there) and a
+    tighter 0.01 kept 15 runs a pass longer, where the full EM's Newton steps finish the
+    work anyway. Returns pi, m_pert,
     g_pert and the log-likelihood (parameter-dependent part; -inf for dropped and failed runs),
     each (B, K).
     """
@@ -339,13 +344,14 @@ def _dense_matrix(pm, pg):
 
 def _dense_pass(P, nb, pa, bma, bga, with_ll=True):
     """:func:`_reduced_pass` for every restart of every pair, (B, K) runs, through matrix
-    products: ``d = P W`` (+ the NB mRNA term), and the sums ``P' T`` and ``1' softplus(d)``.
+    products: ``d = W' P'`` (+ the NB mRNA term), and the sums ``T P`` and ``softplus(d) 1``.
 
-    The block temporaries are allocated once per pass (a fresh 256 KB array per operation
-    costs page faults comparable to the operation), and the column sums are matrix products
-    with P's column of ones: numpy's axis sums over the cells of a (rows, K) block are 10x
-    slower than the product. ``with_ll=False``: the softplus sum (the log-likelihood) is
-    left at 0."""
+    The block temporaries are (B, K, cells): every elementwise pass, the NB term's
+    broadcasts of per-cell pieces over the runs included, runs along contiguous cells (a
+    (cells, K) layout broadcasts over a trailing axis of K = 15, 10x slower). They are
+    allocated once per pass (a fresh 256 KB array per operation costs page faults
+    comparable to the operation), and the column sums are matrix products with P's column
+    of ones. ``with_ll=False``: the softplus sum (the log-likelihood) is left at 0."""
     xp = get_namespace(P)
     B, n, _ = P.shape
     K = pa.shape[1]
@@ -353,23 +359,23 @@ def _dense_pass(P, nb, pa, bma, bga, with_ll=True):
     with np.errstate(divide="ignore", invalid="ignore"):
         logit = xp.log(pa) - xp.log1p(-pa)
     m_lin = xp.zeros_like(bma) if nb is not None else -xp.expm1(bma)
-    W = xp.stack([bma, m_lin, bga, -xp.expm1(bga), logit], axis=1)  # (B, 5, K)
+    WT = xp.stack([bma, m_lin, bga, -xp.expm1(bga), logit], axis=2)  # (B, K, 5)
     if nb is not None:
-        ebm = xp.exp(bma)[:, None, :]
+        ebm = xp.exp(bma)[:, :, None]
     rows = max(64, _BLOCK // max(B * K, 1))
-    S = xp.zeros((B, 5, K))
-    sp_sum = xp.zeros((B, 1, K))
-    bufs = [xp.empty((B, min(rows, n), K), dtype=P.dtype) for _ in range(3)]
+    S = xp.zeros((B, K, 5))
+    sp_sum = xp.zeros((B, K, 1))
+    bufs = [xp.empty((B, K, min(rows, n)), dtype=P.dtype) for _ in range(3)]
     for s in range(0, n, rows):
         Pb = P[:, s:s + rows, :]
         m = Pb.shape[1]
-        if m != bufs[0].shape[1]:
+        if m != bufs[0].shape[2]:
             # the last, shorter block: contiguous buffers of its own (CuPy's ``out=``)
-            bufs = [xp.empty((B, m, K), dtype=P.dtype) for _ in range(3)]
+            bufs = [xp.empty((B, K, m), dtype=P.dtype) for _ in range(3)]
         d, x, u = bufs
-        xp.matmul(Pb, W, out=d)
+        xp.matmul(WT, Pb.transpose(0, 2, 1), out=d)
         if nb is not None:
-            xb, ypr, c0 = (a[:, s:s + rows, None] for a in nb)
+            xb, ypr, c0 = (a[:, None, s:s + rows] for a in nb)
             xp.multiply(xb, ebm, out=x)
             xp.log1p(x, out=x)
             x *= ypr
@@ -381,14 +387,13 @@ def _dense_pass(P, nb, pa, bma, bga, with_ll=True):
         xp.exp(x, out=x)
         xp.add(x, f(1.0), out=u)
         xp.divide(x, u, out=u)
-        PbT = Pb.transpose(0, 2, 1)
-        S += PbT @ u
+        S += u @ Pb
         if with_ll:
             xp.log1p(x, out=x)
             if float(xp.max(d)) > 35.0:
                 x[...] = xp.where(d > 35.0, d, x)
-            sp_sum += PbT[:, 4:5] @ x
-    return [sp_sum[:, 0], S[:, 4], S[:, 0], S[:, 1], S[:, 2], S[:, 3]]
+            sp_sum += x @ Pb[:, :, 4:5]
+    return [sp_sum[:, :, 0], S[:, :, 4], S[:, :, 0], S[:, :, 1], S[:, :, 2], S[:, :, 3]]
 
 
 def _cells(pieces, s, e):
