@@ -67,24 +67,30 @@ def test_stacked_gram_is_the_gram_of_the_stacked_design(seed):
     np.testing.assert_allclose(Design(Z).stacked_grad(a0, a1), want, rtol=1e-12, atol=1e-13 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("family", ["poisson", "negative_binomial"])
-def test_louis_information_is_the_hessian_of_the_marginal_loglik(family):
-    """Louis's formula against central differences of the marginal log-likelihood, at and
-    away from the MLE (the formula is exact anywhere, not only at the optimum)."""
-    X, m, g, off, _ = _data(11, 800, pi=0.2, g_perturbation=np.log(2.0))
+def _marginal(family, seed):
+    """A data set and its marginal log-likelihood ``ll(theta)`` -> (T, loglik) at glmeiv's
+    parameter vector ``[pi, m_int, m_pert, m_batch, g_int, g_pert, g_batch]``."""
+    X, m, g, off, _ = _data(seed, 800, pi=0.2, g_perturbation=np.log(2.0))
     Z = np.column_stack([np.ones(len(X)), X.to_numpy()])
-    design = Design(Z)
     om, og = off[["mrna"]].to_numpy(), off[["grna"]].to_numpy()
     fm, fg = make_family(family, np.array([7.0])), make_family("poisson")
     M, G = m.astype(float), g.astype(float)
     const = normaliser(fm, M) + normaliser(fg, G)
-    theta = np.array([0.22, np.log(0.01), np.log(0.3), -0.1, np.log(0.005), np.log(2.2), 0.1])
 
     def ll(th):
         cm, cg = th[None, 1:4], th[None, 4:]
         k0, k1 = component_logliks(fm, fg, M, G, base_eta(Z, cm, om), cm[:, 1], base_eta(Z, cg, og), cg[:, 1])
         return e_step(k0, k1, th[:1], const)
 
+    return Design(Z), fm, fg, M, G, om, og, ll
+
+
+@pytest.mark.parametrize("family", ["poisson", "negative_binomial"])
+def test_louis_information_is_the_hessian_of_the_marginal_loglik(family):
+    """Louis's formula against central differences of the marginal log-likelihood, at and
+    away from the MLE (the formula is exact anywhere, not only at the optimum)."""
+    theta = np.array([0.22, np.log(0.01), np.log(0.3), -0.1, np.log(0.005), np.log(2.2), 0.1])
+    design, fm, fg, M, G, om, og, ll = _marginal(family, 11)
     T, _ = ll(theta)
     info = louis_information(design, fm, fg, M, G, om, og, theta[:1], theta[None, 1:4], theta[None, 4:], T)[0]
     h = 1e-4
@@ -157,20 +163,9 @@ def test_newton_check_is_newton_on_the_marginal_loglik(family):
     from skmixed.eiv._em import newton_check
     from skmixed.eiv._model import modality_estep
 
-    X, m, g, off, _ = _data(12, 800, pi=0.2, g_perturbation=np.log(2.0))
-    Z = np.column_stack([np.ones(len(X)), X.to_numpy()])
-    design = Design(Z)
-    om, og = off[["mrna"]].to_numpy(), off[["grna"]].to_numpy()
-    fm, fg = make_family(family, np.array([7.0])), make_family("poisson")
-    M, G = m.astype(float), g.astype(float)
-    const = normaliser(fm, M) + normaliser(fg, G)
     theta = np.array([0.21, np.log(0.01), np.log(0.3), -0.1, np.log(0.005), np.log(2.1), 0.1])
-
-    def ll(th):
-        cm, cg = th[None, 1:4], th[None, 4:]
-        k0, k1 = component_logliks(fm, fg, M, G, base_eta(Z, cm, om), cm[:, 1], base_eta(Z, cg, og), cg[:, 1])
-        return e_step(k0, k1, th[:1], const)
-
+    design, fm, fg, M, G, om, og, ll = _marginal(family, 12)
+    Z = design.Z
     cm, cg = theta[None, 1:4], theta[None, 4:]
     T, _ = ll(theta)
     stats = tuple(modality_estep(f, y, base_eta(Z, c, o), c[:, 1])[2] for f, y, c, o in ((fm, M, cm, om), (fg, G, cg, og)))
