@@ -60,7 +60,7 @@ def test_dense_pass_without_loglik_keeps_the_m_step_sums():
 
 @pytest.mark.parametrize("opt_out", [False, True])
 def test_tune_malloc_sets_glibc_thresholds_once_unless_opted_out(monkeypatch, opt_out):
-    import skmixed.eiv._fit as fit_mod
+    import skmixed._malloc as malloc_mod
 
     calls = []
 
@@ -69,14 +69,26 @@ def test_tune_malloc_sets_glibc_thresholds_once_unless_opted_out(monkeypatch, op
             calls.append((param, value))
             return 1
 
-    monkeypatch.setattr(fit_mod, "_MALLOC_TUNED", [])
-    monkeypatch.setattr(fit_mod.sys, "platform", "linux")
-    monkeypatch.setattr(fit_mod.ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(malloc_mod, "_DONE", [])
+    monkeypatch.setattr(malloc_mod.sys, "platform", "linux")
+    monkeypatch.setattr(malloc_mod.ctypes, "CDLL", lambda name: FakeLibc())
     if opt_out:
         monkeypatch.setenv("SKMIXED_NO_MALLOPT", "1")
     else:
         monkeypatch.delenv("SKMIXED_NO_MALLOPT", raising=False)
-    fit_mod.tune_malloc()
-    fit_mod.tune_malloc()
+    first, second = malloc_mod.tune_malloc(), malloc_mod.tune_malloc()
     # M_MMAP_THRESHOLD (-3) and M_TRIM_THRESHOLD (-1) at glibc's dynamic maxima, set once
     assert calls == ([] if opt_out else [(-3, 32 * 2**20), (-1, 64 * 2**20)])
+    assert first is second is (not opt_out)
+
+
+def test_glmeiv_fit_tunes_malloc(monkeypatch):
+    import skmixed.eiv._estimator as est
+    from skmixed.eiv import GLMEIV, make_glmeiv_data
+
+    calls = []
+    monkeypatch.setattr(est, "tune_malloc", lambda: calls.append(1))
+    X, m, g, off, _ = make_glmeiv_data(600, 1, pi=0.2, random_state=0)
+    GLMEIV(mrna_family="poisson", n_restarts=3, random_state=0).fit(X, m, grna=g, offset=off["mrna"],
+                                                                    grna_offset=off["grna"])
+    assert calls == [1]

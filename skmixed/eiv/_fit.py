@@ -5,10 +5,6 @@ Arrays may be numpy or cupy (the namespace follows ``M``); the results come back
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import os
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,29 +21,6 @@ from ._model import as_design, join_coef, make_family, normaliser
 MIN_PERTURBED_CELLS = 10.0
 # the reduced EM holds (n, pairs, restarts) arrays: at most this many elements at once
 _REDUCED_ELEMENTS = 2**23
-
-
-_MALLOC_TUNED = []
-
-
-def tune_malloc():
-    """Keep glibc's freed array memory in the heap instead of unmapping it (once per process).
-
-    A fit allocates and frees thousands of (cells, pairs) temporaries of 0.1-30 MB. glibc
-    serves the ones above its mmap threshold with fresh pages: for one pair of 50,000 cells
-    that is 7,000-8,000 page faults, a third of the CPU time. The thresholds are set to the
-    maxima glibc's own dynamic rule reaches (mmap 32 MB, trim 64 MB), so the temporaries
-    reuse the pages of the previous ones. Other libcs, or ``SKMIXED_NO_MALLOPT=1``: nothing.
-    """
-    if _MALLOC_TUNED or os.environ.get("SKMIXED_NO_MALLOPT") or not sys.platform.startswith("linux"):
-        return
-    _MALLOC_TUNED.append(True)
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        return
-    mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD
-    mallopt(-1, 64 * 2**20)  # M_TRIM_THRESHOLD
 
 
 @dataclass
