@@ -71,13 +71,13 @@ def m_step_modality(design, family, y, offset, T, coef, *, max_newton=50, tol=1e
             grad = s0.T @ design.Z
             H = design.gram(i0)
         else:
-            if first is not None:
-                s0, i0, s1, i1, *kernels = first
-                first = None
-            else:
-                eta0 = base_eta(design.Z, coef, offset)
-                s0, i0 = score_info(family, y, eta0)
-                s1, i1 = score_info(family, y, eta0 + coef[:, 1][None, :])
+            if first is None:
+                # one exponential for both halves (mu1 = mu0 e^b); no kernels
+                k0, k1, si = modality_estep(family, y, base_eta(design.Z, coef, offset), coef[:, 1], kernels=False)
+                first = (*si, k0, k1)
+            s0, i0, s1, i1, k0, k1 = first
+            kernels = None if k0 is None else (k0, k1)
+            first = None
             grad = design.stacked_grad(w0 * s0, w1 * s1)
             H = design.stacked_gram(w0 * i0, w1 * i1)
         scale = xp.maximum(xp.max(xp.abs(xp.diagonal(H, axis1=1, axis2=2)), axis=1), 1.0)
@@ -97,12 +97,20 @@ def m_step_modality(design, family, y, offset, T, coef, *, max_newton=50, tol=1e
         t = xp.ones(coef.shape[0])
         for _ in range(40):
             trial = coef + t[:, None] * step
-            q_new = q_value(trial)
+            if plain:
+                q_new = q_value(trial)
+            else:
+                # the kernels at the trial and, from the same means, the next Newton
+                # step's score and information there
+                k0, k1, si = modality_estep(family, y, base_eta(design.Z, trial, offset), trial[:, 1])
+                q_new = xp.sum(w0 * k0 + w1 * k1, axis=0)
             ok = (q_new >= q_old - 1e-12 * xp.abs(q_old)) | (dec < tol)
             if bool(xp.all(ok)):
                 break
             t = xp.where(ok, t, 0.5 * t)
         coef, q_old = trial, q_new
+        if not plain:
+            first = (*si, k0, k1)
     return coef, False
 
 

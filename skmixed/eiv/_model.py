@@ -110,26 +110,30 @@ def _shifted(family, y, eta0, pert):
     return kernel(family, y, eta0 + pert[None, :])
 
 
-def modality_estep(family, y, eta0, pert):
+def modality_estep(family, y, eta0, pert, kernels=True):
     """One modality's E-step pieces and, from the same means, the first Newton step's.
 
     Returns ``(k0, k1, (s0, i0, s1, i1))``: the kernels at ``eta0`` and ``eta0 + pert``
     and the score and expected information at both (:func:`score_info`), which the
     M-step that follows needs at exactly these coefficients; one exponential serves all
     (``mu1 = mu0 e^b``; NB: ``softplus(eta - log r) = log1p(mu / r)``).
+    ``kernels=False``: the kernels are None (the Newton pieces alone).
     """
     xp = get_namespace(y)
     mu0 = safe_exp(eta0)
     mu1 = mu0 * xp.exp(xp.minimum(pert, 700.0))[None, :]
+    k0 = k1 = None
     if isinstance(family, Poisson):
-        k0 = y * eta0 - mu0
-        k1 = y * (eta0 + pert[None, :]) - mu1
+        if kernels:
+            k0 = y * eta0 - mu0
+            k1 = y * (eta0 + pert[None, :]) - mu1
         return k0, k1, (y - mu0, mu0, y - mu1, mu1)
     r = family.size
-    t0 = eta0 - xp.log(r)
-    ypr = y + r
-    k0 = y * t0 - ypr * xp.log1p(mu0 / r)
-    k1 = y * (t0 + pert[None, :]) - ypr * xp.log1p(mu1 / r)
+    if kernels:
+        t0 = eta0 - xp.log(r)
+        ypr = y + r
+        k0 = y * t0 - ypr * xp.log1p(mu0 / r)
+        k1 = y * (t0 + pert[None, :]) - ypr * xp.log1p(mu1 / r)
     q0, q1 = r / (r + mu0), r / (r + mu1)
     return k0, k1, ((y - mu0) * q0, mu0 * q0, (y - mu1) * q1, mu1 * q1)
 
