@@ -29,25 +29,12 @@ same code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from .._backend import get_namespace, safe_exp, sparse_csr, to_device
+from ._batched_reml import BatchResult, ScalarRemlMixin, _alloc_like, _scatter
 from ._design import distinct_rows
 from ._laplace import abs_eigen_step
-
-
-@dataclass
-class BatchResult:
-    theta: np.ndarray  # (G,)
-    beta: np.ndarray  # (G, p)
-    cov: np.ndarray  # (G, p, p) covariance of beta
-    deviance: np.ndarray  # (G,) Laplace deviance without the parameter-free terms
-    u: np.ndarray  # (G, L) spherical conditional modes
-    M: np.ndarray  # (G, L) diagonal of M at the mode
-    n_iter: int
-    converged: np.ndarray  # (G,) bool
 
 
 class LevelDesign:
@@ -88,7 +75,7 @@ class LevelDesign:
         return e, s, T
 
 
-class BatchedScalarLaplace:
+class BatchedScalarLaplace(ScalarRemlMixin):
     """Laplace deviance of ``G`` random-intercept Poisson GLMMs sharing ``design``.
 
     Parameters
@@ -184,141 +171,33 @@ class BatchedScalarLaplace:
         return XtVX - xp.swapaxes(AVX / M[:, :, None], 1, 2) @ AVX
 
     # -- REML (glmmTMB's REML = TRUE; see LaplaceProblem.joint_mode) ----------------
-    def frozen(self):
-        """(G, p) mask of the fixed effects of indicator-like columns without counts:
-        their estimate is -inf, and integrating them out over a flat prior diverges
-        (log det S -> -inf), so REML keeps them where the ML fit left them."""
-        xp = self.xp
-        nonneg = xp.all(self.d.Xd >= 0, axis=0)[None, :]
-        return nonneg & (self.XtY <= 0)
-
-    def _masked_schur(self, S, frozen):
-        """S with the frozen rows and columns replaced by those of the identity."""
-        xp = self.xp
-        rows = xp.flatnonzero(xp.any(frozen, axis=1))
-        if rows.size == 0:
-            return S
-        fz = frozen[rows]
-        keep = ~fz
-        S = S.copy()
-        S[rows] = S[rows] * (keep[:, :, None] & keep[:, None, :]) + xp.eye(self.p)[None, :, :] * fz[:, :, None]
-        return S
-
-    def joint_mode(self, theta, beta, u, max_iter=30):
-        """Per gene, the joint mode ``beta~`` of the penalised deviance at ``theta``, by
-        Newton steps on beta with the Schur complement (the profiled curvature; the
-        problem is convex in (u, beta)); a gene leaves the loop when its Newton
-        decrement is at round-off, its state evaluated at its final beta.
-        Returns ``beta~``, ``(u, M)`` at the mode, S and the expected count per level."""
-        xp = self.xp
-        beta, u = beta.copy(), u.copy()
-        M, m = xp.empty_like(u), xp.empty_like(u)
-        S = xp.empty((self.G, self.p, self.p))
-        act = xp.arange(self.G)
-        for it in range(max_iter + 1):
-            eng = self if act.size == self.G else self.subset(act)
-            e_a, s_a, T_a = self.d.rates(beta[act])
-            u_a, ex_a, M_a = eng.mode(theta[act], s_a, u[act])
-            fz = eng.frozen()
-            S_a = eng._masked_schur(eng.schur(theta[act], (u_a, ex_a, M_a, e_a, T_a)), fz)
-            u[act], M[act], S[act], m[act] = u_a, M_a, S_a, s_a * ex_a
-            if it == max_iter:
-                break
-            score = xp.where(fz, 0.0, eng.XtY - xp.sum(ex_a[:, :, None] * T_a, axis=1))  # X'(y - mu)
-            step = xp.linalg.solve(S_a, score[:, :, None])[:, :, 0]
-            # the Newton decrement, not the step: a cell group without counts has
-            # beta -> -inf, steps of one unit and a vanishing score
-            big = xp.max(xp.abs(step), axis=1)
-            moving = (xp.sum(score * step, axis=1) > 1e-20) & (big > 1e-13 * (1.0 + xp.max(xp.abs(beta[act]), axis=1)))
-            if not bool(xp.any(moving)):
-                break
-            step = step / xp.maximum(big, 1.0)[:, None]  # at most one unit on the log scale
-            act = act[moving]
-            beta[act] = beta[act] + step[moving]
-        return beta, (u, M), S, m
-
-    def reml_deviance(self, theta, beta, u):
-        """REML criterion per gene (the Laplace deviance at the joint mode plus
-        ``log det S``), with ``beta~`` and the state there."""
-        xp = self.xp
-        beta, state, S, m = self.joint_mode(theta, beta, u)
-        u, M = state
-        dev = -2.0 * (xp.sum(beta * self.XtY, axis=1) + xp.sum(theta[:, None] * self.ylev * u - m, axis=1))
-        sign, logdet_s = xp.linalg.slogdet(S)
-        dev = dev + xp.sum(u * u, axis=1) + xp.sum(xp.log(M), axis=1) + xp.where(sign > 0, logdet_s, xp.inf)
-        return dev, beta, state, S
-
-    def _reml_curvature(self, theta, beta, u):
-        """The criterion, its first and second derivatives in theta by central
-        differences, d beta~ / d theta, and the state at theta."""
-        xp = self.xp
-        h = 1e-4 * xp.maximum(1.0, xp.abs(theta))
-        f0, b0, st0, S0 = self.reml_deviance(theta, beta, u)
-        fp, bp, _, _ = self.reml_deviance(theta + h, b0, st0[0])
-        fm, bm, _, _ = self.reml_deviance(theta - h, b0, st0[0])
-        g = (fp - fm) / (2.0 * h)
-        H = (fp - 2.0 * f0 + fm) / (h * h)
-        J = (bp - bm) / (2.0 * h)[:, None]
-        return f0, g, H, J, b0, st0, S0
-
-    def fit_reml(self, theta0, beta0, u0, *, max_iter=100, hessian_cov=True):
-        """Minimise the REML criterion over each gene's theta (batched Newton on central
-        differences, theta reflected at 0, backtracking), from the ML fit."""
-        xp = self.xp
-        theta = xp.maximum(xp.abs(theta0), 0.05)  # theta = 0 is stationary by symmetry: start off it
-        beta, u = beta0.copy(), u0.copy()
-        done = xp.zeros(self.G, dtype=bool)
-        it = 0
-        for it, act, eng in self._rounds(done, max_iter):
-            th, b, uu = theta[act], beta[act], u[act]
-            f0, g, H, _, b0, st0, _ = eng._reml_curvature(th, b, uu)
-            # near the boundary the criterion is flat (quartic when its minimum is at 0)
-            # and Newton creeps: try theta = 0 itself
-            near = th < 1e-3
-            if bool(xp.any(near)):
-                f_zero = eng.reml_deviance(xp.zeros_like(th), b0, st0[0])[0]
-                at_zero = near & (f_zero <= f0 + 1e-10 * (1.0 + xp.abs(f0)))
-                g = xp.where(at_zero, 0.0, g)
-                H = xp.where(at_zero, 1.0, H)
-                th = xp.where(at_zero, 0.0, th)
-                theta[act[at_zero]] = 0.0
-            newton = H > 0
-            step = xp.where(newton, -g / xp.where(newton, H, 1.0), -xp.sign(g) * 0.5 * (th + 0.1))
-            step = xp.clip(step, -(1.0 + th), 1.0 + th)
-            small = (xp.abs(step) <= 1e-8 * (1.0 + th)) | (xp.abs(g * step) < 1e-11)
-            trial, (_, b_new, st_new, _), ok = eng._line_search(
-                lambda t: xp.abs(th + t * step),  # noqa: B023
-                lambda trial: eng.reml_deviance(trial, b0, st0[0]),  # noqa: B023
-                f0, lambda trial: g * (trial - th), small, xp.where(small, 0.0, 1.0), 40,  # noqa: B023
-            )
-            done[act] = small | ~ok
-            move = ok & ~small
-            rows = act[move]
-            theta[rows], beta[rows], u[rows] = trial[move], b_new[move], st_new[0][move]
-            beta[act[~move]], u[act[~move]] = b0[~move], st0[0][~move]
-        f, g, H, J, beta, state, S = self._reml_curvature(theta, beta, u)
-        converged = done & xp.isfinite(f)
-        cov = xp.linalg.inv(S)
-        if hessian_cov:
-            # glmmTMB's vcov under REML: the uncertainty of theta propagated to beta~
-            live = (theta > 1e-6) & (H > 0)
-            scale = xp.where(live, 2.0 / xp.where(live, H, 1.0), 0.0)
-            cov = cov + scale[:, None, None] * J[:, :, None] * J[:, None, :]
-        return BatchResult(theta, beta, cov, f, state[0], state[1], it, converged)
-
     def _line_search(self, trial_at, evaluate, f0, decrease, small, t, n_halvings):
         """Backtracking for every gene at once: ``t`` is halved where the trial point
-        ``trial_at(t)`` misses the Armijo condition ``f <= f0 + 1e-4 decrease(trial)``
-        (``evaluate(trial)[0]`` is f); genes marked ``small`` accept any step.
-        Returns the last trial, its evaluation and the mask of genes that succeeded."""
+        ``trial_at(t)`` misses the Armijo condition ``f <= f0 + 1e-4 decrease(rows,
+        trial)``; only those genes are evaluated again (``evaluate(rows, trial)``
+        evaluates the genes ``rows`` at their trials, ``f`` first); genes marked
+        ``small`` are not evaluated and accept any step. Returns the last trials, the
+        evaluations (None if no gene was evaluated; rows of ``small`` genes unset) and
+        the mask of genes that succeeded."""
         xp = self.xp
+        ok, out = small.copy(), None
+        pending = xp.flatnonzero(~small)
+        trial = trial_at(t)
         for _ in range(n_halvings):
-            trial = trial_at(t)
-            out = evaluate(trial)
-            ok = small | (out[0] <= f0 + 1e-4 * decrease(trial) + 1e-13 * xp.abs(f0))
-            if bool(xp.all(ok)):
+            if pending.size == 0:
                 break
-            t = xp.where(ok, t, 0.5 * t)
+            tp = trial[pending]
+            res = evaluate(pending, tp)
+            if out is None:
+                out = _alloc_like(res, t.shape[0], xp)
+            f0p = f0[pending]
+            good = res[0] <= f0p + 1e-4 * decrease(pending, tp) + 1e-13 * xp.abs(f0p)
+            hit = xp.flatnonzero(good)
+            ok[pending[hit]] = True
+            _scatter(out, pending[hit], res, hit)
+            pending = pending[~good]
+            t[pending] = 0.5 * t[pending]
+            trial = trial_at(t)
         return trial, out, ok
 
     def _grad_columns(self, params, u, du, h_rel, cols):
@@ -394,13 +273,16 @@ class BatchedScalarLaplace:
                 trial[:, 0] = xp.abs(trial[:, 0])  # reflected: theta and -theta fit alike
                 return trial
 
-            trial, (f_new, g_new, st_new, du_new), ok = eng._line_search(
-                trial_at, lambda trial: eng.evaluate(trial[:, 0], trial[:, 1:], st[0]),  # noqa: B023
-                fa, lambda trial: xp.sum(ga * (trial - pa), axis=1), small, t, 60,  # noqa: B023
+            trial, out, ok = eng._line_search(
+                trial_at, lambda r, trial: eng.subset(r).evaluate(trial[:, 0], trial[:, 1:], st[0][r]),  # noqa: B023
+                fa, lambda r, trial: xp.sum(ga[r] * (trial - pa[r]), axis=1), small, t, 60,  # noqa: B023
             )
             # no descent along the Newton direction: at round-off, stop there
             done[act] = small | ~ok
             move = ok & ~small
+            if out is None:
+                continue
+            f_new, g_new, st_new, du_new = out
             rows = act[move]
             params[rows], f[rows], g[rows], du[rows] = trial[move], f_new[move], g_new[move], du_new[move]
             for x, x_new in zip(state, st_new):
@@ -410,7 +292,8 @@ class BatchedScalarLaplace:
         converged = done & (xp.max(xp.abs(free_g), axis=1) < 1e-2)
         u, M = state[0], state[2]
         if reml:
-            res = self.fit_reml(params[:, 0], params[:, 1:], u, hessian_cov=hessian_cov)
+            res = self.fit_reml(params[:, 0], params[:, 1:], u, curvature=self._profiled_curvature(params, state, du),
+                                hessian_cov=hessian_cov)
             res.converged = res.converged & converged
             res.n_iter += it
             return res
