@@ -407,11 +407,15 @@ def _drop_duplicates(active, pair, pi, bm, bg, ll, tol):
     (relative for pi); their log-likelihood is set to -inf so that the survivor stands for them."""
     if active.size < 2:
         return active
-    key = np.column_stack([pair[active], np.log(np.maximum(pi[active], 1e-300)), bm[active], bg[active]])
-    q = np.round(key[:, 1:] / tol)
-    _, first = np.unique(np.column_stack([key[:, :1], q]), axis=0, return_index=True)
+    key = np.column_stack([pair[active], np.log(np.maximum(pi[active], 1e-300)) / tol, bm[active] / tol,
+                           bg[active] / tol])
+    key[:, 1:] = np.round(key[:, 1:])
+    # the first run of each (pair, cell) group: a stable sort, then the rows that differ
+    # from their predecessor (np.unique(axis=0) takes 0.5 ms on 15 rows)
+    order = np.lexsort(key.T[::-1])
+    ks = key[order]
     keep = np.zeros(active.size, dtype=bool)
-    keep[first] = True
+    keep[order[np.r_[True, np.any(ks[1:] != ks[:-1], axis=1)]]] = True
     ll[active[~keep]] = -np.inf
     return active[keep]
 
