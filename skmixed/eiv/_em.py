@@ -27,7 +27,7 @@ import numpy as np
 from .._backend import get_namespace
 from .._families import NegativeBinomial
 from ._inference import louis_information, observed_pieces
-from ._model import base_eta, e_step, kernel, modality_estep, score_info, _shifted
+from ._model import base_eta, e_step, glm_pieces, kernel, modality_estep, _shifted
 
 
 def subset_family(family, idx):
@@ -67,7 +67,9 @@ def m_step_modality(design, family, y, offset, T, coef, *, max_newton=50, tol=1e
     eye = xp.eye(coef.shape[1])[None]
     for _ in range(max_newton):
         if plain:
-            s0, i0 = score_info(family, y, design.Z @ coef.T + offset)
+            if first is None:
+                _, first = glm_pieces(family, y, design.Z @ coef.T + offset, kernels=False)
+            (s0, i0), first = first, None
             grad = s0.T @ design.Z
             H = design.gram(i0)
         else:
@@ -98,7 +100,9 @@ def m_step_modality(design, family, y, offset, T, coef, *, max_newton=50, tol=1e
         for _ in range(40):
             trial = coef + t[:, None] * step
             if plain:
-                q_new = q_value(trial)
+                # the kernel at the trial and, from the same means, the next step's pieces
+                k0, si = glm_pieces(family, y, design.Z @ trial.T + offset)
+                q_new = xp.sum(k0, axis=0)
             else:
                 # the kernels at the trial and, from the same means, the next Newton
                 # step's score and information there
@@ -109,8 +113,7 @@ def m_step_modality(design, family, y, offset, T, coef, *, max_newton=50, tol=1e
                 break
             t = xp.where(ok, t, 0.5 * t)
         coef, q_old = trial, q_new
-        if not plain:
-            first = (*si, k0, k1)
+        first = si if plain else (*si, k0, k1)
     return coef, False
 
 

@@ -122,20 +122,25 @@ def modality_estep(family, y, eta0, pert, kernels=True):
     xp = get_namespace(y)
     mu0 = safe_exp(eta0)
     mu1 = mu0 * xp.exp(xp.minimum(pert, 700.0))[None, :]
-    k0 = k1 = None
+    k0, (s0, i0) = _from_mean(family, y, eta0, mu0, kernels)
+    k1, (s1, i1) = _from_mean(family, y, eta0 + pert[None, :], mu1, kernels)
+    return k0, k1, (s0, i0, s1, i1)
+
+
+def glm_pieces(family, y, eta, kernels=True):
+    """The kernel (None if not ``kernels``) and ``(score, information)`` at ``eta`` from one
+    exponential: a line search's trial value and the next Newton step's pieces at once."""
+    return _from_mean(family, y, eta, safe_exp(eta), kernels)
+
+
+def _from_mean(family, y, eta, mu, kernels):
     if isinstance(family, Poisson):
-        if kernels:
-            k0 = y * eta0 - mu0
-            k1 = y * (eta0 + pert[None, :]) - mu1
-        return k0, k1, (y - mu0, mu0, y - mu1, mu1)
+        return (y * eta - mu if kernels else None), (y - mu, mu)
+    xp = get_namespace(y)
     r = family.size
-    if kernels:
-        t0 = eta0 - xp.log(r)
-        ypr = y + r
-        k0 = y * t0 - ypr * xp.log1p(mu0 / r)
-        k1 = y * (t0 + pert[None, :]) - ypr * xp.log1p(mu1 / r)
-    q0, q1 = r / (r + mu0), r / (r + mu1)
-    return k0, k1, ((y - mu0) * q0, mu0 * q0, (y - mu1) * q1, mu1 * q1)
+    k = y * (eta - xp.log(r)) - (y + r) * xp.log1p(mu / r) if kernels else None
+    q = r / (r + mu)
+    return k, ((y - mu) * q, mu * q)
 
 
 def posterior_and_softplus(d):
