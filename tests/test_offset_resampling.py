@@ -665,9 +665,8 @@ def test_backed_gene_chunks_do_not_change_results(chunk_screen, backed_screen, m
                                                    family, given):
     """Pairs spread over the genes (blocks straddling chunks, packs of small
     perturbations run in the chunk of their last gene), given or fitted propensities,
-    and NB sizes all infinite (the observed Wald statistics then take the Poisson
-    formula, known only once every chunk is distilled): the backed results equal the
-    in-memory ones to the last digit."""
+    and NB sizes all infinite (every pair's Wald information then takes the Poisson
+    formula): the backed results equal the in-memory ones to the last digit."""
     anndata = pytest.importorskip("anndata")
     import skmixed.offset._distill as R
 
