@@ -242,3 +242,22 @@ def test_streamed_degenerate_screen_on_dask_equals_in_process(degenerate):
             _check_flags(res, S_dask)
             pd.testing.assert_frame_equal(res, ref, check_exact=True)
             np.testing.assert_array_equal(S_dask, S)
+
+
+@pytest.mark.parametrize("resampling", ["conditional", "permutation"])
+def test_dask_array_counts_are_streamed_like_a_backed_file(degenerate, monkeypatch, resampling):
+    """A dask array of counts is read by the same chunks of genes (each read at most a
+    chunk) and gives the in-memory table, flags included, to the last digit."""
+    da = pytest.importorskip("dask.array")
+    counts, T, cov, pairs, _ = degenerate
+    by_position = [(int(g[4:]), p) for g, p in pairs]  # a dask array has no gene names
+    Y = counts.to_numpy()
+    with _Budgets(genes=1, read=3 * N_CELLS):
+        ref, S = _run(Y, T, cov, by_position, resampling=resampling)
+        spy = _Spy(monkeypatch)
+        res, S_dask = _run(da.from_array(Y, chunks=(N_CELLS, 4)), T, cov, by_position, resampling=resampling)
+        monkeypatch.undo()
+    assert max(spy.reads) == 3 and sum(spy.reads) == 10
+    assert (ref.flag == "all_zero_gene").sum() == 3
+    pd.testing.assert_frame_equal(res, ref, check_exact=True)
+    np.testing.assert_array_equal(S_dask, S)
