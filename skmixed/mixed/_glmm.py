@@ -8,101 +8,37 @@ import warnings
 import numpy as np
 import pandas as pd
 import scipy.linalg
-import scipy.sparse as sp
 import scipy.stats
 from sklearn.base import BaseEstimator, RegressorMixin
-from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+from sklearn.utils.validation import (
+    check_is_fitted,
+    validate_data,
+)
 
-from .._backend import get_namespace, is_cupy_array, to_host
+from .._backend import to_host
 from .._families import Poisson, check_counts
-from .._inputs import align_names, count_source, is_anndata, require_counts
 from .._progress import check_verbose
 from .._threads import one_blas_thread
 from ..glm._newton import fit_glm
 from ._contrast import FixedEffectsTests, GLMMSummary, _format_pvalues  # noqa: F401  (re-exported)
 from ._design import RandomEffectsDesign, RandomTerm, distinct_rows
+from ._glmm_checks import (  # noqa: F401 (re-exported)
+    _as_2d_groups,
+    _check_vector,
+    _check_weights,
+    _factor_codes,
+    _is_count_matrix,
+)
+from ._glmm_formula import FormulaMixin
+from ._glmm_many import ManyGenesMixin
 from ._inference import BetweenWithin
 from ._laplace import LaplaceProblem, warn_not_converged
-from ._multigene import as_count_matrix, fit_many, poisson_d2_by_column
+from ._multigene import fit_many, poisson_d2_by_column
 
 _SINGULAR_TOL = 1e-4  # lme4's isSingular() tolerance on the diagonal of theta
 
 
-def _is_count_matrix(y) -> bool:
-    """Several responses: a sparse matrix, AnnData, or a 2-D array with > 1 column."""
-    if sp.issparse(y) or is_anndata(y):
-        return True
-    if isinstance(y, (list, tuple)):
-        y = np.asarray(y)
-    shape = getattr(y, "shape", None)  # array-likes without a shape are single responses
-    return shape is not None and len(shape) == 2 and shape[1] > 1
-
-
-def _as_2d_groups(groups, n):
-    """Groups as a list of (name, values) columns."""
-    if isinstance(groups, pd.Series):
-        return [(str(groups.name) if groups.name is not None else "group", groups.to_numpy())]
-    if isinstance(groups, pd.DataFrame):
-        return [(str(c), groups[c].to_numpy()) for c in groups.columns]
-    arr = np.asarray(groups, dtype=object)
-    if arr.ndim == 1:
-        return [("group", arr)]
-    if arr.ndim == 2:
-        return [(f"group{j}" if arr.shape[1] > 1 else "group", arr[:, j]) for j in range(arr.shape[1])]
-    raise ValueError(f"groups must be 1-D or 2-D, got an array with {arr.ndim} dimensions.")
-
-
-def _factor_codes(name, values, n):
-    """Integer codes and sorted string levels of one grouping factor, validated."""
-    if values.shape[0] != n:
-        raise ValueError(f"groups has {values.shape[0]} rows but X has {n}.")
-    codes, levels = pd.factorize(values, sort=True)
-    if np.any(codes < 0):
-        raise ValueError(f"groups column {name!r} contains missing values.")
-    if len(levels) < 2:
-        raise ValueError(
-            f"groups column {name!r} has a single level ({levels[0]!r}); a variance "
-            "cannot be estimated from one group."
-        )
-    return codes.astype(np.int64), [str(v) for v in levels]
-
-
-def _check_weights(sample_weight, X):
-    if sample_weight is None:
-        return None
-    sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
-    if np.any(sample_weight < 0):
-        raise ValueError("sample_weight must be non-negative.")
-    return sample_weight
-
-
-def _check_vector(values, n, name):
-    if values is None:
-        return None
-    try:
-        v = np.asarray(values, dtype=float).reshape(-1)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be numeric values, one per row of X; got {type(values).__name__}.") from exc
-    if v.shape[0] != n:
-        raise ValueError(f"{name} has {v.shape[0]} entries but X has {n} rows.")
-    if not np.all(np.isfinite(v)):
-        raise ValueError(f"{name} must be finite; found {v[~np.isfinite(v)][0]!r}.")
-    return v
-
-
-def _parse_obs(parse_formula, formula, obs):
-    """``parse_formula`` on an AnnData's ``obs``: an unknown column is named with the
-    columns there are."""
-    try:
-        return parse_formula(formula, obs)
-    except ValueError as exc:
-        if str(exc).startswith("unknown column"):
-            cols = [str(c) for c in obs.columns]
-            raise ValueError(f"{exc}: the formula's variables are columns of data.obs, which has {cols}.") from exc
-        raise
-
-
-class PoissonGLMM(FixedEffectsTests, RegressorMixin, BaseEstimator):
+class PoissonGLMM(FormulaMixin, ManyGenesMixin, FixedEffectsTests, RegressorMixin, BaseEstimator):
     """Poisson generalised linear mixed model fitted by maximum marginal likelihood.
 
     ``y_i ~ Poisson(exp(x_i' beta + z_i' b + offset_i))`` with ``b ~ N(0, Sigma(theta))``,
@@ -534,86 +470,6 @@ class PoissonGLMM(FixedEffectsTests, RegressorMixin, BaseEstimator):
             message = (message + "; " if message else "") + "PIRLS did not converge at some evaluations"
         return beta, cov, theta, f, n_iter, converged, message
 
-    # ------------------------------------------------------------- many genes
-    def _fit_many(self, X, Y, groups, offset, sample_weight, arg="y"):
-        # CuPy input: the batched fits run on the GPU (the reduction runs on the host)
-        xp = get_namespace(Y.data if hasattr(Y, "tocsr") else Y, X)
-        Y, names, integer = as_count_matrix(Y, self.layer, arg)
-        X = to_host(X) if is_cupy_array(X) else X
-        X = validate_data(self, X, dtype=np.float64)
-        n = X.shape[0]
-        if Y.shape[0] != n:
-            raise ValueError(f"y has {Y.shape[0]} rows but X has {n}.")
-        if groups is None:
-            raise ValueError("groups is required when y holds several genes.")
-        factors = _as_2d_groups(groups, n)
-        if len(factors) != 1 or self.random_slopes or self.nagq != 1:
-            raise NotImplementedError(
-                "fitting many genes at once supports one grouping factor with a random "
-                "intercept and nagq=1; fit other models gene by gene."
-            )
-        if not integer:
-            warnings.warn("y contains non-integer values (see the single-gene fit).", UserWarning, stacklevel=3)
-        name, values = factors[0]
-        codes, levels = _factor_codes(name, values, n)
-        offset = _check_vector(offset, n, "offset")
-        sample_weight = _check_weights(sample_weight, X)
-        fixed = np.hstack([np.ones((n, 1)), X]) if self.fit_intercept else X
-        fixed_names = (["(Intercept)"] if self.fit_intercept else []) + self._feature_names()
-        _, first = distinct_rows([fixed])  # the rank of X is that of its distinct rows (160, not 68,627)
-        if np.linalg.matrix_rank(fixed[first]) < fixed.shape[1]:
-            raise ValueError("X (with the intercept) is rank deficient; drop aliased columns first.")
-        nobs = n if sample_weight is None else int(np.sum(sample_weight > 0))
-        _, cells = distinct_rows([fixed, codes[:, None].astype(float)])  # distinct (X row, level) pairs
-        self._ddf = BetweenWithin(fixed[cells], [(codes[cells], np.ones((cells.size, 1)))], nobs)
-        with one_blas_thread():
-            out = self._fit_many_core(
-                fixed, Y, codes, levels, offset, sample_weight,
-                names=names, fixed_names=fixed_names, group_name=name, vcov=self.vcov, xp=xp, integer=integer,
-                verbose=self.verbose, reml=bool(self.reml), term_df=self._ddf.df(np.eye(fixed.shape[1])),
-            )
-        self.formula_ = None
-        self.n_genes_ = len(names)
-        self.gene_names_ = np.asarray(names, dtype=object)
-        self.group_names_, self.group_levels_ = [name], {name: levels}
-        self.fixed_names_ = fixed_names
-        beta, cov = out["beta"], out["cov"]
-        se = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
-        if self.fit_intercept:
-            self.intercept_, self.coef_ = beta[:, 0], beta[:, 1:]
-            self.intercept_se_, self.coef_se_ = se[:, 0], se[:, 1:]
-        else:
-            self.intercept_, self.coef_ = np.zeros(len(names)), beta
-            self.intercept_se_, self.coef_se_ = np.zeros(len(names)), se
-        self.coef_cov_ = cov
-        self.theta_ = out["theta"][:, None]
-        self.loglik_ = out["loglik"]
-        self.loglik_saturated_ = out["saturated"]
-        self.converged_ = out["converged"]
-        self.flags_ = out["flag"]
-        self.n_iter_ = None
-        self.results_ = out["table"]
-        self.genes_ = out["genes"]
-        self.variance_components_ = out["genes"][["gene", "grp", "vcov", "sdcor"]].assign(var1="(Intercept)", var2=np.nan)[
-            ["gene", "grp", "var1", "var2", "vcov", "sdcor"]
-        ]
-        G, L = out["b"].shape
-        self.random_effects_ = pd.DataFrame(
-            {
-                "gene": np.repeat(self.gene_names_, L),
-                "grp": name,
-                "level": np.tile(np.asarray(levels, dtype=object), G),
-                "term": "(Intercept)",
-                "condval": out["b"].ravel(),
-                "condsd": out["condsd"].ravel(),
-            }
-        )
-        self._b_genes = out["b"]
-        n_bad = int(np.sum(out["flag"] == "not_converged"))
-        if n_bad:
-            warn_not_converged(f"{n_bad} of {G} genes (flag 'not_converged' in genes_)")
-        return self
-
     # ----------------------------------------------------------------- predict
     def _new_terms(self, X, groups):
         """Random terms of new data, coded against the training levels (-1 if unseen)."""
@@ -637,15 +493,6 @@ class PoissonGLMM(FixedEffectsTests, RegressorMixin, BaseEstimator):
             Z = np.column_stack(([np.ones(n)] if has_int else []) + [X[:, c] for c in slopes])
             terms.append(RandomTerm(grp, codes, levels, Z, names))
         return terms
-
-    def _new_terms_many(self, X, groups):
-        cols = _as_2d_groups(groups, X.shape[0])
-        if len(cols) != 1:
-            raise ValueError(f"groups has {len(cols)} columns; the model was fitted with one.")
-        labels = pd.Series(cols[0][1])
-        codes = pd.Index(self.group_levels_[self.group_names_[0]]).get_indexer(labels.astype(str))
-        codes[labels.isna().to_numpy()] = -1
-        return (codes,)
 
     def _random_part(self, terms, n):
         """``sum_j Z_j b_j[level]`` over terms; levels coded -1 (unseen, missing) add 0."""
@@ -690,165 +537,6 @@ class PoissonGLMM(FixedEffectsTests, RegressorMixin, BaseEstimator):
             eta += self._random_part(self._new_terms(X, groups), X.shape[0])
         return Poisson.mean(eta)
 
-    def _predict_formula_frame(self, X, groups, offset):
-        """``predict`` of a formula-fitted model: the data frame goes through the formula."""
-        if isinstance(X, pd.DataFrame) and groups is None and offset is None:
-            return self.predict_frame(X)
-        raise ValueError(
-            "this model was fitted from a formula: pass the data frame itself, predict(data) "
-            "(or predict_frame(data, re_form=False) for population-level predictions); the "
-            "formula builds X, the groups and the offset from it."
-        )
-
-    def _formula_response(self, X, y):
-        """``y``, or for a formula-fitted model scored on a data frame without ``y``, the
-        formula's response column."""
-        if y is not None or getattr(self, "formula_", None) is None or not isinstance(X, pd.DataFrame):
-            return y
-        y = self._parsed.transform(X).y
-        if y is None:
-            raise ValueError(f"the data frame has no response column for the formula {self.formula_!r}.")
-        return y
-
-    def predict_frame(self, data: pd.DataFrame, *, re_form: bool = True):
-        """Expected counts for a data frame, for a model fitted with :meth:`from_formula`.
-
-        Levels unseen in training get random effect 0 (lme4's ``allow.new.levels``);
-        ``re_form=False`` gives population-level predictions (lme4's ``re.form = NA``).
-        """
-        check_is_fitted(self)
-        if getattr(self, "formula_", None) is None:
-            raise ValueError("predict_frame needs a model fitted with PoissonGLMM.from_formula.")
-        new = self._parsed.transform(data)
-        eta = new.X @ np.nan_to_num(self.coef_)
-        if new.offset is not None:
-            eta = eta + new.offset
-        if re_form and self._b:
-            eta += self._random_part(new.terms, new.X.shape[0])
-        return Poisson.mean(eta)
-
-    @classmethod
-    def from_formula(cls, formula: str, data, *, sample_weight=None, **params):
-        """Fit a model given by an lme4 formula, e.g.
-        ``"ZEB2 ~ 0 + cell_group + offset(log(total_count)) + (1 | patient_assignment)"``.
-
-        Supports ``(1 | g)``, ``(1 + x | g)``, ``(1 + x || g)``, nesting ``(1 | a/b)``,
-        several (crossed) terms and ``offset()``; the fixed part goes through
-        formulaic. Coefficients are named as lme4 names them.
-
-        With an AnnData ``data`` (cells x genes) the formula's variables are columns
-        of ``data.obs`` and the counts come from the ``layer`` parameter's layer
-        (``layers["counts"]`` when present, else ``.X``; raw counts required):
-
-        - a formula without response, ``"~ 0 + cell_group + offset(log(total_count))
-          + (1 | patient)"``, fits every gene of ``data``, vectorised across genes as
-          :meth:`fit` does with a count matrix (one grouping factor with a random
-          intercept, Laplace); ``results_``, ``genes_`` and :meth:`contrast` are then
-          per gene, with the formula's coefficient names;
-        - a response that is a gene (a name in ``data.var_names``; else an ``obs``
-          column) fits that one gene, with everything the single-response fit gives.
-
-        Parameters
-        ----------
-        formula : str
-        data : DataFrame or AnnData
-        sample_weight : array-like, optional
-            Prior weights (lme4's ``weights``).
-        **params
-            Other estimator parameters (``nagq``, ``vcov``, ``layer``, ``verbose``, ...).
-
-        Returns
-        -------
-        model : PoissonGLMM
-            Fitted; for a single response ``formula_`` holds the formula (use
-            :meth:`predict_frame` to predict); for every gene of an AnnData,
-            ``gene_names_`` are its ``var_names``.
-
-        Examples
-        --------
-        >>> import anndata
-        >>> from skmixed import PoissonGLMM
-        >>> from skmixed.datasets import make_boland_like_counts
-        >>> cells, counts, truth = make_boland_like_counts(5, 2000, random_state=0)
-        >>> adata = anndata.AnnData(counts.tocsr(), obs=cells.astype({"total_count": float}))
-        >>> adata.obs_names = adata.obs_names.astype(str)
-        >>> adata.var_names = truth.gene.to_numpy()
-        >>> model = PoissonGLMM.from_formula(
-        ...     "~ 0 + cell_group + offset(log(total_count)) + (1 | patient_assignment)", adata)
-        >>> model.coef_.shape
-        (5, 20)
-        """
-        from ..formula import parse_formula, split_formula  # noqa: PLC0415
-
-        if is_anndata(data):
-            response = split_formula(formula)[0] if "~" in formula else None
-            obs = getattr(data, "obs", None)
-            if not isinstance(obs, pd.DataFrame):
-                raise ValueError("data is AnnData-like but has no .obs data frame for the formula's variables.")
-            if response is None:
-                return cls._from_formula_genes(formula, data, obs, sample_weight, params)
-            data = cls._anndata_frame(data, obs, response, params.get("layer"))
-            parsed = _parse_obs(parse_formula, formula, data)
-        elif params.get("layer") is not None:
-            raise ValueError(f"layer={params['layer']!r} applies to AnnData data only; data is a {type(data).__name__}.")
-        else:
-            parsed = parse_formula(formula, data)
-        if parsed.y is None:
-            raise ValueError(f"formula {formula!r} has no response.")
-        if not parsed.terms:
-            raise ValueError(f"formula {formula!r} has no random-effects term such as (1 | group).")
-        est = cls(**{"fit_intercept": False, **params})
-        est._validate_params()
-        est.formula_ = formula
-        est._parsed = parsed
-        est.n_features_in_ = parsed.X.shape[1]
-        est.group_names_ = list(dict.fromkeys(t.group for t in parsed.terms))
-        est.group_levels_ = {t.group: list(t.levels) for t in parsed.terms}
-        for t in parsed.terms:
-            if len(t.levels) < 2:
-                raise ValueError(f"grouping factor {t.group!r} has a single level; a variance cannot be estimated.")
-        return est._fit(parsed.X, parsed.y, parsed.terms, parsed.offset, sample_weight, parsed.fixed_names)
-
-    @staticmethod
-    def _anndata_frame(adata, obs, response, layer):
-        """``adata.obs`` with the response gene's counts as a column (a var name
-        first, else an existing obs column)."""
-        names = pd.Index(np.asarray(adata.var_names, dtype=object).astype(str))
-        if response not in names:
-            if response in obs.columns:
-                return obs
-            raise ValueError(
-                f"the formula's response {response!r} is neither a gene of data.var_names nor a column of "
-                "data.obs; leave the response out (\"~ ...\") to fit every gene."
-            )
-        src = count_source(adata, layer=layer, arg="data")
-        col = src.values[:, [int(names.get_loc(response))]]
-        y = np.asarray(col.toarray() if sp.issparse(col) else col, dtype=float).reshape(-1)
-        require_counts(src, bool(np.all(y == np.round(y))))
-        return obs.assign(**{response: y})
-
-    @classmethod
-    def _from_formula_genes(cls, formula, adata, obs, sample_weight, params):
-        """Every gene of an AnnData through the vectorised many-gene fit."""
-        from ..formula import parse_formula  # noqa: PLC0415
-
-        parsed = _parse_obs(parse_formula, formula, obs)
-        est = cls(**{"fit_intercept": False, **params})
-        est._validate_params()
-        terms = parsed.terms
-        if len(terms) != 1 or terms[0].names != ["(Intercept)"] or est.nagq != 1:
-            found = [f"({' + '.join('1' if v == '(Intercept)' else v for v in t.names)} | {t.group})" for t in terms]
-            found = found or ["none"]
-            raise ValueError(
-                f"formula {formula!r}: fitting every gene at once supports exactly one random intercept "
-                f"(1 | group) and nagq=1 (found random terms: {', '.join(found)}; nagq={est.nagq}). "
-                "Fit other models gene by gene with a response, e.g. \"GENE ~ ...\"."
-            )
-        (t,) = terms
-        groups = pd.Series(np.asarray(t.levels, dtype=object)[t.codes], name=t.group)
-        X = pd.DataFrame(parsed.X, columns=parsed.fixed_names)
-        return est._fit_many(X, adata, groups, parsed.offset, sample_weight, arg="data")
-
     def score(self, X, y=None, *, groups=None, offset=None, sample_weight=None):
         """Poisson D^2: the fraction of Poisson deviance explained.
 
@@ -872,22 +560,3 @@ class PoissonGLMM(FixedEffectsTests, RegressorMixin, BaseEstimator):
             raise ValueError(f"y has {y.shape[0]} values but X has {y_pred.shape[0]} rows.")
         w = _check_weights(sample_weight, y_pred[:, None])
         return float(poisson_d2_by_column(y[:, None], y_pred[:, None], w)[0])
-
-    def score_genes(self, X, y, *, groups=None, offset=None, sample_weight=None):
-        """Per-gene Poisson D^2 of a many-gene fit: a Series indexed by gene (NaN for
-        genes whose counts are all zero in ``y``)."""
-        check_is_fitted(self)
-        if getattr(self, "n_genes_", None) is None:
-            raise ValueError("score_genes needs a many-gene fit (y a count matrix); use score.")
-        named = is_anndata(y) or isinstance(y, pd.DataFrame)
-        Y, names, _ = as_count_matrix(y, self.layer)
-        order = align_names(names, self.gene_names_, arg="y") if named else None
-        if order is not None:
-            Y = Y[:, order]
-        if Y.shape[1] != self.n_genes_:
-            raise ValueError(f"y has {Y.shape[1]} genes; the model was fitted with {self.n_genes_}.")
-        mu = self.predict(X, groups=groups, offset=offset)
-        if Y.shape[0] != mu.shape[0]:
-            raise ValueError(f"y has {Y.shape[0]} rows but X has {mu.shape[0]}.")
-        w = _check_weights(sample_weight, mu)
-        return pd.Series(poisson_d2_by_column(Y, mu, w), index=pd.Index(self.gene_names_, name="gene"), name="d2")
