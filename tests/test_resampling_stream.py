@@ -179,7 +179,8 @@ def test_genes_without_counts_are_flagged_on_every_path(degenerate, monkeypatch,
     and from a backed file read by chunks of genes (with and without it)."""
     counts, T, cov, pairs, path = degenerate
     kw = dict(resampling=resampling, statistic=statistic)
-    dist = distill(counts, cov)
+    with pytest.warns(UserWarning, match="no counts"):
+        dist = distill(counts, cov)
     with _Budgets(genes=1, read=3 * N_CELLS):
         ref, S = _run(counts, T, cov, pairs, **kw)
         _check_flags(ref, S)
@@ -261,3 +262,29 @@ def test_dask_array_counts_are_streamed_like_a_backed_file(degenerate, monkeypat
     assert (ref.flag == "all_zero_gene").sum() == 3
     pd.testing.assert_frame_equal(res, ref, check_exact=True)
     np.testing.assert_array_equal(S_dask, S)
+
+
+@pytest.mark.parametrize("family", ["negative_binomial", "poisson"])
+def test_distillation_leaves_genes_without_counts_out(degenerate, family):
+    """A gene without counts has no fit (its intercept would run off to -inf, and its
+    Newton steps hold back its batch): NaN coef, offsets and NB size, a warning, and the
+    other genes' fits are those of the data without it, to the last digit (same batch
+    of the others)."""
+    from skmixed.offset._distill import NoCountsWarning
+
+    counts, T, cov, _, _ = degenerate
+    with pytest.warns(NoCountsWarning, match="1 gene"):
+        d = distill(counts, cov, family=family)
+    assert np.isnan(d.coef[3]).all() and np.isnan(d.offsets[:, 3]).all()
+    assert np.isnan(d.size[3]) if family == "negative_binomial" else d.size[3] == np.inf
+    ref = distill(counts.drop(columns="gene3"), cov, family=family)
+    np.testing.assert_array_equal(np.delete(d.coef, 3, axis=0), ref.coef)
+    np.testing.assert_array_equal(np.delete(d.offsets, 3, axis=1), ref.offsets)
+    np.testing.assert_array_equal(np.delete(d.size, 3), ref.size)
+    # resampling_test says it through the pairs' flag, with no warning from the arithmetic
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resampling_test(counts, T, cov, pairs=[("gene3", "pert0"), ("gene1", "pert0")], n_resamples=19, family=family,
+                        random_state=0)
+    kinds = {type(w.message).__name__ for w in caught}
+    assert kinds == {"UserWarning"}, [str(w.message) for w in caught]

@@ -69,6 +69,7 @@ def distill_chunk(reader, used, sl, covariates, family, size, n_jobs, G):
     fixed = None if size is None else np.broadcast_to(size, (G,))[used[sl]]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # one warning for all chunks
+        warnings.simplefilter("ignore", _distill.NoCountsWarning)  # the pairs' flag says it
         sub = _distill.distill(Yc.T, covariates, family=family, size=fixed, n_jobs=n_jobs)
     return Yc, sub.offsets.T, sub.size, int((~sub.converged).sum())
 

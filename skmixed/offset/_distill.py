@@ -25,6 +25,10 @@ from ._kernels import SIZE_MAX, moments_log_size, size_newton
 
 
 # ------------------------------------------------------------------- distillation
+class NoCountsWarning(UserWarning):
+    """Genes without counts were left out of the distillation (NaN results)."""
+
+
 @dataclass
 class Distillation:
     """Per-gene GLM of counts on the technical covariates.
@@ -39,6 +43,10 @@ class Distillation:
     coef : ndarray of shape (n_genes, 1 + n_covariates)
         Intercept and covariate coefficients.
     converged : ndarray of shape (n_genes,)
+
+    A gene without counts has no maximum-likelihood fit (the intercept tends to
+    ``-inf``): it is not fitted, its offsets, coef and NB size are NaN (its ``converged``
+    True), and :func:`distill` warns.
     """
 
     offsets: np.ndarray
@@ -93,13 +101,28 @@ def distill(counts, covariates=None, *, family="negative_binomial", size=None, m
 
     def fit_chunk(sl):
         Yc = Y[:, sl]
+        # a gene without counts has no finite fit (its intercept runs off to -inf, and
+        # its ~30 Newton steps would hold back the whole batch): left out, NaN
+        has = np.any(Yc != 0, axis=0)
+        if not has.all():
+            coef, conv, r = np.full((Yc.shape[1], X.shape[1]), np.nan), np.ones(Yc.shape[1], bool), np.full(
+                Yc.shape[1], np.nan if family == "negative_binomial" else np.inf)
+            fit = np.flatnonzero(has)
+            if fit.size:
+                coef[fit], conv[fit], r[fit] = fit_columns(Yc[:, fit], None if fixed is None else fixed[sl][fit])
+        else:
+            coef, conv, r = fit_columns(Yc, None if fixed is None else fixed[sl])
+        offsets[:, sl] = X @ coef.T
+        return sl, coef, conv, r, int(np.sum(~has))
+
+    def fit_columns(Yc, r_fixed):
         # for NB the Poisson fit is only a start (of the coefficients and the size)
         res = glm(X, Yc, _KernelLoglik(Poisson), tol=1e-6 if family == "negative_binomial" else 1e-10)
         coef, conv = res.coef, res.converged
         r = np.full(Yc.shape[1], np.inf)
         if family == "negative_binomial":
-            if fixed is not None:
-                r = fixed[sl].copy()
+            if r_fixed is not None:
+                r = r_fixed.copy()
                 res = glm(X, Yc, _KernelLoglik(NegativeBinomial(r)), coef0=coef)
                 coef, conv = res.coef, res.converged
             else:
@@ -113,18 +136,22 @@ def distill(counts, covariates=None, *, family="negative_binomial", size=None, m
                     r = r_new
                     if settled:
                         break
-        offsets[:, sl] = X @ coef.T
-        return sl, coef, conv, r
+        return coef, conv, r
 
     chunks = _stream.column_chunks(G, n)
     # one BLAS thread: the products here are thin (n x few), and a multithreaded BLAS
     # beside the chunk threads (or other work) spins instead of computing (seconds per
     # Gram on a loaded 2-core machine, against 20 ms)
+    empty = 0
     with one_blas_thread(), Engine(n_jobs=n_jobs, client=False) as pool:
-        for sl, coef, conv, r in pool.map(fit_chunk, chunks):
+        for sl, coef, conv, r, e in pool.map(fit_chunk, chunks):
             coefs[sl], converged[sl] = coef, conv
+            empty += e
             if family == "negative_binomial":
                 sizes[sl] = r
+    if empty:
+        warnings.warn(f"{empty} gene(s) have no counts: no GLM is fitted, their coef, offsets and size are NaN.",
+                      NoCountsWarning, stacklevel=2)
     if not converged.all():
         warnings.warn(
             f"the distillation GLM did not converge for {int((~converged).sum())} gene(s).",

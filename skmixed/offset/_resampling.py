@@ -320,10 +320,10 @@ def resampling_test(
     out["flag"] = flag.astype(str)
     if untested.any():
         warnings.warn(
-            f"{int(untested.sum())} of {K} pairs were not tested (fewer than min_treated={min_treated} "
-            f"treated or untreated cells; {int(np.sum(n_treated == 0))} with no treated cell, "
-            f"{int(np.sum(n_control == 0))} with no untreated cell; {int(empty.sum())} of a gene without counts): "
-            "their p-values are NaN, see the 'flag' column.",
+            f"{int(untested.sum())} of {K} pairs were not tested ({int(untested.sum() - empty.sum())} with fewer "
+            f"than min_treated={min_treated} treated or untreated cells, {int(np.sum(n_treated == 0))} of them with "
+            f"no treated cell and {int(np.sum(n_control == 0))} with no untreated cell; {int(empty.sum())} of a gene "
+            "without counts): their p-values are NaN, see the 'flag' column.",
             UserWarning,
             stacklevel=2,
         )
