@@ -134,8 +134,9 @@ class GLMEIV(BaseEstimator):
         ``run_delta_method``; NaN for ``pi``); ``gene`` and ``perturbation`` lead when
         several pairs are fitted.
     pairs_ : DataFrame
-        One row per pair: ``gene``, ``perturbation``, ``loglik``, ``n_iter`` (full-EM iterations
-        from the chosen start), ``n_iter_init`` (full-EM iterations spent on the random
+        One row per pair: ``gene``, ``perturbation``, ``loglik``, ``n_iter`` (full-EM steps
+        from the chosen start: M-steps, or Newton steps on the observed log-likelihood
+        near the maximum), ``n_iter_init`` (full-EM iterations spent on the random
         restarts of ``init="random"``; 0 for the accelerated start), ``converged``
         and the flags ``grna_zero``, ``mrna_zero``, ``no_grna_signal`` (the fitted gRNA effect is
         not significantly above 0, Wald z < 1.96: the perturbed component is not above background), ``pi_at_bound`` (the 95% interval of pi reaches the 1/2 bound: the
