@@ -448,7 +448,7 @@ def fit_offset_mean(Y, O, cols, *, family="negative_binomial", size=None, method
         fixed_phi = 1.0 / np.broadcast_to(np.asarray(to_host(size), dtype=float), (G,))
         fixed_phi = np.asarray(fixed_phi, like=Y)
     for gs in _gene_chunks(G, n):
-        Yc = np.ascontiguousarray(Y[:, gs])
+        Yc = np.ascontiguousarray(Y[:, gs], like=Y)
         Oc = O2 if O2.shape[1] == 1 else O2[:, gs]
         shift = np.max(Oc, axis=0)  # (1,) or (Gc,): exp(O - shift) <= 1 never overflows
         M = M_full = np.exp(Oc - shift)
