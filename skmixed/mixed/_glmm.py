@@ -15,7 +15,7 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
-from .._backend import to_host
+from .._backend import is_cupy_array, to_host
 from .._families import Poisson, check_counts
 from .._progress import check_verbose
 from .._threads import one_blas_thread
@@ -271,6 +271,7 @@ class PoissonGLMM(FormulaMixin, ManyGenesMixin, FixedEffectsTests, RegressorMixi
         if _is_count_matrix(y):
             return self._fit_many(X, y, groups, offset, sample_weight)
         self.n_genes_ = None
+        X, y = (to_host(a) if is_cupy_array(a) else a for a in (X, y))  # one gene: fitted on the host
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True)
         terms = None
         self.formula_ = None
