@@ -152,15 +152,10 @@ def newton_check(design, fm, fg, M, G, om, og, pi, cm, cg, T, stats):
     definite, the Newton step ``I^{-1} S`` and decrement ``S' I^{-1} S / 2``: the
     log-likelihood gain a Newton step predicts, i.e. the distance to the maximum (NaN where
     ``I`` is not positive definite: not in the maximum's concave region). Host arrays."""
-    xp = get_namespace(M)
-    n = M.shape[0]
     sm, sg = stats
     pieces = (observed_pieces(fm, *sm[:4]), observed_pieces(fg, *sg[:4]))
-    info = _host(louis_information(design, fm, fg, M, G, om, og, pi, cm, cg, T, pieces))
-    S0 = (xp.sum(T, axis=0) - n * pi) / (pi * (1.0 - pi))
-    Sm = design.stacked_grad((1.0 - T) * sm[0], T * sm[2])
-    Sg = design.stacked_grad((1.0 - T) * sg[0], T * sg[2])
-    S = np.concatenate([_host(S0)[:, None], _host(Sm), _host(Sg)], axis=1)
+    info, S = louis_information(design, fm, fg, M, G, om, og, pi, cm, cg, T, pieces, score=True)
+    info, S = _host(info), _host(S)
     B, k = S.shape
     step = np.full((B, k), np.nan)
     dec = np.full(B, np.nan)

@@ -207,6 +207,7 @@ class Design:
         # and BLAS reads the cells of each column contiguously in ``w' ZZ``
         ZT = xp.ascontiguousarray(Z.T)
         self.ZZ = xp.stack([ZT[a] * ZT[b] for a in range(self.q) for b in range(self.q)]).T
+        self.ZT = ZT  # Louis's information builds its rows from it
         self.xp = xp
         self.zi = z_index(self.q) if xp is np else xp.asarray(z_index(self.q))
 
