@@ -91,8 +91,9 @@ def streamed_test(reader, used, gpos, pj, X, T, Tcsc, covariates, family, size, 
     from the coefficients, and the rows of genes whose blocks are still to run are
     carried to the next chunk. Permutations (``full``: the shared ordered resamples,
     drawn once from their own seed): the pairs of a chunk's genes (those ``tested``)
-    are blocked and run in that chunk, nothing is carried (a pair's statistics do not depend on its
-    block-mates, see :func:`~skmixed.offset._blocks.permutation_blocks`). The genes are
+    are blocked and run in that chunk, nothing is carried (a pair's statistics do not
+    depend on its block-mates, see :func:`~skmixed.offset._blocks.permutation_blocks`).
+    The genes are
     read and distilled chunk by chunk (:func:`chunk_data`; only read, with a given
     ``distillation``). Every number is computed by the arithmetic of the resident path
     (same draws, same fits): the results are the same to the last digit. Fills
