@@ -288,3 +288,16 @@ def test_distillation_leaves_genes_without_counts_out(degenerate, family):
                         random_state=0)
     kinds = {type(w.message).__name__ for w in caught}
     assert kinds == {"UserWarning"}, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("resampling", ["conditional", "permutation"])
+def test_streamed_blocks_on_the_device_path(cis_screen, fake_cupy, resampling):
+    """``device="gpu"`` from a backed file (through the numpy-backed CuPy stand-in): the
+    streamed blocks take the device path and give the CPU's numbers to round-off."""
+    counts, treatment, cov, path = cis_screen
+    kw = dict(pairs=CIS, n_resamples=19, resampling=resampling, random_state=1, return_resampled=True)
+    with _Budgets(genes=2, read=4 * N_CELLS):
+        ref, S = resampling_test(_backed(path), treatment, cov, **kw)
+        dev, S_dev = resampling_test(_backed(path), treatment, cov, device="gpu", **kw)
+    pd.testing.assert_frame_equal(dev, ref, rtol=1e-10)
+    np.testing.assert_allclose(S_dev, S, rtol=1e-10)
