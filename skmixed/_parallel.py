@@ -46,6 +46,7 @@ import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
 
+from ._malloc import share_arena
 from ._progress import logger
 
 # read-only mapping as the default: a ContextVar's default is shared by every context
@@ -329,6 +330,7 @@ class Engine:
             return (func(c, *shared) for c in chunks)
         with self._lock:
             if self._pool is None:
+                share_arena()  # per-thread arenas re-fault their pages chunk after chunk
                 self._pool = ThreadPoolExecutor(max_workers=_threads(self.n_jobs))
         return self._pool.map(lambda c: func(c, *shared), chunks)
 
