@@ -20,6 +20,7 @@ from .._inputs import ColumnReader, MatrixReader, count_source, require_counts
 from .._malloc import tune_malloc
 from .._parallel import Engine, call_item
 from .._threads import one_blas_thread
+from . import _init
 from ._fit import MIN_PERTURBED_CELLS, draw_guesses, fit_block
 from ._inference import Z975, delta_method
 from ._init import fit_pilot
@@ -29,6 +30,30 @@ _FAMILIES = ("poisson", "negative_binomial")
 _INITS = ("accelerated", "random")
 # (n, pairs) arrays of one block stay below this many elements
 _BLOCK_ELEMENTS = 2**17
+# (n, columns) float64 elements of one block of y or grna columns read for the zero checks
+# and the pilot fits (32 MB): a backed y then costs one block, not n x genes-in-pairs
+_READ_ELEMENTS = 2**22
+
+
+def _read_width(n):
+    """Columns per read block: a whole number of :func:`fit_pilot`'s own blocks of columns,
+    so that fitting block by block repeats its numbers exactly."""
+    step = max(1, _init._PILOT_ELEMENTS // max(n, 1))
+    return step * max(1, _READ_ELEMENTS // (step * max(n, 1)))
+
+
+def _column_blocks(A, keep, n):
+    """``(positions in keep, A[:, keep[positions]])`` block after block of columns; ``A`` an
+    array or a :class:`~skmixed._inputs.ColumnReader` (which reads each block from its file)."""
+    width = _read_width(n)
+    for s in range(0, len(keep), width):
+        sl = slice(s, min(s + width, len(keep)))
+        yield sl, A[:, keep[sl]]
+
+
+def _all_zero(A, keep, n):
+    """Whether each column ``keep`` of ``A`` is zero in every cell (read by blocks)."""
+    return np.concatenate([np.zeros(0, bool)] + [~np.any(B > 0, axis=0) for _, B in _column_blocks(A, keep, n)])
 
 
 def _check_counts(arr, name, src):
@@ -324,8 +349,7 @@ class GLMEIV(BaseEstimator):
         gi = np.array([i for i, _ in idx])
         pj = np.array([j for _, j in idx])
         ug, up = np.unique(gi), np.unique(pj)
-        zero_m = ~np.any(Y[:, ug] > 0, axis=0)
-        zero_g = ~np.any(Gr[:, up] > 0, axis=0)
+        zero_m, zero_g = _all_zero(Y, ug, n), _all_zero(Gr, up, n)
         if len(idx) == 1 and zero_g[0]:
             raise ValueError("grna is zero in every cell: the perturbation cannot be detected.")
         if len(idx) == 1 and zero_m[0]:
@@ -345,14 +369,10 @@ class GLMEIV(BaseEstimator):
         # pilot fits, once per gene and per perturbation (the accelerated initialisation's
         # precomputation; also where an NB size is estimated)
         ok_g, ok_p = ug[~zero_m], up[~zero_g]
-        def cols(A, keep):  # no copy when every column is kept
-            whole = len(keep) == A.shape[1] and np.all(keep == np.arange(A.shape[1]))
-            return A if whole and not isinstance(A, ColumnReader) else A[:, keep]
-
-        pm = self._pilot(pool, Zd, dev(cols(Y, ok_g)), dev(Om if Om.shape[1] == 1 else Om[:, ok_g]),
-                         self.mrna_family, self._size_for(self.mrna_size, ok_g, Y.shape[1], "mrna_size"))
-        pg = self._pilot(pool, Zd, dev(cols(Gr, ok_p)), dev(Og if Og.shape[1] == 1 else Og[:, ok_p]),
-                         self.grna_family, self._size_for(self.grna_size, ok_p, Gr.shape[1], "grna_size"))
+        pm = self._pilot_blocks(pool, Zd, dev, Y, ok_g, Om, self.mrna_family,
+                                self._size_for(self.mrna_size, ok_g, Y.shape[1], "mrna_size"))
+        pg = self._pilot_blocks(pool, Zd, dev, Gr, ok_p, Og, self.grna_family,
+                                self._size_for(self.grna_size, ok_p, Gr.shape[1], "grna_size"))
         gpos = {g: k for k, g in enumerate(ok_g)}
         ppos = {p: k for k, p in enumerate(ok_p)}
         good = np.array([(i in gpos) and (j in ppos) for i, j in idx])
@@ -382,10 +402,12 @@ class GLMEIV(BaseEstimator):
             G = dev(Gr[:, pj[block]])
             om = dev(Om if Om.shape[1] == 1 else Om[:, gi[block]])
             og = dev(Og if Og.shape[1] == 1 else Og[:, pj[block]])
+            # the pilots' linear predictors, as fit_pilot computes them, for this block only
+            cm, cg = pm[0][bix], pg[0][bpx]
             return fit_block(
                 Zd, M, G, om, og, mrna_family=self.mrna_family, grna_family=self.grna_family,
-                mrna_size=None if pm[2] is None else pm[2][bix], grna_size=None if pg[2] is None else pg[2][bpx],
-                pilot_m=(pm[0][bix], pm[1][:, bix]), pilot_g=(pg[0][bpx], pg[1][:, bpx]),
+                mrna_size=None if pm[1] is None else pm[1][bix], grna_size=None if pg[1] is None else pg[1][bpx],
+                pilot_m=(cm, Zd.Z @ cm.T + om), pilot_g=(cg, Zd.Z @ cg.T + og),
                 guesses=guesses, init=self.init, tol=self.tol, max_iter=self.max_iter,
             )
 
@@ -405,9 +427,9 @@ class GLMEIV(BaseEstimator):
             for t, pth in zip(block, r.loglik_path):
                 paths[t] = pth
         if msize is not None and good.any():
-            msize[good] = to_host(pm[2])[[gpos[gi[t]] for t in where]]
+            msize[good] = to_host(pm[1])[[gpos[gi[t]] for t in where]]
         if gsize is not None and good.any():
-            gsize[good] = to_host(pg[2])[[ppos[pj[t]] for t in where]]
+            gsize[good] = to_host(pg[1])[[ppos[pj[t]] for t in where]]
         self._finish(idx, gnames, pnames, gi, pj, zero_m, zero_g, ug, up, est, tables, loglik, n_iter, converged,
                      paths, msize, gsize, n, init_iter)
 
@@ -420,6 +442,22 @@ class GLMEIV(BaseEstimator):
         if s.shape[0] != width:
             raise ValueError(f"{name} has {s.shape[0]} entries for {width} columns.")
         return s[cols]
+
+    def _pilot_blocks(self, pool, Zd, dev, A, keep, O, family, size):
+        """``(coef (C, q), size (C,) or None)`` of the pilot fits of the columns ``keep`` of
+        ``A``, read and fitted a block of columns at a time (the pilot GLMs are per column:
+        the numbers are those of one call on every column). Their linear predictors, an
+        (n, C) array, are not kept: each block of pairs recomputes its own."""
+        parts = []
+        for sl, B in _column_blocks(A, keep, Zd.n):
+            o = O if O.shape[1] == 1 else O[:, keep[sl]]
+            coef, _, sz, _ = self._pilot(pool, Zd, dev(B), dev(o), family, None if size is None else size[sl])
+            parts.append((coef, sz))
+        if not parts:
+            return get_namespace(Zd.Z).zeros((0, Zd.q)), None
+        xp = get_namespace(parts[0][0])
+        return xp.concatenate([c for c, _ in parts]), None if parts[0][1] is None else xp.concatenate(
+            [z for _, z in parts])
 
     @staticmethod
     def _pilot(pool, Z, Y, O, family, size):
