@@ -331,6 +331,75 @@ def test_zinbwave_transform_and_obsm_of_backed(zinb, tmp_path):
                                m.transform(anndata.AnnData(new, var=backed.var)), rtol=1e-8, atol=1e-10)
 
 
+def _spy_results(monkeypatch, method, pick):
+    """Wrap ``ChunkWork.<method>``: before each call, count the results of earlier calls
+    still alive (weak references to ``pick(result)``). Returns the list of counts."""
+    import weakref  # noqa: PLC0415
+
+    from skmixed.zinb._chunks import ChunkWork  # noqa: PLC0415
+
+    original = getattr(ChunkWork, method)
+    refs, alive = [], []
+
+    def spy(self, *args, **kw):
+        alive.append(sum(r() is not None for r in refs))
+        out = original(self, *args, **kw)
+        refs.append(weakref.ref(pick(out)))
+        return out
+
+    monkeypatch.setattr(ChunkWork, method, spy)
+    return alive
+
+
+@pytest.mark.parametrize("source", ["memory", "backed"])
+def test_zinbwave_passes_hold_one_chunk_result_at_a_time(zinb, monkeypatch, source):
+    """A pass over the chunks of cells consumes each chunk's result before computing the
+    next: the per-gene sums of the cell pass, the trial pass and the likelihood passes,
+    and the corrections of the moved genes, are never a list over every chunk (at
+    200,000 cells x 1,000 genes, K = 10, such lists cost 0.1-0.25 GiB each)."""
+    Y, paths = zinb
+    counts = {
+        "cell_pass": _spy_results(monkeypatch, "cell_pass", lambda r: r[1]["ll"]),
+        "trial": _spy_results(monkeypatch, "trial", lambda r: r[0]),
+        "loglik": _spy_results(monkeypatch, "loglik", lambda r: r),
+        "moved": _spy_results(monkeypatch, "moved", lambda r: r[0]),
+    }
+    data = Y if source == "memory" else anndata.read_h5ad(paths["csr"], backed="r")
+    m = _zfit(data, n_components=4, batch_size=50)  # 7 chunks; some genes' steps are halved
+    assert m.n_iter_ == ZKW["max_iter"]
+    for method, alive in counts.items():
+        # the previous chunk's result may still be bound in the consumer's loop
+        assert len(alive) >= 7 and max(alive) <= 1, (method, max(alive))
+
+
+def test_zinbwave_streamed_without_kept_cell_statistics_equals_in_memory(zinb, monkeypatch):
+    """A streamed fit whose cells' Newton statistics would outgrow one chunk's
+    evaluation recomputes them in each cell pass instead of keeping them (memory bounded
+    by the chunk and the parameters): the same fit as in memory, to rounding."""
+    from skmixed.zinb import _optimize  # noqa: PLC0415
+    from skmixed.zinb._stream import StreamedCounts  # noqa: PLC0415
+
+    Y, paths = zinb
+    ref = _zfit(Y, common_dispersion=False)
+    streamed = StreamedCounts(MatrixReader.from_array(Y), batch_size=70)
+    assert _optimize.keep_cell_stats(streamed, 2 + 2) and _optimize.keep_cell_stats(Y, 2 + 2)
+    monkeypatch.setattr(_optimize, "STATS_PER_CHUNK_ENTRY", 0)
+    assert not _optimize.keep_cell_stats(streamed, 2 + 2)
+    kept = []
+    original = _optimize.Optimizer.gene_step
+
+    def gene_step(self, P, acc):
+        out = original(self, P, acc)
+        kept.append(self._cache is not None)
+        return out
+
+    monkeypatch.setattr(_optimize.Optimizer, "gene_step", gene_step)
+    trials = _spy_results(monkeypatch, "trial", lambda r: r[0])
+    m = _zfit(anndata.read_h5ad(paths["csr"], backed="r"), common_dispersion=False)
+    _same_zinb(m, ref)
+    assert kept and not any(kept) and not trials  # likelihood passes in place of trial passes
+
+
 @settings(max_examples=4, deadline=None)
 @given(batch=st.integers(40, 400), common=st.booleans())
 def test_zinbwave_backed_equals_in_memory_for_any_chunk_size(zinb, batch, common):
@@ -421,6 +490,45 @@ def test_glmeiv_from_backed_reads_only_the_columns_in_pairs(eiv, monkeypatch):
     assert all(set(cols) <= ({2, 5, 6} if w == "y.X" else {2, 5}) for w, cols in reads)
     # the blocks of pairs read their own columns (here one block: the four pairs' columns)
     assert ("y.X", [2, 5, 6]) in reads and ("grna.X", [2, 5]) in reads
+
+
+def test_glmeiv_pilot_reads_a_block_of_columns_at_a_time(eiv, monkeypatch):
+    """The zero checks and the pilot fits read y and grna a block of columns at a time
+    (here 2 columns: read budgets of 2 x 6,000 elements, pilot blocks of 1 column), never
+    every gene in pairs at once; the pilot's linear predictors are not kept (n, genes)
+    but recomputed per block of pairs. The fit equals the in-memory fit with the default
+    blocks to 1e-10."""
+    import skmixed.eiv._estimator as eiv_estimator  # noqa: PLC0415
+    import skmixed.eiv._init as eiv_init  # noqa: PLC0415
+
+    data, mpath, gpath = eiv
+    pairs = EIV_PAIRS + [("gene0", "grna2"), ("gene1", "grna5"), ("gene7", "grna6"), ("gene4", "grna6")]
+    ref = _eiv_fit(data, data["y"], data["grna"], pairs)
+    monkeypatch.setattr(eiv_init, "_PILOT_ELEMENTS", 6000)
+    monkeypatch.setattr(eiv_estimator, "_READ_ELEMENTS", 2 * 6000)
+    monkeypatch.setattr(eiv_estimator, "_BLOCK_ELEMENTS", 2 * 6000)  # blocks of 2 pairs
+    reads, pilots = [], []
+    original = MatrixReader.columns
+
+    def columns(self, sel):
+        reads.append((self.where, len(np.arange(self.shape[1])[sel])))
+        return original(self, sel)
+
+    original_pilot = eiv_estimator.fit_pilot
+
+    def fit_pilot(Z, Y, *args, **kw):
+        pilots.append(Y.shape[1])
+        return original_pilot(Z, Y, *args, **kw)
+
+    monkeypatch.setattr(MatrixReader, "columns", columns)
+    monkeypatch.setattr(eiv_estimator, "fit_pilot", fit_pilot)
+    m = _eiv_fit(data, anndata.read_h5ad(mpath, backed="r"), anndata.read_h5ad(gpath, backed="r"), pairs)
+    _same_eiv(m, ref)
+    assert max(n for _, n in reads) == 2 and max(pilots) == 2
+    # 6 genes and 3 gRNAs in pairs: 3 + 2 blocks for the zero checks, again for the pilots
+    assert sum(n for w, n in reads if w == "y.X") >= 2 * 6 and sum(n for w, n in reads if w == "grna.X") >= 2 * 3
+    in_memory = _eiv_fit(data, data["y"], data["grna"], pairs)  # the same blocks in memory
+    pd.testing.assert_frame_equal(in_memory.results_, m.results_)
 
 
 def test_glmeiv_from_dask_arrays_equals_in_memory(eiv):

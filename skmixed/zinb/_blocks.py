@@ -90,6 +90,25 @@ class BlockPlan:
         return H
 
 
+def assemble_sym(S, P):
+    """Symmetric (units, P, P) matrices from their upper triangles ``S`` (units,
+    P(P+1)/2), in ``numpy.triu_indices(P)`` order."""
+    xp = get_namespace(S)
+    p, q = (_ix(xp, i) for i in np.triu_indices(P))
+    H = xp.zeros((S.shape[0], P, P), dtype=S.dtype)
+    H[:, p, q] = S
+    H[:, q, p] = S
+    return H
+
+
+def upper(H):
+    """The upper triangles of symmetric (units, P, P) matrices (the inverse of
+    :func:`assemble_sym`, exact: half the memory of ``H``)."""
+    xp = get_namespace(H)
+    p, q = (_ix(xp, i) for i in np.triu_indices(H.shape[-1]))
+    return H[:, p, q]
+
+
 def newton_direction(H, g, max_step: float = 10.0):
     """Solve ``H d = g`` for every unit; ``H`` need not be positive definite.
 

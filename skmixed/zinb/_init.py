@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._backend import expit, get_namespace
-from ._blocks import BlockPlan, newton_direction
+from ._blocks import BlockPlan, assemble_sym, newton_direction
 from ._chunks import local_chunks
 from ._data import entry_rows
 from ._model import Params
@@ -29,15 +29,6 @@ def _sym_pairs(U):
     return U[:, p] * U[:, q]
 
 
-def _assemble_sym(S, P):
-    xp = get_namespace(S)
-    p, q = (i if xp is np else xp.asarray(i) for i in np.triu_indices(P))
-    H = xp.zeros((S.shape[0], P, P))
-    H[:, p, q] = S
-    H[:, q, p] = S
-    return H
-
-
 def _ridge_sums(Pat, R, U):
     """Per row i of the sparse pattern: ``sum_j U_j U_j'`` (upper triangle) and ``sum_j U_j R_ij``."""
     return Pat @ _sym_pairs(U), R @ U
@@ -46,7 +37,7 @@ def _ridge_sums(Pat, R, U):
 def _ridge_solve(S, g, eps):
     """Solve ``(S + diag(eps)) c = g`` for every row (``S``: the upper triangles)."""
     xp = get_namespace(g)
-    H = _assemble_sym(S, g.shape[1]) + xp.diag(xp.asarray(eps, dtype=float) + 1e-10)
+    H = assemble_sym(S, g.shape[1]) + xp.diag(xp.asarray(eps, dtype=float) + 1e-10)
     return xp.linalg.solve(H, g[..., None])[..., 0]
 
 
@@ -248,7 +239,7 @@ def _logit_cells(counts, design, P, steps):
         for _ in range(steps):
             pi = expit(chunk.design.eta(Pc, local, part="pi"))
             g = (z - pi) @ V - eps * Pc.gamma_pi.T
-            H = _assemble_sym((pi * (1.0 - pi)) @ Vs, Lg) + xp.diag(eps)
+            H = assemble_sym((pi * (1.0 - pi)) @ Vs, Lg) + xp.diag(eps)
             Pc.gamma_pi += newton_direction(H, g, max_step=5.0).T
         P.gamma_pi[:, rows] = Pc.gamma_pi
 

@@ -30,6 +30,30 @@ from ._chunks import finite_ge as _finite_ge
 ZETA_BOUNDS = (-30.0, 30.0)
 
 
+#: in-memory bound of the cells' Newton statistics kept between passes, in bytes per
+#: (cell x gene) entry of a chunk: 8 float64 derivative arrays, the size of one chunk's
+#: evaluation (see :func:`keep_cell_stats`)
+STATS_PER_CHUNK_ENTRY = 8 * 8
+
+
+def keep_cell_stats(counts, n_cell_params: int) -> bool:
+    """Whether a fit keeps every cell's Newton statistics from one pass to the next.
+
+    Kept, they save a pass one evaluation (the cell pass starts from the statistics of
+    the gene step's trial pass) at ``P (P + 3) / 2 + 1`` floats per cell for ``P`` cell
+    parameters (``2L + K``; 91 for ``K = 10``: 145 MB at 200,000 cells). Counts in
+    memory always keep them (the matrix is larger). Counts read from a file keep them
+    only while they are no larger than one chunk's evaluation, so that a streamed fit's
+    memory is bounded by the chunk and the parameters however many cells there are; past
+    that, each cell pass recomputes them (more arithmetic; the same fit to rounding).
+    """
+    if not getattr(counts, "streamed", False):
+        return True
+    P = n_cell_params
+    per_cell = (P * (P + 1) // 2 + P + 1) * 8
+    return counts.n * per_cell <= STATS_PER_CHUNK_ENTRY * counts.batch_size * counts.J
+
+
 class Optimizer:
     """Fits (or refits parts of) a :class:`~skmixed.zinb._model.Params` by blockwise Newton."""
 
@@ -51,6 +75,7 @@ class Optimizer:
         self.work = ChunkWork(self.cell_plan, self.gene_plan, info_dtype, fit_genes)
         # the passes over the cells: in-process, or tasks on a Dask client (engine)
         self.chunks = Chunks(counts, design, engine)
+        self.keep_stats = keep_cell_stats(counts, 2 * L + K)
         self._cache = None  # per chunk: the cells' Newton statistics at the current parameters
         self._omega = 1.0  # extrapolation factor
         self._wait = 0  # iterations before the next extrapolation attempt
@@ -93,9 +118,9 @@ class Optimizer:
         self._cache = None
         # with the genes and the dispersion fixed, the cells' statistics at the accepted
         # values are the next pass's starting statistics (one evaluation per pass saved)
-        keep = update_cells and not self.fit_genes and not self.fit_zeta
+        keep = update_cells and not self.fit_genes and not self.fit_zeta and self.keep_stats
         self.work.fit_genes = self.fit_genes
-        per_chunk = [(update_cells, None if cache is None else cache[k], keep) for k in range(len(self.chunks))]
+        per_chunk = self._hand_over(cache, len(self.chunks), lambda c: (update_cells, c, keep))
         new_cache = []
         for rows, (cells, sums, stats) in zip(self.chunks.rows, self.chunks.map(self.work, "cell_pass", P, per_chunk)):
             if cells is not None:
@@ -111,6 +136,17 @@ class Optimizer:
         if keep:
             self._cache = new_cache
         return acc
+
+    @staticmethod
+    def _hand_over(cache, n_chunks, make):
+        """``make(cache[k])`` for chunk after chunk, each entry dropped from ``cache`` once
+        handed over: the pass then holds the statistics of the chunks not yet reached,
+        not those of every chunk beside the new ones."""
+        for k in range(n_chunks):
+            entry = None
+            if cache is not None:
+                entry, cache[k] = cache[k], None
+            yield make(entry)
 
     def _zeta_step(self, P, acc):
         xp = self.xp
@@ -167,19 +203,22 @@ class Optimizer:
         # the cells' statistics of the trial pass hold where every gene took its full step;
         # for the others, swap their trial contributions for those at the accepted values
         moved = xp.flatnonzero(step != 1.0)
-        if moved.size:
+        if moved.size and cache is not None:
             trial = P.copy()
             trial.set_gene_block((G0 + d)[moved], moved)
             trial.zeta[moved] = xp.clip(zeta0[moved] + dz[moved], lo, hi)
             # the trial values travel with each task, the accepted ones as its parameters
-            per_chunk = [(self.chunks.cells_of(trial, rows),) for rows in self.chunks.rows]
+            per_chunk = ((self.chunks.cells_of(trial, rows),) for rows in self.chunks.rows)
             for k, delta in enumerate(self.chunks.map(self.work, "moved", P, per_chunk, args=(moved,))):
                 cache[k] = tuple(c + dd for c, dd in zip(cache[k], delta))
         self._cache = cache
         return ll
 
     def _trial_pass(self, P):
-        """Per-gene log-likelihood at ``P`` and, per chunk, the cells' Newton statistics."""
+        """Per-gene log-likelihood at ``P`` and, per chunk, the cells' Newton statistics
+        (None when they are not kept: the pass is then a log-likelihood pass)."""
+        if not self.keep_stats:
+            return self.loglik_by_gene(P), None
         xp = self.xp
         ll = xp.zeros(self.counts.J)
         cache = []
