@@ -174,7 +174,7 @@ class BatchedScalarLaplace(ScalarRemlMixin):
     def _line_search(self, trial_at, evaluate, f0, decrease, small, t, n_halvings):
         """Backtracking for every gene at once: ``t`` is halved where the trial point
         ``trial_at(t)`` misses the Armijo condition ``f <= f0 + 1e-4 decrease(rows,
-        trial)``; only those genes are evaluated again (``evaluate(rows, trial)``
+        trial)`` (or whose criterion is not finite); only those genes are evaluated again (``evaluate(rows, trial)``
         evaluates the genes ``rows`` at their trials, ``f`` first); genes marked
         ``small`` are not evaluated and accept any step. Returns the last trials, the
         evaluations (None if no gene was evaluated; rows of ``small`` genes unset) and
@@ -191,7 +191,7 @@ class BatchedScalarLaplace(ScalarRemlMixin):
             if out is None:
                 out = _alloc_like(res, t.shape[0], xp)
             f0p = f0[pending]
-            good = res[0] <= f0p + 1e-4 * decrease(pending, tp) + 1e-13 * xp.abs(f0p)
+            good = xp.isfinite(res[0]) & (res[0] <= f0p + 1e-4 * decrease(pending, tp) + 1e-13 * xp.abs(f0p))
             hit = xp.flatnonzero(good)
             ok[pending[hit]] = True
             _scatter(out, pending[hit], res, hit)

@@ -37,7 +37,7 @@ from ._gene_chunks import check_count_values
 from ._laplace import abs_eigen_step
 from ._multigene import wald_contrasts
 from ._nb_cells import NonZeros, PairDesign
-from ._nb_reml import TOL_STEP, NBRemlMixin, backtrack
+from ._nb_reml import TOL_STEP, NBRemlMixin, quietly
 
 PHI_FLOOR = 1e-12  # as in _nbglmm: phi = 0 is evaluated as size 1e12
 
@@ -284,9 +284,10 @@ class BatchedNBLaplace(NBRemlMixin):
             step, small = eng._newton_step(pa, ga, du[act], st, fa)
             # theta moves at most by 1 + its size at first; the line search does the rest
             t = np.minimum(1.0, (1.0 + pa[:, 0]) / np.maximum(np.abs(step[:, 0]), 1e-300))
-            trial, outs, ok = backtrack(
-                eng, pa, step, t, fa, ga, small, self._project,
-                lambda sub, tp, rows: _flat(sub.evaluate(tp, st[0][rows])), 60,  # noqa: B023
+            trial, outs, ok = eng._line_search(
+                lambda t: self._project(pa + t[:, None] * step),  # noqa: B023
+                quietly(eng, lambda sub, tp, rows: _flat(sub.evaluate(tp, st[0][rows]))),  # noqa: B023
+                fa, lambda r, tp: np.sum(ga[r] * (tp - pa[r]), axis=1), small, t, 60,  # noqa: B023
             )
             # no descent along the Newton direction: at round-off, stop there
             done[act] = small | ~ok

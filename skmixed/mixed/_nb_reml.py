@@ -23,35 +23,17 @@ from ._laplace import abs_eigen_step
 TOL_STEP = 1e-7  # the joint mode's last Newton step, taken without a pass to confirm it
 
 
-def backtrack(eng, x, step, t, f0, g0, small, project, evaluate, n_halvings):
-    """Backtracking for every gene at once: ``t`` is halved for the genes whose trial
-    ``project(x + t step)`` misses the Armijo condition; genes marked ``small`` are
-    not moved. ``evaluate(sub, trial, rows)`` evaluates the problem ``sub`` restricted
-    to ``rows`` at ``trial`` and returns a tuple of per-gene arrays, the criterion
-    first. Returns the accepted trials, those arrays there, and the mask of genes
-    that found a step (``small`` ones included)."""
-    G = x.shape[0]
-    trial, outs, ok = x.copy(), None, small.copy()
-    pending = np.flatnonzero(~small)
-    for _ in range(n_halvings):
-        if pending.size == 0:
-            break
-        sub = eng if pending.size == G else eng.subset(pending)
-        tp = project(x[pending] + t[pending, None] * step[pending])
+def quietly(eng, evaluate):
+    """``evaluate(sub, trial, rows)`` on ``eng`` restricted to ``rows`` as the ``evaluate(rows,
+    trial)`` of :meth:`~skmixed.mixed._batched.BatchedScalarLaplace._line_search`, with
+    numpy's overflow warnings off (a trial far out may overflow: it fails the test)."""
+
+    def run(rows, trial):
+        sub = eng if rows.size == eng.G else eng.subset(rows)
         with np.errstate(over="ignore", invalid="ignore"):
-            res = evaluate(sub, tp, pending)
-        if outs is None:
-            outs = [np.zeros((G, *r.shape[1:])) for r in res]
-        fn = res[0]
-        armijo = f0[pending] + 1e-4 * np.sum(g0[pending] * (tp - x[pending]), axis=1)
-        good = np.isfinite(fn) & (fn <= armijo + 1e-13 * np.abs(f0[pending]))
-        hit = pending[good]
-        trial[hit], ok[hit] = tp[good], True
-        for o, r in zip(outs, res):
-            o[hit] = r[good]
-        pending = pending[~good]
-        t[pending] *= 0.5
-    return trial, outs, ok
+            return evaluate(sub, trial, rows)
+
+    return run
 
 
 def _predict(beta, u, slope, dx):
@@ -92,6 +74,7 @@ class NBRemlMixin:
     _masked_schur = BatchedScalarLaplace._masked_schur
     frozen = BatchedScalarLaplace.frozen
     _rounds = BatchedScalarLaplace._rounds
+    _line_search = BatchedScalarLaplace._line_search
 
     @property
     def XtY(self):
@@ -331,12 +314,12 @@ class NBRemlMixin:
             small = (np.abs(np.sum(gh * step, axis=1)) < 1e-14 * np.maximum(1.0, np.abs(f0))) & np.all(
                 np.abs(step) <= 1e-8 * (1.0 + xa), axis=1
             )
-            trial, outs, ok = backtrack(
-                eng, xa, step, np.ones(act.size), f0, gh, small, _project_reml,
-                lambda sub, tp, rows: _flat_reml(sub.reml_deviance(
+            trial, outs, ok = eng._line_search(
+                lambda t: _project_reml(xa + t[:, None] * step),  # noqa: B023
+                quietly(eng, lambda sub, tp, rows: _flat_reml(sub.reml_deviance(
                     *tp.T, *_predict(b0[rows], u0[rows], [s[rows] for s in sl0], tp - xa[rows]), grad=True  # noqa: B023
-                )),
-                40,
+                ))),
+                f0, lambda r, tp: np.sum(gh[r] * (tp - xa[r]), axis=1), small, np.ones(act.size), 40,  # noqa: B023
             )
             done[act] = small | ~ok
             move = ok & ~small
