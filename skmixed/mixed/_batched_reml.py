@@ -226,8 +226,7 @@ class ScalarRemlMixin:
             if jump.size:
                 rows = act[jump]
                 theta[rows] = th[jump] + step[jump]
-                pt.put(rows, p0.take(jump))
-                pt_j, H_j, slope = self.subset(rows)._central(theta[rows], pt.take(rows), step[jump])
+                pt_j, H_j, slope = self.subset(rows)._central(theta[rows], p0.take(jump), step[jump])
                 # a Newton step from there below 3e-5 leaves an error of order 1e-8
                 # (second order, the curvature exact), and the point after it is known
                 # to first order from the two evaluations: take it without another
