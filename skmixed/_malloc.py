@@ -64,15 +64,7 @@ def tune_malloc() -> bool:
     >>> isinstance(tune_malloc(), bool)
     True
     """
-    with _LOCK:
-        if _DONE:
-            return _DONE[0]
-        mallopt = _mallopt()
-        ok = mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-            mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-        )
-        _DONE.append(ok)
-        return ok
+    return _set_once(_DONE, [(M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)])
 
 
 _ARENA = []
@@ -91,8 +83,14 @@ def share_arena() -> bool:
     >>> isinstance(share_arena(), bool)
     True
     """
+    return _set_once(_ARENA, [(M_ARENA_MAX, 1)])
+
+
+def _set_once(done, settings):
+    """``mallopt(param, value)`` for each of ``settings``, the first time only (``done``
+    keeps whether they were set; later calls return it)."""
     with _LOCK:
-        if not _ARENA:
+        if not done:
             mallopt = _mallopt()
-            _ARENA.append(mallopt is not None and bool(mallopt(M_ARENA_MAX, 1)))
-        return _ARENA[0]
+            done.append(mallopt is not None and all(bool(mallopt(k, v)) for k, v in settings))
+        return done[0]
