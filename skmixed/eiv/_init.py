@@ -21,6 +21,7 @@ import numpy as np
 
 from .._backend import get_namespace, to_host
 from .._families import NegativeBinomial, Poisson
+from . import _fused
 from ._em import m_step_modality
 from ._model import as_design, kernel, posterior_and_softplus
 
@@ -236,7 +237,11 @@ def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_it
     prev = np.full(B * K, -np.inf)
     active = np.arange(B * K)
     work = active  # the runs the arrays hold
-    Ps, nbm = _dense_matrix(pm, pg)
+    fused = _fused.usable(xp)
+    if fused:
+        Pf, NBf = _fused.pieces(pm, pg)
+    else:
+        Ps, nbm = _dense_matrix(pm, pg)
     # per pair, the column totals: the sums of (1 - T) when a run's labels are swapped
     tot = [np.asarray(to_host(xp.sum(a, axis=1, dtype=float)), dtype=float) for a in (pm[1], pm[2], pg[1], pg[2])]
     shape = (B, K)
@@ -245,7 +250,14 @@ def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_it
         return xp.asarray(a.astype(np.float32))
 
     for it in range(1, max_iter + 1):
-        if shape is not None and active.size < 0.5 * work.size:
+        # the log-likelihood of an iteration before min_iter - 1 is never compared
+        with_ll = it >= min_iter - 1 or it == max_iter
+        if fused:
+            # the compiled pass visits the active runs alone, pair by pair
+            work = active
+            pa = pi[work]
+            sums = _fused.reduced_sums(Pf, NBf, pair[work], pa, bm[work], bg[work], with_ll=with_ll).T
+        elif shape is not None and active.size < 0.5 * work.size:
             work = active
             if B == 1:
                 # one pair: its remaining runs stay products with P (cheaper than gathered
@@ -255,15 +267,13 @@ def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_it
                 wx = pair[work] if xp is np else xp.asarray(pair[work])
                 am, ag = _take(pm, wx), _take(pg, wx)
                 shape = None
-        pa, bma, bga = pi[work], bm[work], bg[work]
-        if shape is not None:
-            pa, bma, bga = pa.reshape(shape), bma.reshape(shape), bga.reshape(shape)
-        if shape is not None:
-            # the log-likelihood of an iteration before min_iter - 1 is never compared
-            with_ll = it >= min_iter - 1 or it == max_iter
-            sums = _dense_pass(Ps, nbm, dev(pa), dev(bma), dev(bga), with_ll=with_ll)
-        else:
-            sums = _reduced_pass(am, ag, dev(pa), dev(bma), dev(bga))
+        if not fused:
+            pa, bma, bga = pi[work], bm[work], bg[work]
+            if shape is not None:
+                pa, bma, bga = pa.reshape(shape), bma.reshape(shape), bga.reshape(shape)
+                sums = _dense_pass(Ps, nbm, dev(pa), dev(bma), dev(bga), with_ll=with_ll)
+            else:
+                sums = _reduced_pass(am, ag, dev(pa), dev(bma), dev(bga))
         sp_sum, T_sum, Tym, TEm, Tyg, TEg = (np.asarray(to_host(a), dtype=float).reshape(-1) for a in sums)
         pa = pa.reshape(-1)
         with np.errstate(divide="ignore", invalid="ignore"):
