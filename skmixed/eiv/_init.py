@@ -257,11 +257,12 @@ def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_it
             work = active
             pa = pi[work]
             sums = _fused.reduced_sums(Pf, NBf, pair[work], pa, bm[work], bg[work], with_ll=with_ll).T
-        elif shape is not None and active.size < 0.5 * work.size:
+        elif shape is not None and (active.size < 0.5 * work.size or (B == 1 and active.size < work.size)):
             work = active
             if B == 1:
                 # one pair: its remaining runs stay products with P (cheaper than gathered
-                # elementwise passes); with several pairs the counts differ per pair
+                # elementwise passes, and free to shrink to); with several pairs the counts
+                # differ per pair
                 shape = (1, work.size)
             else:
                 wx = pair[work] if xp is np else xp.asarray(pair[work])
@@ -394,14 +395,20 @@ def _dense_pass(P, nb, pa, bma, bga, with_ll=True):
             d -= x
         # T = e^d / (1 + e^d) and softplus(d) = log(1 + e^d) from one exp, as
         # posterior_and_softplus, in the preallocated buffers
-        xp.minimum(d, f(35.0), out=x)
-        xp.exp(x, out=x)
+        # the clip (beyond 35 both are 1 and d within float32 rounding) only when needed:
+        # a max is a sixth of a minimum's pass
+        big = float(xp.max(d)) > 35.0
+        if big:
+            xp.minimum(d, f(35.0), out=x)
+            xp.exp(x, out=x)
+        else:
+            xp.exp(d, out=x)
         xp.add(x, f(1.0), out=u)
         xp.divide(x, u, out=u)
         S += u @ Pb
         if with_ll:
             xp.log1p(x, out=x)
-            if float(xp.max(d)) > 35.0:
+            if big:
                 x[...] = xp.where(d > 35.0, d, x)
             sp_sum += x @ Pb[:, :, 4:5]
     return [sp_sum[:, :, 0], S[:, :, 4], S[:, :, 0], S[:, :, 1], S[:, :, 2], S[:, :, 3]]
