@@ -115,3 +115,58 @@ def test_glmeiv_fit_is_the_same_without_the_compiled_pass(monkeypatch):
     # the EM converges to the same maximum from either initialisation
     np.testing.assert_allclose(a["estimate"], b["estimate"], atol=1e-3 * float(a["std_error"].min()))
     np.testing.assert_allclose(a["std_error"], b["std_error"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("fams", ["nb_poisson", "poisson_nb"])
+def test_em_sums_match_the_numpy_e_step_m_step_and_louis(fams):
+    from skmixed.eiv._inference import louis_information, observed_pieces
+    from skmixed.eiv._model import Design, base_eta, e_step, modality_estep
+
+    rng = np.random.default_rng(5)
+    n, B = 3001, 3  # not a multiple of the block
+    Z = np.column_stack([np.ones(n), rng.integers(0, 2, n), rng.normal(size=n)])
+    design = Design(Z)
+    M = rng.poisson(2.0, (n, B)).astype(float)
+    G = rng.poisson(0.3, (n, B)).astype(float)
+    om = np.log(rng.uniform(0.5, 2, (n, 1)))  # shared offset
+    og = np.log(rng.uniform(0.5, 2, (n, B)))  # one per pair
+    nb, pois = NegativeBinomial(np.array([3.0, 10.0, 50.0])), Poisson()
+    fm, fg = (nb, pois) if fams == "nb_poisson" else (pois, nb)
+    cm, cg = rng.normal(0, 0.3, (B, 4)), rng.normal(0, 0.3, (B, 4))
+    cm[:, 1], cg[:, 1] = -1.0, 1.5
+    pi = np.array([0.02, 0.1, 0.3])
+    m0, m1, sm = modality_estep(fm, M, base_eta(Z, cm, om), cm[:, 1])
+    g0, g1, sg = modality_estep(fg, G, base_eta(Z, cg, og), cg[:, 1])
+    T, ll = e_step(m0 + g0, m1 + g1, pi, np.zeros(B))
+    Tf, llk, sums = _fused.em_sums(design, fm, fg, *(np.ascontiguousarray(a.T) for a in (M, G, om, og)), pi, cm, cg)
+    np.testing.assert_allclose(Tf.T, T, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(llk + n * np.log1p(-pi), ll, rtol=1e-13)
+    for j, (st, k0, k1) in enumerate(((sm, m0, m1), (sg, g0, g1))):
+        s0, i0, s1, i1 = st
+        q, grad, Gi, _ = sums.modality(j)
+        np.testing.assert_allclose(q, np.sum((1 - T) * k0 + T * k1, axis=0), rtol=1e-12)
+        np.testing.assert_allclose(grad, design.stacked_grad((1 - T) * s0, T * s1), rtol=1e-11, atol=1e-9)
+        np.testing.assert_allclose(Gi, design.stacked_gram((1 - T) * i0, T * i1), rtol=1e-12)
+    pieces = (observed_pieces(fm, *sm), observed_pieces(fg, *sg))
+    info, S = louis_information(design, fm, fg, M, G, om, og, pi, cm, cg, T, pieces, score=True)
+    info_f, S_f = sums.louis()
+    np.testing.assert_allclose(info_f, info, rtol=1e-11, atol=1e-9 * np.abs(info).max())
+    np.testing.assert_allclose(S_f, S, rtol=1e-11, atol=1e-9)
+
+
+@pytest.mark.parametrize("init", ["accelerated", "random"])
+def test_full_em_is_the_same_with_the_compiled_e_step(monkeypatch, init):
+    import skmixed.eiv._em as em_mod
+    from skmixed.eiv import make_glmeiv_data
+
+    # pairs with weak and strong gRNAs, one offset per pair for the gRNA
+    X, m, g, off, _ = make_glmeiv_data(6000, 3, pi=0.04, mrna_size=8.0, random_state=7)
+    kw = {"grna": g, "offset": off["mrna"], "grna_offset": off["grna"], "pairs": [(0, 0), (1, 1), (2, 2)]}
+    fast = GLMEIV(init=init, n_restarts=5, random_state=1).fit(X, m, **kw)
+    monkeypatch.setattr(em_mod._fused, "usable", lambda xp: False)
+    slow = GLMEIV(init=init, n_restarts=5, random_state=1).fit(X, m, **kw)
+    np.testing.assert_allclose(fast.results_["estimate"], slow.results_["estimate"], rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(fast.results_["std_error"], slow.results_["std_error"], rtol=1e-8)
+    np.testing.assert_array_equal(fast.pairs_["n_iter"], slow.pairs_["n_iter"])
+    for a, b in zip(fast.loglik_path_, slow.loglik_path_):
+        np.testing.assert_allclose(a, b, rtol=1e-10)  # sums in another order

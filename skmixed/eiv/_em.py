@@ -26,6 +26,7 @@ import numpy as np
 
 from .._backend import get_namespace
 from .._families import NegativeBinomial
+from . import _fused
 from ._inference import louis_information, observed_pieces
 from ._model import base_eta, e_step, glm_pieces, kernel, modality_estep, _shifted
 
@@ -40,6 +41,17 @@ def _cols(a, idx):
     return a if a.shape[1] == 1 else a[:, idx]
 
 
+@dataclass
+class StepPieces:
+    """A modality's first Newton step at the E-step's coefficients, as sums over the cells
+    (the compiled E-step, :func:`skmixed.eiv._fused.em_sums`): the stacked gradient (B, p1),
+    Gram matrix of the expected information (B, p1, p1) and the M-step's objective (B,)."""
+
+    grad: np.ndarray
+    H: np.ndarray
+    q: np.ndarray
+
+
 def m_step_modality(design, family, y, offset, T, coef, *, max_newton=50, tol=1e-10, first=None):
     """Maximise ``sum_i (1 - T_i) l(y_i, eta0_i) + T_i l(y_i, eta0_i + b)`` for every pair.
 
@@ -49,7 +61,8 @@ def m_step_modality(design, family, y, offset, T, coef, *, max_newton=50, tol=1e
     whether every pair reached the tolerance. ``first``: the score and information at
     ``coef`` and the kernels there, ``(s0, i0, s1, i1, k0, k1)``, when the E-step has
     computed them already (:func:`modality_estep`): the first Newton step and the line
-    search's starting value then need no pass of their own.
+    search's starting value then need no pass of their own; or those as sums
+    (:class:`StepPieces`).
     """
     xp = get_namespace(y)
     plain = T is None
@@ -72,6 +85,9 @@ def m_step_modality(design, family, y, offset, T, coef, *, max_newton=50, tol=1e
             (s0, i0), first = first, None
             grad = s0.T @ design.Z
             H = design.gram(i0)
+        elif isinstance(first, StepPieces):
+            grad, H, q_old = first.grad, first.H, first.q
+            first = kernels = None
         else:
             if first is None:
                 # one exponential for both halves (mu1 = mu0 e^b); no kernels
@@ -135,6 +151,34 @@ class EMResult:
     n_newton: np.ndarray | None = None  # (B,) int: Newton steps accepted
 
 
+def _firsts(stats):
+    """Each modality's first-Newton-step pieces for :func:`m_step_modality` from an E-step's
+    stats: the numpy E-step's per-cell tuples, or :class:`StepPieces` from the compiled one's sums."""
+    if isinstance(stats, _fused.EMSums):
+        out = []
+        for j in range(2):
+            q, grad, Gi, _ = stats.modality(j)
+            out.append(StepPieces(grad=grad, H=Gi, q=q))
+        return tuple(out)
+    return stats[0], stats[1]
+
+
+def _take_stats(stats, idx, idx_dev):
+    """The stats of the pairs at positions ``idx`` (``idx_dev`` on the arrays' device)."""
+    if isinstance(stats, _fused.EMSums):
+        return stats.take(idx)
+    return tuple(tuple(a[:, idx_dev] for a in st) for st in stats)
+
+
+def _put_stats(stats, idx, idx_dev, new):
+    if isinstance(stats, _fused.EMSums):
+        stats.put(idx, new)
+        return
+    for a, b in zip(stats, new):
+        for x, y in zip(a, b):
+            x[:, idx_dev] = y
+
+
 def _flip(T, xp):
     """glmeiv's guard: if the posteriors average above 1/2, swap the labels (pi <= 1/2)."""
     flip = xp.mean(T, axis=0) > 0.5
@@ -152,10 +196,13 @@ def newton_check(design, fm, fg, M, G, om, og, pi, cm, cg, T, stats):
     definite, the Newton step ``I^{-1} S`` and decrement ``S' I^{-1} S / 2``: the
     log-likelihood gain a Newton step predicts, i.e. the distance to the maximum (NaN where
     ``I`` is not positive definite: not in the maximum's concave region). Host arrays."""
-    sm, sg = stats
-    pieces = (observed_pieces(fm, *sm[:4]), observed_pieces(fg, *sg[:4]))
-    info, S = louis_information(design, fm, fg, M, G, om, og, pi, cm, cg, T, pieces, score=True)
-    info, S = _host(info), _host(S)
+    if isinstance(stats, _fused.EMSums):
+        info, S = stats.louis()
+    else:
+        sm, sg = stats[0], stats[1]
+        pieces = (observed_pieces(fm, *sm[:4]), observed_pieces(fg, *sg[:4]))
+        info, S = louis_information(design, fm, fg, M, G, om, og, pi, cm, cg, T, pieces, score=True)
+        info, S = _host(info), _host(S)
     B, k = S.shape
     step = np.full((B, k), np.nan)
     dec = np.full(B, np.nan)
@@ -208,7 +255,26 @@ def run_full_em(design, fm, fg, M, G, om, og, const, pi, coef_m, coef_g, *, tol=
     paths = [[] for _ in range(B)]
     dev = (lambda a: a) if xp is np else xp.asarray
 
+    fused = _fused.usable(xp)
+    if fused:
+        # the compiled E-step reads each pair's cells as a contiguous row
+        Mt, Gt = np.ascontiguousarray(M.T), np.ascontiguousarray(G.T)
+        omt, ogt = np.ascontiguousarray(om.T), np.ascontiguousarray(og.T)
+    n = M.shape[0]
+
     def estep(idx, pi_a, cm, cg, Ma, Ga, fma, fga, oma, oga):
+        if fused:
+            # the posteriors, the log-likelihood and, as sums over the cells, the M-step's
+            # first Newton step and Louis's information, in one pass; where a pair's labels
+            # must be swapped (mean posterior above 1/2) the sums are for the other labels,
+            # and the numpy E-step below runs instead
+            sel = slice(None) if idx.size == B and np.array_equal(idx, np.arange(B)) else idx
+            Tt, llk, sums = _fused.em_sums(design, fma, fga, Mt[sel], Gt[sel], omt if omt.shape[0] == 1 else omt[sel],
+                                           ogt if ogt.shape[0] == 1 else ogt[sel], pi_a, cm, cg)
+            if not np.any(sums.rows[:, 1] > 0.5 * n):
+                with np.errstate(divide="ignore"):
+                    ll = llk + n * np.log1p(-np.asarray(pi_a, dtype=float)) + const[idx]
+                return Tt.T, ll, sums
         # the M-step's first Newton step needs the score and information at these very
         # coefficients: computed here from the same means (stats), not in a second pass
         m0, m1, sm = modality_estep(fma, Ma, base_eta(design.Z, cm, oma), cm[:, 1])
@@ -239,12 +305,13 @@ def run_full_em(design, fm, fg, M, G, om, og, const, pi, coef_m, coef_g, *, tol=
         def m_step(cols=None):
             # the (generalised) M-step of the active pairs at positions cols (None: all)
             if cols is None:
+                sm, sg = _firsts(stats_c)
                 return (xp.mean(T_c, axis=0),
-                        m_step_modality(design, fma, Ma, oma, T_c, cm_c, max_newton=steps, first=stats_c[0])[0],
-                        m_step_modality(design, fga, Ga, oga, T_c, cg_c, max_newton=steps, first=stats_c[1])[0])
+                        m_step_modality(design, fma, Ma, oma, T_c, cm_c, max_newton=steps, first=sm)[0],
+                        m_step_modality(design, fga, Ga, oga, T_c, cg_c, max_newton=steps, first=sg)[0])
             cx = dev(cols)
             Tc = T_c[:, cx]
-            sm, sg = (tuple(a[:, cx] for a in st) for st in stats_c)
+            sm, sg = _firsts(_take_stats(stats_c, cols, cx))
             return (xp.mean(Tc, axis=0),
                     m_step_modality(design, subset_family(fma, cx), Ma[:, cx], _cols(oma, cx), Tc, cm_c[cx],
                                     max_newton=steps, first=sm)[0],
@@ -272,11 +339,13 @@ def run_full_em(design, fm, fg, M, G, om, og, const, pi, coef_m, coef_g, *, tol=
             pi_a[rx], cm[rx], cg[rx] = m_step(r)
             Tr, llr, str_ = estep(active[r], pi_a[rx], cm[rx], cg[rx], Ma[:, rx], Ga[:, rx],
                                   subset_family(fma, rx), subset_family(fga, rx), _cols(oma, rx), _cols(oga, rx))
-            T[:, rx], ll[rx] = Tr, llr
-            for a, b in zip(stats, str_):
-                for x, y in zip(a, b):
-                    x[:, rx] = y
-            llh[r] = _host(llr)
+            if type(str_) is not type(stats):
+                # the compiled and the numpy E-step's pieces differ in kind: all pairs again
+                T, ll, stats = estep(active, pi_a, cm, cg, Ma, Ga, fma, fga, oma, oga)
+            else:
+                T[:, rx], ll[rx] = Tr, llr
+                _put_stats(stats, r, rx, str_)
+            llh[r] = _host(ll[rx])
         n_newton[active[use & ~back]] += 1
         pi[ax], coef_m[ax], coef_g[ax] = pi_a, cm, cg
         n_iter[active] = it
@@ -290,8 +359,7 @@ def run_full_em(design, fm, fg, M, G, om, og, const, pi, coef_m, coef_g, *, tol=
         prev[active] = llh
         step = None
         if newton:
-            info, step, dec = newton_check(design, fma, fga, Ma, Ga, oma, oga, pi_a, cm, cg, T,
-                                           (stats[0], stats[1]))
+            info, step, dec = newton_check(design, fma, fga, Ma, Ga, oma, oga, pi_a, cm, cg, T, stats)
             info_out[active] = info
             pdef = np.isfinite(dec)
             done = np.where(pdef, dec < tol * np.abs(llh), done)
@@ -313,7 +381,7 @@ def run_full_em(design, fm, fg, M, G, om, og, const, pi, coef_m, coef_g, *, tol=
             active = active[keep]
             kx = dev(keep)
             T = T[:, kx]
-            stats = tuple(tuple(a[:, kx] for a in st) for st in stats)
+            stats = _take_stats(stats, keep, kx)
             if step is not None:
                 step = step[keep]
             ax = dev(active)

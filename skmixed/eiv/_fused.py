@@ -1,21 +1,32 @@
-"""The reduced EM's E-step sums in one compiled pass over the cells (numba, the ``fast`` extra).
+"""GLM-EIV's passes over the cells, compiled with numba (the ``fast`` extra).
 
-:func:`skmixed.eiv._init._dense_pass` (numpy, the reference) makes about a dozen passes
-over a (runs, cells) block per iteration: the linear predictor as a matrix product, the NB
-mRNA term ``(y + r) log1p(x e^b)``, ``expit`` and ``softplus`` from one exponential, and
-the sums as matrix products. Here each run's cells are visited in short blocks that stay in
-the L1 cache, every quantity computed in float32 vector loops and summed per block into
-float64, without one temporary the size of the runs x cells array: 2-3x faster on a 2-core
-machine, where the reduced EM was a third of a single pair's fit.
+Two passes, each visiting a pair's cells once in blocks that stay in the cache, every
+quantity computed in vector loops and summed per block, with no temporary the size of the
+cells x pairs (or runs) arrays:
+
+* :func:`reduced_sums`, the reduced EM's E-step for every active restart: the sums that its
+  closed-form M-step and convergence check need. Float32, as the numpy reference
+  (:func:`skmixed.eiv._init._dense_pass`, about a dozen passes per iteration: the linear
+  predictor as a matrix product, the NB mRNA term ``(y + r) log1p(x e^b)``, ``expit`` and
+  ``softplus`` from one exponential, the sums as matrix products). 2-3x faster.
+* :func:`em_sums`, the full EM's E-step in float64: the posteriors, the log-likelihood and,
+  as sums over the cells, everything the next M-step's first Newton step and Louis's
+  information need (:class:`EMSums`), where the numpy E-step returns per-cell arrays of
+  scores and informations that the M-step and :func:`skmixed.eiv._inference.louis_information`
+  then reduce. The full EM of one 50,000-cell pair takes about half the time.
 
 numba's ``math.exp`` / ``math.log1p`` are scalar libm calls (about 6 ns each, more than
 numpy's SIMD pass over a whole block) unless llvmlite was built with Intel's SVML, which the
-PyPI wheels are not; like :mod:`skmixed.zinb._kernels_numba` (float64), this module writes
-the two functions it needs as polynomials that LLVM vectorises, here in float32 (the reduced
-EM runs in float32, as the numpy pass): ``exp`` of a non-positive argument by Cody-Waite
-reduction and a degree-7 Taylor polynomial, ``log1p`` by the exponent bits and a degree-10
-polynomial fitted to ``log1p`` on ``[sqrt(1/2) - 1, sqrt(2) - 1]`` (relative error 1.5e-7,
-within a few float32 ulp). ``tests/test_eiv_fused.py`` holds the pass to the numpy one.
+PyPI wheels are not. The float64 pass uses :mod:`skmixed.zinb._kernels_numba`'s vectorisable
+``exp``, ``log`` and ``log1p`` on [0, 1]; the float32 pass writes its own here: ``exp`` of a
+non-positive argument by Cody-Waite reduction and a degree-7 Taylor polynomial, ``log1p`` by
+the exponent bits and a degree-10 polynomial fitted to ``log1p`` on
+``[sqrt(1/2) - 1, sqrt(2) - 1]`` (relative error 1.5e-7, a few float32 ulp). Array rows are
+sliced before the loops index them from 0: an index ``s + j``, which numba must allow to be
+negative, turns the loops' loads into gathers (2x slower).
+
+``tests/test_eiv_fused.py`` holds both passes to the numpy ones. Without numba (or with
+``SKMIXED_DISABLE_NUMBA`` set), or for CuPy arrays, the numpy passes run.
 """
 
 from __future__ import annotations
@@ -24,6 +35,9 @@ import numpy as np
 
 # the one optional import of numba (and its SKMIXED_DISABLE_NUMBA switch) is offset/_fused's
 from ..offset._fused import numba
+# float64 vectorisable exp / log / log1p on [0, 1] (the full EM's pass)
+from ..zinb import _kernels_numba as _zinb
+from .._families import NegativeBinomial
 
 AVAILABLE = numba is not None
 
@@ -37,8 +51,9 @@ _EXP_FLOOR = _F(-87.0)  # exp(-87) is about the smallest normal float32
 # (highest degree first), a least-squares fit of the relative error at Chebyshev nodes
 _P = tuple(_F(c) for c in (-0.07362868, 0.12620327, -0.13202104, 0.14227114, -0.1662137,
                            0.19999827, -0.25000852, 0.33333354))
-# cells per block: every temporary of a run's block stays in the L1 cache
-_W = 512
+# cells per block: a run's block temporaries (16 KB) stay in the L2 cache; longer blocks
+# than 512 measured 10-20% faster (fewer slices and calls per cell)
+_W = 1024
 # the columns of ``coef``: the linear predictor's weights of [y_m, e^Lm, y_g, e^Lg, 1],
 # then e^{b_m} (the NB mRNA term's factor)
 N_COEF = 6
@@ -210,3 +225,296 @@ def reduced_sums(P, NB, pair, pi, bm, bg, with_ll=True):
               bool(with_ll), part)
         out[ok] = part
     return out
+
+
+# -- the full EM's E-step, with the sums of the M-step and of Louis's information ------------
+def sums_layout(p1):
+    """Offsets of one pair's row of :func:`em_sums`' output for ``p1`` coefficients per
+    modality: ``ll`` (the kernels' and softplus' sum), ``T`` (sum of posteriors), then per
+    modality ``Q`` (the expected complete-data kernel), ``grad`` (p1), ``Gi`` (p1 x p1, the
+    expected information's stacked Gram matrix), ``Gc`` (the observed information's), then
+    ``DD`` (k x k, ``sum_i T_i (1 - T_i) d_i d_i'``)."""
+    k = 1 + 2 * p1
+    per = 1 + p1 + 2 * p1 * p1
+    return {"ll": 0, "T": 1, "mod": (2, 2 + per), "per": per, "DD": 2 + 2 * per, "size": 2 + 2 * per + k * k}
+
+
+def _modality(y, eta0, mu0, b, eb, r, m, k0, k1, s0, i0, s1, i1, c0, c1, tv, tl, ib):
+    """One modality's kernels, scores and expected and observed informations (per unit of
+    the linear predictor) at p = 0 and p = 1, for the first ``m`` cells of the block:
+    :func:`skmixed.eiv._model._from_mean` and :func:`skmixed.eiv._inference.observed_pieces`."""
+    if r > 0.0:
+        lr = np.log(r)
+        for p in range(2):
+            k, s, i, c = (k0, s0, i0, c0) if p == 0 else (k1, s1, i1, c1)
+            f = 1.0 if p == 0 else eb
+            sh = 0.0 if p == 0 else b
+            for j in range(m):
+                tv[j] = mu0[j] * f / r
+            # log1p(v) = log(1 + v) + what 1 + v rounded away, over 1 + v
+            for j in range(m):
+                u = 1.0 + tv[j]
+                tl[j] = u
+                s[j] = (tv[j] - (u - 1.0)) / u
+            _zinb._vlog(tl[:m], i[:m], ib[:m])
+            for j in range(m):
+                L = i[j] + s[j]
+                mu = mu0[j] * f
+                yy = y[j]
+                k[j] = yy * (eta0[j] + sh - lr) - (yy + r) * L
+                q = 1.0 / (1.0 + tv[j])
+                sc = (yy - mu) * q
+                inf = mu * q
+                s[j] = sc
+                i[j] = inf
+                c[j] = inf * (1.0 + sc / r)
+    else:
+        for j in range(m):
+            mu = mu0[j]
+            mu1 = mu * eb
+            yy = y[j]
+            k0[j] = yy * eta0[j] - mu
+            k1[j] = yy * (eta0[j] + b) - mu1
+            s0[j] = yy - mu
+            s1[j] = yy - mu1
+            i0[j] = mu
+            i1[j] = mu1
+            c0[j] = mu
+            c1[j] = mu1
+
+
+def _zsums(w, ZT, s, m, zi, out, o, p1):
+    """``out[o + zi[a]] += sum_j w_j z_ja`` over the block's cells."""
+    for a in range(ZT.shape[0]):
+        # a row slice, indexed from 0: contiguous vector loads (an index s + j, which numba
+        # must allow to be negative, makes them gathers)
+        za = ZT[a, s:s + m]
+        acc = 0.0
+        for j in range(m):
+            acc += w[j] * za[j]
+        out[o + zi[a]] += acc
+
+
+def _stacked_gram(w0, w1, ZT, s, m, zi, out, o, p1, wt):
+    """The stacked design's Gram matrix with weights (1 - T) w0 at p = 0 and T w1 at
+    p = 1, added to the (p1, p1) matrix at ``out[o:]``: ``sum (w0 + w1) z z'`` on the
+    covariates' positions, ``sum w1 z`` beside the perturbation's, ``sum w1`` on it."""
+    q = ZT.shape[0]
+    for j in range(m):
+        wt[j] = w0[j] + w1[j]
+    for a in range(q):
+        za = ZT[a, s:s + m]
+        for c in range(a, q):
+            zc = ZT[c, s:s + m]
+            acc = 0.0
+            for j in range(m):
+                acc += wt[j] * za[j] * zc[j]
+            out[o + zi[a] * p1 + zi[c]] += acc
+            if c != a:
+                out[o + zi[c] * p1 + zi[a]] += acc
+        acc = 0.0
+        for j in range(m):
+            acc += w1[j] * za[j]
+        out[o + 1 * p1 + zi[a]] += acc
+        out[o + zi[a] * p1 + 1] += acc
+    acc = 0.0
+    for j in range(m):
+        acc += w1[j]
+    out[o + p1 + 1] += acc
+
+
+def _em_sums(ZT, Ym, Yg, Om, Og, rm, rg, cm, cg, lpi, zi, T_out, out):
+    q, n = ZT.shape
+    p1 = q + 1
+    k = 1 + 2 * p1
+    per = 1 + p1 + 2 * p1 * p1
+    o_dd = 2 + 2 * per
+    W = 1024  # cells per block: 31 buffers of 8 KB, in the L2 cache
+    buf = np.empty((24, W))
+    ib = np.empty(W, np.int64)
+    pb = np.empty(W, np.float64)
+    D = np.empty((k, W))
+    for b in range(Ym.shape[0]):
+        row = out[b]
+        lp0, lp1 = lpi[b, 0], lpi[b, 1]
+        logit = lp1 - lp0
+        pi = np.exp(lp1)
+        dpi = 1.0 / pi + 1.0 / (1.0 - pi)
+        om = Om[b if Om.shape[0] > 1 else 0]
+        og = Og[b if Og.shape[0] > 1 else 0]
+        bm, bg = cm[b, 1], cg[b, 1]
+        ebm, ebg = np.exp(min(bm, 700.0)), np.exp(min(bg, 700.0))
+        for s in range(0, n, W):
+            m = min(W, n - s)
+            eta_m, mu_m, eta_g, mu_g = buf[0], buf[1], buf[2], buf[3]
+            k0m, k1m, s0m, i0m, s1m, i1m, c0m, c1m = buf[4], buf[5], buf[6], buf[7], buf[8], buf[9], buf[10], buf[11]
+            k0g, k1g, s0g, i0g, s1g, i1g, c0g, c1g = (buf[12], buf[13], buf[14], buf[15], buf[16], buf[17],
+                                                      buf[18], buf[19])
+            d, e, t1, t2 = buf[20], buf[21], buf[22], buf[23]
+            omb, ogb, z0 = om[s:s + m], og[s:s + m], ZT[0, s:s + m]
+            Tb = T_out[b, s:s + m]
+            for j in range(m):
+                eta_m[j] = omb[j] + cm[b, 0] * z0[j]
+                eta_g[j] = ogb[j] + cg[b, 0] * z0[j]
+            for a in range(1, q):
+                fm, fg = cm[b, a + 1], cg[b, a + 1]
+                za = ZT[a, s:s + m]
+                for j in range(m):
+                    eta_m[j] += fm * za[j]
+                    eta_g[j] += fg * za[j]
+            for j in range(m):
+                t1[j] = min(eta_m[j], 700.0)
+                t2[j] = min(eta_g[j], 700.0)
+            _zinb._vexp(t1[:m], mu_m[:m], e[:m], ib[:m], pb[:m])
+            _zinb._vexp(t2[:m], mu_g[:m], e[:m], ib[:m], pb[:m])
+            _modality(Ym[b, s:s + m], eta_m, mu_m, bm, ebm, rm[b], m, k0m, k1m, s0m, i0m, s1m, i1m, c0m, c1m,
+                      t1, t2, ib)
+            _modality(Yg[b, s:s + m], eta_g, mu_g, bg, ebg, rg[b], m, k0g, k1g, s0g, i0g, s1g, i1g, c0g, c1g,
+                      t1, t2, ib)
+            # posteriors and softplus from one exponential of -|d|
+            for j in range(m):
+                d[j] = (k1m[j] + k1g[j]) - (k0m[j] + k0g[j]) + logit
+                t1[j] = -abs(d[j])
+            _zinb._vexp(t1[:m], e[:m], t2[:m], ib[:m], pb[:m])
+            acc_ll = 0.0
+            acc_t = 0.0
+            for j in range(m):
+                ee = e[j]
+                inv = 1.0 / (1.0 + ee)
+                T = inv if d[j] >= 0.0 else ee * inv
+                Tb[j] = T
+                t1[j] = T
+                acc_t += T
+                acc_ll += (k0m[j] + k0g[j]) + (max(d[j], 0.0) + _zinb._log1p_unit(ee))
+            row[0] += acc_ll
+            row[1] += acc_t
+            T = t1
+            for mod in range(2):
+                o = 2 + mod * per
+                if mod == 0:
+                    k0, k1, s0, i0, s1, i1, c0, c1 = k0m, k1m, s0m, i0m, s1m, i1m, c0m, c1m
+                else:
+                    k0, k1, s0, i0, s1, i1, c0, c1 = k0g, k1g, s0g, i0g, s1g, i1g, c0g, c1g
+                acc = 0.0
+                for j in range(m):
+                    acc += k0[j] + T[j] * (k1[j] - k0[j])
+                row[o] += acc
+                # the score (gradient): (1 - T) s0 + T s1 on the covariates, T s1 on the
+                # perturbation; then the two Gram matrices, weights (1 - T) i0, T i1 (c)
+                for j in range(m):
+                    t2[j] = s0[j] + T[j] * (s1[j] - s0[j])
+                    e[j] = T[j] * s1[j]
+                _zsums(t2, ZT, s, m, zi, row, o + 1, p1)
+                acc = 0.0
+                for j in range(m):
+                    acc += e[j]
+                row[o + 2] += acc
+                for j in range(m):
+                    t2[j] = (1.0 - T[j]) * i0[j]
+                    e[j] = T[j] * i1[j]
+                _stacked_gram(t2, e, ZT, s, m, zi, row, o + 1 + p1, p1, D[0])
+                for j in range(m):
+                    t2[j] = (1.0 - T[j]) * c0[j]
+                    e[j] = T[j] * c1[j]
+                _stacked_gram(t2, e, ZT, s, m, zi, row, o + 1 + p1 + p1 * p1, p1, D[0])
+            # Louis's variance term: rows d_i scaled by sqrt(T (1 - T)), then D D'
+            D0 = D[0]
+            for j in range(m):
+                t2[j] = np.sqrt(T[j] * (1.0 - T[j]))
+                D0[j] = t2[j] * dpi
+            for mod in range(2):
+                o = 1 + mod * p1
+                s0, s1 = (s0m, s1m) if mod == 0 else (s0g, s1g)
+                Dp = D[o + 1]
+                for j in range(m):
+                    e[j] = t2[j] * (s1[j] - s0[j])
+                    Dp[j] = t2[j] * s1[j]
+                for a in range(q):
+                    za, Da = ZT[a, s:s + m], D[o + zi[a]]
+                    for j in range(m):
+                        Da[j] = e[j] * za[j]
+            for x in range(k):
+                Dx = D[x]
+                for y in range(x, k):
+                    Dy = D[y]
+                    acc = 0.0
+                    for j in range(m):
+                        acc += Dx[j] * Dy[j]
+                    row[o_dd + x * k + y] += acc
+                    if y != x:
+                        row[o_dd + y * k + x] += acc
+
+
+if AVAILABLE:
+    _modality = numba.njit(**_opts)(_modality)
+    _zsums = numba.njit(fastmath={"reassoc", "contract"}, **_opts)(_zsums)
+    _stacked_gram = numba.njit(fastmath={"reassoc", "contract"}, **_opts)(_stacked_gram)
+    _em_sums = numba.njit(fastmath={"reassoc", "contract"}, **_opts)(_em_sums)
+
+
+class EMSums:
+    """One E-step's per-pair sums (:func:`em_sums`): what the next M-step's first Newton
+    step, its line search's starting value and Louis's information need, without the
+    per-cell arrays of the numpy E-step."""
+
+    def __init__(self, rows, p1, n, pi):
+        self.rows, self.p1, self.n, self.pi = rows, p1, n, pi
+
+    def take(self, idx):
+        return EMSums(self.rows[idx], self.p1, self.n, self.pi[idx])
+
+    def put(self, idx, other):
+        self.rows[idx] = other.rows
+        self.pi[idx] = other.pi
+
+    def modality(self, j):
+        """``(Q, grad (B, p1), Gi (B, p1, p1), Gc (B, p1, p1))`` of modality j (0 mRNA, 1 gRNA)."""
+        lay = sums_layout(self.p1)
+        p1, o = self.p1, lay["mod"][j]
+        r = self.rows
+        B = r.shape[0]
+        return (r[:, o], r[:, o + 1:o + 1 + p1], r[:, o + 1 + p1:o + 1 + p1 + p1 * p1].reshape(B, p1, p1),
+                r[:, o + 1 + p1 + p1 * p1:o + lay["per"]].reshape(B, p1, p1))
+
+    def louis(self):
+        """Louis's observed information (B, k, k) and the observed score (B, k), as
+        :func:`skmixed.eiv._inference.louis_information` with ``score=True``."""
+        lay = sums_layout(self.p1)
+        p1, B, n, pi = self.p1, self.rows.shape[0], self.n, self.pi
+        k = 1 + 2 * p1
+        sT = self.rows[:, lay["T"]]
+        info = -self.rows[:, lay["DD"]:lay["DD"] + k * k].reshape(B, k, k)
+        info[:, 0, 0] += sT / pi**2 + (n - sT) / (1.0 - pi) ** 2
+        grads = []
+        for j in range(2):
+            _, grad, _, Gc = self.modality(j)
+            sl = slice(1 + j * p1, 1 + (j + 1) * p1)
+            info[:, sl, sl] += Gc
+            grads.append(grad)
+        S0 = (sT - n * pi) / (pi * (1.0 - pi))
+        return info, np.concatenate([S0[:, None], grads[0], grads[1]], axis=1)
+
+
+def em_sums(design, fm, fg, Mt, Gt, Omt, Ogt, pi, cm, cg):
+    """The full EM's E-step for the pairs of ``Mt``, ``Gt`` (B, n) C-contiguous (offsets
+    ``Omt``, ``Ogt`` (1 or B, n)) at ``(pi, coef_m, coef_g)``: the posteriors T (B, n), the
+    log-likelihood's parameter-dependent part ``sum k0 + softplus(d)`` (B,) and the sums of
+    :class:`EMSums`, in one pass over the cells."""
+    B, n = Mt.shape
+    p1 = cm.shape[1]
+    lay = sums_layout(p1)
+    rows = np.zeros((B, lay["size"]))
+    T = np.empty((B, n))
+    pi = np.asarray(pi, dtype=float)
+    with np.errstate(divide="ignore"):
+        lpi = np.ascontiguousarray(np.stack([np.log1p(-pi), np.log(pi)], axis=1))
+
+    def size(f):
+        # 0 marks Poisson
+        if not isinstance(f, NegativeBinomial):
+            return np.zeros(B)
+        return np.broadcast_to(np.asarray(f.size, dtype=float), (B,)).copy()
+
+    _em_sums(design.ZT, Mt, Gt, Omt, Ogt, size(fm), size(fg), np.ascontiguousarray(cm, dtype=float),
+             np.ascontiguousarray(cg, dtype=float), lpi, np.asarray(design.zi, dtype=np.int64), T, rows)
+    return T, rows[:, lay["ll"]].copy(), EMSums(rows, p1, n, pi.copy())
