@@ -251,7 +251,8 @@ def _modality(y, eta0, mu0, b, eb, r, m, k0, k1, s0, i0, s1, i1, c0, c1, tv, tl,
             sh = 0.0 if p == 0 else b
             for j in range(m):
                 tv[j] = mu0[j] * f / r
-            # log1p(v) = log(1 + v) + what 1 + v rounded away, over 1 + v
+            # log1p(v) = log(1 + v) + what 1 + v rounded away, over 1 + v (s and i hold
+            # the correction and the log until the scores and informations overwrite them)
             for j in range(m):
                 u = 1.0 + tv[j]
                 tl[j] = u
@@ -296,9 +297,10 @@ def _zsums(w, ZT, s, m, zi, out, o, p1):
 
 
 def _stacked_gram(w0, w1, ZT, s, m, zi, out, o, p1, wt):
-    """The stacked design's Gram matrix with weights (1 - T) w0 at p = 0 and T w1 at
-    p = 1, added to the (p1, p1) matrix at ``out[o:]``: ``sum (w0 + w1) z z'`` on the
-    covariates' positions, ``sum w1 z`` beside the perturbation's, ``sum w1`` on it."""
+    """The stacked design's Gram matrix with weights w0 for the cells' p = 0 rows and w1
+    for their p = 1 rows (:meth:`skmixed.eiv._model.Design.stacked_gram`), added to the
+    (p1, p1) matrix at ``out[o:]``: ``sum (w0 + w1) z z'`` on the covariates' positions,
+    ``sum w1 z`` beside the perturbation's, ``sum w1`` on it; ``wt`` is scratch."""
     q = ZT.shape[0]
     for j in range(m):
         wt[j] = w0[j] + w1[j]
@@ -324,6 +326,8 @@ def _stacked_gram(w0, w1, ZT, s, m, zi, out, o, p1, wt):
 
 
 def _em_sums(ZT, Ym, Yg, Om, Og, rm, rg, cm, cg, lpi, zi, T_out, out):
+    """Per pair b (rows of Ym, Yg): T_out[b] and the row out[b] laid out by
+    :func:`sums_layout` (see :func:`em_sums`)."""
     q, n = ZT.shape
     p1 = q + 1
     k = 1 + 2 * p1
