@@ -170,3 +170,20 @@ def test_full_em_is_the_same_with_the_compiled_e_step(monkeypatch, init):
     np.testing.assert_array_equal(fast.pairs_["n_iter"], slow.pairs_["n_iter"])
     for a, b in zip(fast.loglik_path_, slow.loglik_path_):
         np.testing.assert_allclose(a, b, rtol=1e-10)  # sums in another order
+
+
+def test_glmeiv_reference_fits_without_numba():
+    # numba is installed wherever this file runs; the numpy passes (the fallback, and the
+    # CuPy path's code) are held to glmeiv's reference fits in a process without it
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, SKMIXED_DISABLE_NUMBA="1")
+    code = ("import sys, pytest; import skmixed.eiv._fused as f; assert not f.AVAILABLE; "
+            "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_eiv_reference.py']))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "failed" not in r.stdout
