@@ -187,3 +187,31 @@ def test_glmeiv_reference_fits_without_numba():
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "failed" not in r.stdout
+
+
+@pytest.mark.parametrize("nb", [False, True], ids=["poisson", "nb"])
+def test_glm_sums_and_pilot_fits_match_numpy(monkeypatch, nb):
+    import skmixed.eiv._em as em_mod
+    from skmixed.eiv._init import fit_pilot
+    from skmixed.eiv._model import Design, glm_pieces
+
+    rng = np.random.default_rng(8)
+    n, C = 4099, 3
+    Z = np.column_stack([np.ones(n), rng.integers(0, 2, n), rng.normal(size=n)])
+    design = Design(Z)
+    O = np.log(rng.uniform(0.5, 2.0, (n, 1)))
+    Y = rng.poisson(np.exp(O + 0.3 + 0.2 * Z[:, 1:2]) * rng.gamma(5.0, 0.2, (n, C))).astype(float)
+    fam = NegativeBinomial(np.array([2.0, 8.0, 40.0])) if nb else Poisson()
+    coef = rng.normal(0, 0.2, (C, 3))
+    q, grad, H = _fused.glm_sums(design, fam, np.ascontiguousarray(Y.T), np.ascontiguousarray(O.T), coef)
+    k, (s, i) = glm_pieces(fam, Y, Z @ coef.T + O)
+    np.testing.assert_allclose(q, k.sum(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(grad, s.T @ Z, rtol=1e-11, atol=1e-9)
+    np.testing.assert_allclose(H, design.gram(i), rtol=1e-12)
+    family = "negative_binomial" if nb else "poisson"
+    fast = fit_pilot(design, Y, O, family)
+    monkeypatch.setattr(em_mod._fused, "usable", lambda xp: False)
+    slow = fit_pilot(design, Y, O, family)
+    np.testing.assert_allclose(fast[0], slow[0], rtol=1e-10, atol=1e-12)
+    if nb:
+        np.testing.assert_allclose(fast[2], slow[2], rtol=1e-9)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._backend import get_namespace
-from .._families import NegativeBinomial
+from .._families import NegativeBinomial, Poisson
 from . import _fused
 from ._inference import louis_information, observed_pieces
 from ._model import base_eta, e_step, glm_pieces, kernel, modality_estep, _shifted
@@ -66,6 +66,10 @@ def m_step_modality(design, family, y, offset, T, coef, *, max_newton=50, tol=1e
     """
     xp = get_namespace(y)
     plain = T is None
+    # the plain GLM's Newton pieces (and its line search's values) from one compiled pass
+    fused = plain and _fused.usable(xp) and isinstance(family, (Poisson, NegativeBinomial))
+    if fused:
+        Yt, Ot = np.ascontiguousarray(y.T), np.ascontiguousarray(offset.T)
     if plain:
         def q_value(c):
             return xp.sum(kernel(family, y, design.Z @ c.T + offset), axis=0)
@@ -79,7 +83,10 @@ def m_step_modality(design, family, y, offset, T, coef, *, max_newton=50, tol=1e
     q_old = kernels = None  # kernels: the E-step's, at coef until the first step moves it
     eye = xp.eye(coef.shape[1])[None]
     for _ in range(max_newton):
-        if plain:
+        if fused:
+            q_old, grad, H = _fused.glm_sums(design, family, Yt, Ot, coef) if first is None else first
+            first = None
+        elif plain:
             if first is None:
                 _, first = glm_pieces(family, y, design.Z @ coef.T + offset, kernels=False)
             (s0, i0), first = first, None
@@ -118,7 +125,10 @@ def m_step_modality(design, family, y, offset, T, coef, *, max_newton=50, tol=1e
         t = xp.ones(coef.shape[0])
         for _ in range(40):
             trial = coef + t[:, None] * step
-            if plain:
+            if fused:
+                si = _fused.glm_sums(design, family, Yt, Ot, trial)
+                q_new = si[0]
+            elif plain:
                 # the kernel at the trial and, from the same means, the next step's pieces
                 k0, si = glm_pieces(family, y, design.Z @ trial.T + offset)
                 q_new = xp.sum(k0, axis=0)

@@ -239,36 +239,40 @@ def sums_layout(p1):
     return {"ll": 0, "T": 1, "mod": (2, 2 + per), "per": per, "DD": 2 + 2 * per, "size": 2 + 2 * per + k * k}
 
 
+def _nb_mean(y, eta0, mu0, f, sh, r, m, k, s, i, c, tv, tl, ib):
+    """NB (size r) at the means ``f mu0`` and linear predictors ``eta0 + sh``, first ``m``
+    cells: the kernel k, the score s, the expected information i and the observed one c
+    (per unit of the linear predictor), as :func:`skmixed.eiv._model._from_mean` and
+    :func:`skmixed.eiv._inference.observed_pieces`."""
+    lr = np.log(r)
+    for j in range(m):
+        tv[j] = mu0[j] * f / r
+    # log1p(v) = log(1 + v) + what 1 + v rounded away, over 1 + v (s and i hold the
+    # correction and the log until the score and information overwrite them)
+    for j in range(m):
+        u = 1.0 + tv[j]
+        tl[j] = u
+        s[j] = (tv[j] - (u - 1.0)) / u
+    _zinb._vlog(tl[:m], i[:m], ib[:m])
+    for j in range(m):
+        L = i[j] + s[j]
+        mu = mu0[j] * f
+        yy = y[j]
+        k[j] = yy * (eta0[j] + sh - lr) - (yy + r) * L
+        q = 1.0 / (1.0 + tv[j])
+        sc = (yy - mu) * q
+        inf = mu * q
+        s[j] = sc
+        i[j] = inf
+        c[j] = inf * (1.0 + sc / r)
+
+
 def _modality(y, eta0, mu0, b, eb, r, m, k0, k1, s0, i0, s1, i1, c0, c1, tv, tl, ib):
     """One modality's kernels, scores and expected and observed informations (per unit of
-    the linear predictor) at p = 0 and p = 1, for the first ``m`` cells of the block:
-    :func:`skmixed.eiv._model._from_mean` and :func:`skmixed.eiv._inference.observed_pieces`."""
+    the linear predictor) at p = 0 and p = 1, for the first ``m`` cells of the block."""
     if r > 0.0:
-        lr = np.log(r)
-        for p in range(2):
-            k, s, i, c = (k0, s0, i0, c0) if p == 0 else (k1, s1, i1, c1)
-            f = 1.0 if p == 0 else eb
-            sh = 0.0 if p == 0 else b
-            for j in range(m):
-                tv[j] = mu0[j] * f / r
-            # log1p(v) = log(1 + v) + what 1 + v rounded away, over 1 + v (s and i hold
-            # the correction and the log until the scores and informations overwrite them)
-            for j in range(m):
-                u = 1.0 + tv[j]
-                tl[j] = u
-                s[j] = (tv[j] - (u - 1.0)) / u
-            _zinb._vlog(tl[:m], i[:m], ib[:m])
-            for j in range(m):
-                L = i[j] + s[j]
-                mu = mu0[j] * f
-                yy = y[j]
-                k[j] = yy * (eta0[j] + sh - lr) - (yy + r) * L
-                q = 1.0 / (1.0 + tv[j])
-                sc = (yy - mu) * q
-                inf = mu * q
-                s[j] = sc
-                i[j] = inf
-                c[j] = inf * (1.0 + sc / r)
+        _nb_mean(y, eta0, mu0, 1.0, 0.0, r, m, k0, s0, i0, c0, tv, tl, ib)
+        _nb_mean(y, eta0, mu0, eb, b, r, m, k1, s1, i1, c1, tv, tl, ib)
     else:
         for j in range(m):
             mu = mu0[j]
@@ -450,6 +454,7 @@ def _em_sums(ZT, Ym, Yg, Om, Og, rm, rg, cm, cg, lpi, zi, T_out, out):
 
 
 if AVAILABLE:
+    _nb_mean = numba.njit(**_opts)(_nb_mean)
     _modality = numba.njit(**_opts)(_modality)
     _zsums = numba.njit(fastmath={"reassoc", "contract"}, **_opts)(_zsums)
     _stacked_gram = numba.njit(fastmath={"reassoc", "contract"}, **_opts)(_stacked_gram)
@@ -522,3 +527,77 @@ def em_sums(design, fm, fg, Mt, Gt, Omt, Ogt, pi, cm, cg):
     _em_sums(design.ZT, Mt, Gt, Omt, Ogt, size(fm), size(fg), np.ascontiguousarray(cm, dtype=float),
              np.ascontiguousarray(cg, dtype=float), lpi, np.asarray(design.zi, dtype=np.int64), T, rows)
     return T, rows[:, lay["ll"]].copy(), EMSums(rows, p1, n, pi.copy())
+
+
+# -- the pilot GLMs' Newton steps ----------------------------------------------------------
+def _glm_sums(ZT, Yt, Ot, r, coef, out):
+    """Per column c of Yt: ``out[c] = [sum of kernels, gradient (q), expected information's
+    Gram matrix (q x q)]`` of the GLM of Yt[c] on the design (Poisson where r[c] <= 0, else
+    NB of size r[c]) at ``coef[c]`` (design order), offset Ot[c] (or Ot[0])."""
+    q, n = ZT.shape
+    W = 1024
+    buf = np.empty((9, W))
+    ib = np.empty(W, np.int64)
+    pb = np.empty(W, np.float64)
+    for col in range(Yt.shape[0]):
+        o = Ot[col if Ot.shape[0] > 1 else 0]
+        row = out[col]
+        rc = r[col]
+        for s in range(0, n, W):
+            m = min(W, n - s)
+            eta, mu, k, sc, inf, cc, t1, t2, em1 = (buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6],
+                                                    buf[7], buf[8])
+            ob, z0, y = o[s:s + m], ZT[0, s:s + m], Yt[col, s:s + m]
+            for j in range(m):
+                eta[j] = ob[j] + coef[col, 0] * z0[j]
+            for a in range(1, q):
+                f = coef[col, a]
+                za = ZT[a, s:s + m]
+                for j in range(m):
+                    eta[j] += f * za[j]
+            for j in range(m):
+                t1[j] = min(eta[j], 700.0)
+            _zinb._vexp(t1[:m], mu[:m], em1[:m], ib[:m], pb[:m])
+            if rc > 0.0:
+                _nb_mean(y, eta, mu, 1.0, 0.0, rc, m, k, sc, inf, cc, t1, t2, ib)
+            else:
+                for j in range(m):
+                    k[j] = y[j] * eta[j] - mu[j]
+                    sc[j] = y[j] - mu[j]
+                    inf[j] = mu[j]
+            acc = 0.0
+            for j in range(m):
+                acc += k[j]
+            row[0] += acc
+            for a in range(q):
+                za = ZT[a, s:s + m]
+                acc = 0.0
+                for j in range(m):
+                    acc += sc[j] * za[j]
+                row[1 + a] += acc
+                for c in range(a, q):
+                    zc = ZT[c, s:s + m]
+                    acc = 0.0
+                    for j in range(m):
+                        acc += inf[j] * za[j] * zc[j]
+                    row[1 + q + a * q + c] += acc
+                    if c != a:
+                        row[1 + q + c * q + a] += acc
+
+
+if AVAILABLE:
+    _glm_sums = numba.njit(fastmath={"reassoc", "contract"}, **_opts)(_glm_sums)
+
+
+def glm_sums(design, family, Yt, Ot, coef):
+    """The pilot GLMs' Newton pieces at ``coef`` (C, q) for the columns of ``Yt`` (C, n),
+    offsets ``Ot`` (1 or C, n), in one pass: the kernel sums (C,), gradients (C, q) and
+    expected-information Gram matrices (C, q, q) that
+    :func:`skmixed.eiv._em.m_step_modality` otherwise gets from per-cell arrays."""
+    C = Yt.shape[0]
+    q = design.q
+    r = np.broadcast_to(np.asarray(family.size, dtype=float), (C,)).copy() \
+        if isinstance(family, NegativeBinomial) else np.zeros(C)
+    out = np.zeros((C, 1 + q + q * q))
+    _glm_sums(design.ZT, Yt, Ot, r, np.ascontiguousarray(coef, dtype=float), out)
+    return out[:, 0], out[:, 1:1 + q], out[:, 1 + q:].reshape(C, q, q)
