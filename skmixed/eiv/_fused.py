@@ -1,6 +1,6 @@
 """GLM-EIV's passes over the cells, compiled with numba (the ``fast`` extra).
 
-Two passes, each visiting a pair's cells once in blocks that stay in the cache, every
+Three passes, each visiting a pair's cells once in blocks that stay in the cache, every
 quantity computed in vector loops and summed per block, with no temporary the size of the
 cells x pairs (or runs) arrays:
 
@@ -14,6 +14,8 @@ cells x pairs (or runs) arrays:
   information need (:class:`EMSums`), where the numpy E-step returns per-cell arrays of
   scores and informations that the M-step and :func:`skmixed.eiv._inference.louis_information`
   then reduce. The full EM of one 50,000-cell pair takes about half the time.
+* :func:`glm_sums`, the pilot GLMs' Newton steps (kernel sum, gradient and Gram matrix at
+  given coefficients), in float64.
 
 numba's ``math.exp`` / ``math.log1p`` are scalar libm calls (about 6 ns each, more than
 numpy's SIMD pass over a whole block) unless llvmlite was built with Intel's SVML, which the
