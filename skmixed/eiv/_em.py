@@ -16,6 +16,12 @@ its decrement ``S' I^{-1} S / 2``, the gain still to come. The decrement is the 
 rule; the Newton step replaces the next M-step where it increases the log-likelihood (the
 path stays monotone) and converges quadratically where the EM converges at the rate of the
 fraction of missing information (0.19 per iteration for NB mRNA and a weak gRNA).
+
+With numba (the ``fast`` extra) and numpy arrays, the E-step is one compiled pass
+(:func:`skmixed.eiv._fused.em_sums`) that returns, besides the posteriors and the
+log-likelihood, the M-step's first Newton step and Louis's information as per-pair sums
+(:class:`~skmixed.eiv._fused.EMSums`, :class:`StepPieces`) instead of per-cell arrays; the
+pilot GLMs' Newton steps likewise (:func:`skmixed.eiv._fused.glm_sums`).
 """
 
 from __future__ import annotations
@@ -181,6 +187,7 @@ def _take_stats(stats, idx, idx_dev):
 
 
 def _put_stats(stats, idx, idx_dev, new):
+    """Write an E-step's stats of the pairs at positions ``idx`` into ``stats`` (same kind)."""
     if isinstance(stats, _fused.EMSums):
         stats.put(idx, new)
         return
