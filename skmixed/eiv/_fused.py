@@ -192,10 +192,10 @@ def pieces(pm, pg):
     (:func:`skmixed.eiv._init._ratio_pieces`, (B, n) float32 each): ``P`` (B, 4, n)
     ``[y_m, e^Lm, y_g, e^Lg]`` and ``NB`` (B, 3, n) ``[x, y + r, (y + r) log1p(x)]`` for NB
     mRNA, (B, 0, n) for Poisson."""
-    P = np.ascontiguousarray(np.stack([pm[1], pm[2], pg[1], pg[2]], axis=1), dtype=np.float32)
+    P = np.stack([pm[1], pm[2], pg[1], pg[2]], axis=1)
     if pm[0] == "nb":
         ypr, l0 = pm[4]
-        NB = np.ascontiguousarray(np.stack([pm[3], ypr, ypr * l0], axis=1), dtype=np.float32)
+        NB = np.stack([pm[3], ypr, ypr * l0], axis=1)
     else:
         NB = np.zeros((P.shape[0], 0, P.shape[2]), dtype=np.float32)
     return P, NB
@@ -219,13 +219,9 @@ def reduced_sums(P, NB, pair, pi, bm, bg, with_ll=True):
     # (where its posteriors are all 0 or a product 0 * inf appears): the EM drops it
     ok = (pi > 0) & np.isfinite(logit) & np.isfinite(bm) & np.isfinite(bg)
     out = np.full((pair.size, len(OUT)), np.nan)
-    if ok.all():
-        _runs(P, NB, np.ascontiguousarray(pair, dtype=np.int64), coef, bool(with_ll), out)
-    elif ok.any():
-        part = np.empty((int(ok.sum()), len(OUT)))
-        _runs(P, NB, np.ascontiguousarray(pair[ok], dtype=np.int64), np.ascontiguousarray(coef[ok]),
-              bool(with_ll), part)
-        out[ok] = part
+    part = np.empty((int(ok.sum()), len(OUT)))
+    _runs(P, NB, pair[ok].astype(np.int64), coef[ok], bool(with_ll), part)
+    out[ok] = part
     return out
 
 
@@ -290,7 +286,24 @@ def _modality(y, eta0, mu0, b, eb, r, m, k0, k1, s0, i0, s1, i1, c0, c1, tv, tl,
             c1[j] = mu1
 
 
-def _zsums(w, ZT, s, m, zi, out, o, p1):
+def _eta_mu(ob, cz, ZT, s, m, eta, mu, t, em1, ib, pb):
+    """The linear predictor ``eta = o + z' cz`` (``cz`` in the design's column order) and the
+    mean ``mu = exp(min(eta, 700))`` of the block's first ``m`` cells (``t``, ``em1``,
+    ``ib``, ``pb``: scratch)."""
+    z0 = ZT[0, s:s + m]
+    for j in range(m):
+        eta[j] = ob[j] + cz[0] * z0[j]
+    for a in range(1, ZT.shape[0]):
+        f = cz[a]
+        za = ZT[a, s:s + m]
+        for j in range(m):
+            eta[j] += f * za[j]
+    for j in range(m):
+        t[j] = min(eta[j], 700.0)
+    _zinb._vexp(t[:m], mu[:m], em1[:m], ib[:m], pb[:m])
+
+
+def _zsums(w, ZT, s, m, zi, out, o):
     """``out[o + zi[a]] += sum_j w_j z_ja`` over the block's cells."""
     for a in range(ZT.shape[0]):
         # a row slice, indexed from 0: contiguous vector loads (an index s + j, which numba
@@ -302,24 +315,32 @@ def _zsums(w, ZT, s, m, zi, out, o, p1):
         out[o + zi[a]] += acc
 
 
-def _stacked_gram(w0, w1, ZT, s, m, zi, out, o, p1, wt):
-    """The stacked design's Gram matrix with weights w0 for the cells' p = 0 rows and w1
-    for their p = 1 rows (:meth:`skmixed.eiv._model.Design.stacked_gram`), added to the
-    (p1, p1) matrix at ``out[o:]``: ``sum (w0 + w1) z z'`` on the covariates' positions,
-    ``sum w1 z`` beside the perturbation's, ``sum w1`` on it; ``wt`` is scratch."""
+def _gram_zz(w, ZT, s, m, zi, out, o, p1):
+    """``sum_j w_j z_ja z_jc`` added at ``out[o + zi[a] * p1 + zi[c]]`` and its mirror: the
+    covariates' block of a (p1, p1) Gram matrix stored row by row at ``out[o:]``."""
     q = ZT.shape[0]
-    for j in range(m):
-        wt[j] = w0[j] + w1[j]
     for a in range(q):
         za = ZT[a, s:s + m]
         for c in range(a, q):
             zc = ZT[c, s:s + m]
             acc = 0.0
             for j in range(m):
-                acc += wt[j] * za[j] * zc[j]
+                acc += w[j] * za[j] * zc[j]
             out[o + zi[a] * p1 + zi[c]] += acc
             if c != a:
                 out[o + zi[c] * p1 + zi[a]] += acc
+
+
+def _stacked_gram(w0, w1, ZT, s, m, zi, out, o, p1, wt):
+    """The stacked design's Gram matrix with weights w0 for the cells' p = 0 rows and w1
+    for their p = 1 rows (:meth:`skmixed.eiv._model.Design.stacked_gram`), added to the
+    (p1, p1) matrix at ``out[o:]``: ``sum (w0 + w1) z z'`` on the covariates' positions,
+    ``sum w1 z`` beside the perturbation's, ``sum w1`` on it; ``wt`` is scratch."""
+    for j in range(m):
+        wt[j] = w0[j] + w1[j]
+    _gram_zz(wt, ZT, s, m, zi, out, o, p1)
+    for a in range(ZT.shape[0]):
+        za = ZT[a, s:s + m]
         acc = 0.0
         for j in range(m):
             acc += w1[j] * za[j]
@@ -344,6 +365,7 @@ def _em_sums(ZT, Ym, Yg, Om, Og, rm, rg, cm, cg, lpi, zi, T_out, out):
     ib = np.empty(W, np.int64)
     pb = np.empty(W, np.float64)
     D = np.empty((k, W))
+    czm, czg = np.empty(q), np.empty(q)  # the coefficients in the design's column order
     for b in range(Ym.shape[0]):
         row = out[b]
         lp0, lp1 = lpi[b, 0], lpi[b, 1]
@@ -354,6 +376,8 @@ def _em_sums(ZT, Ym, Yg, Om, Og, rm, rg, cm, cg, lpi, zi, T_out, out):
         og = Og[b if Og.shape[0] > 1 else 0]
         bm, bg = cm[b, 1], cg[b, 1]
         ebm, ebg = np.exp(min(bm, 700.0)), np.exp(min(bg, 700.0))
+        for a in range(q):
+            czm[a], czg[a] = cm[b, zi[a]], cg[b, zi[a]]
         for s in range(0, n, W):
             m = min(W, n - s)
             eta_m, mu_m, eta_g, mu_g = buf[0], buf[1], buf[2], buf[3]
@@ -361,22 +385,9 @@ def _em_sums(ZT, Ym, Yg, Om, Og, rm, rg, cm, cg, lpi, zi, T_out, out):
             k0g, k1g, s0g, i0g, s1g, i1g, c0g, c1g = (buf[12], buf[13], buf[14], buf[15], buf[16], buf[17],
                                                       buf[18], buf[19])
             d, e, t1, t2 = buf[20], buf[21], buf[22], buf[23]
-            omb, ogb, z0 = om[s:s + m], og[s:s + m], ZT[0, s:s + m]
             Tb = T_out[b, s:s + m]
-            for j in range(m):
-                eta_m[j] = omb[j] + cm[b, 0] * z0[j]
-                eta_g[j] = ogb[j] + cg[b, 0] * z0[j]
-            for a in range(1, q):
-                fm, fg = cm[b, a + 1], cg[b, a + 1]
-                za = ZT[a, s:s + m]
-                for j in range(m):
-                    eta_m[j] += fm * za[j]
-                    eta_g[j] += fg * za[j]
-            for j in range(m):
-                t1[j] = min(eta_m[j], 700.0)
-                t2[j] = min(eta_g[j], 700.0)
-            _zinb._vexp(t1[:m], mu_m[:m], e[:m], ib[:m], pb[:m])
-            _zinb._vexp(t2[:m], mu_g[:m], e[:m], ib[:m], pb[:m])
+            _eta_mu(om[s:s + m], czm, ZT, s, m, eta_m, mu_m, t1, e, ib, pb)
+            _eta_mu(og[s:s + m], czg, ZT, s, m, eta_g, mu_g, t1, e, ib, pb)
             _modality(Ym[b, s:s + m], eta_m, mu_m, bm, ebm, rm[b], m, k0m, k1m, s0m, i0m, s1m, i1m, c0m, c1m,
                       t1, t2, ib)
             _modality(Yg[b, s:s + m], eta_g, mu_g, bg, ebg, rg[b], m, k0g, k1g, s0g, i0g, s1g, i1g, c0g, c1g,
@@ -414,7 +425,7 @@ def _em_sums(ZT, Ym, Yg, Om, Og, rm, rg, cm, cg, lpi, zi, T_out, out):
                 for j in range(m):
                     t2[j] = s0[j] + T[j] * (s1[j] - s0[j])
                     e[j] = T[j] * s1[j]
-                _zsums(t2, ZT, s, m, zi, row, o + 1, p1)
+                _zsums(t2, ZT, s, m, zi, row, o + 1)
                 acc = 0.0
                 for j in range(m):
                     acc += e[j]
@@ -458,7 +469,9 @@ def _em_sums(ZT, Ym, Yg, Om, Og, rm, rg, cm, cg, lpi, zi, T_out, out):
 if AVAILABLE:
     _nb_mean = numba.njit(**_opts)(_nb_mean)
     _modality = numba.njit(**_opts)(_modality)
+    _eta_mu = numba.njit(**_opts)(_eta_mu)
     _zsums = numba.njit(fastmath={"reassoc", "contract"}, **_opts)(_zsums)
+    _gram_zz = numba.njit(fastmath={"reassoc", "contract"}, **_opts)(_gram_zz)
     _stacked_gram = numba.njit(fastmath={"reassoc", "contract"}, **_opts)(_stacked_gram)
     _em_sums = numba.njit(fastmath={"reassoc", "contract"}, **_opts)(_em_sums)
 
@@ -541,6 +554,7 @@ def _glm_sums(ZT, Yt, Ot, r, coef, out):
     buf = np.empty((9, W))
     ib = np.empty(W, np.int64)
     pb = np.empty(W, np.float64)
+    zi = np.arange(q)  # design order: the gradient at 1 + a, the Gram matrix's (a, c) at 1 + q + a q + c
     for col in range(Yt.shape[0]):
         o = Ot[col if Ot.shape[0] > 1 else 0]
         row = out[col]
@@ -549,17 +563,8 @@ def _glm_sums(ZT, Yt, Ot, r, coef, out):
             m = min(W, n - s)
             eta, mu, k, sc, inf, cc, t1, t2, em1 = (buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6],
                                                     buf[7], buf[8])
-            ob, z0, y = o[s:s + m], ZT[0, s:s + m], Yt[col, s:s + m]
-            for j in range(m):
-                eta[j] = ob[j] + coef[col, 0] * z0[j]
-            for a in range(1, q):
-                f = coef[col, a]
-                za = ZT[a, s:s + m]
-                for j in range(m):
-                    eta[j] += f * za[j]
-            for j in range(m):
-                t1[j] = min(eta[j], 700.0)
-            _zinb._vexp(t1[:m], mu[:m], em1[:m], ib[:m], pb[:m])
+            y = Yt[col, s:s + m]
+            _eta_mu(o[s:s + m], coef[col], ZT, s, m, eta, mu, t1, em1, ib, pb)
             if rc > 0.0:
                 _nb_mean(y, eta, mu, 1.0, 0.0, rc, m, k, sc, inf, cc, t1, t2, ib)
             else:
@@ -571,20 +576,8 @@ def _glm_sums(ZT, Yt, Ot, r, coef, out):
             for j in range(m):
                 acc += k[j]
             row[0] += acc
-            for a in range(q):
-                za = ZT[a, s:s + m]
-                acc = 0.0
-                for j in range(m):
-                    acc += sc[j] * za[j]
-                row[1 + a] += acc
-                for c in range(a, q):
-                    zc = ZT[c, s:s + m]
-                    acc = 0.0
-                    for j in range(m):
-                        acc += inf[j] * za[j] * zc[j]
-                    row[1 + q + a * q + c] += acc
-                    if c != a:
-                        row[1 + q + c * q + a] += acc
+            _zsums(sc, ZT, s, m, zi, row, 1)
+            _gram_zz(inf, ZT, s, m, zi, row, 1 + q, q)
 
 
 if AVAILABLE:

@@ -257,18 +257,18 @@ def reduced_em(fm, fg, M, G, Lm, Lg, guesses, *, tol=0.5e-4, max_iter=50, min_it
             work = active
             pa = pi[work]
             sums = _fused.reduced_sums(Pf, NBf, pair[work], pa, bm[work], bg[work], with_ll=with_ll).T
-        elif shape is not None and (active.size < 0.5 * work.size or (B == 1 and active.size < work.size)):
-            work = active
-            if B == 1:
-                # one pair: its remaining runs stay products with P (cheaper than gathered
-                # elementwise passes, and free to shrink to); with several pairs the counts
-                # differ per pair
-                shape = (1, work.size)
-            else:
-                wx = pair[work] if xp is np else xp.asarray(pair[work])
-                am, ag = _take(pm, wx), _take(pg, wx)
-                shape = None
-        if not fused:
+        else:
+            if shape is not None and (active.size < 0.5 * work.size or (B == 1 and active.size < work.size)):
+                work = active
+                if B == 1:
+                    # one pair: its remaining runs stay products with P (cheaper than gathered
+                    # elementwise passes, and free to shrink to); with several pairs the
+                    # counts differ per pair
+                    shape = (1, work.size)
+                else:
+                    wx = pair[work] if xp is np else xp.asarray(pair[work])
+                    am, ag = _take(pm, wx), _take(pg, wx)
+                    shape = None
             pa, bma, bga = pi[work], bm[work], bg[work]
             if shape is not None:
                 pa, bma, bga = pa.reshape(shape), bma.reshape(shape), bga.reshape(shape)
