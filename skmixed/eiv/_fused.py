@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._families import NegativeBinomial
+
 # the one optional import of numba (and its SKMIXED_DISABLE_NUMBA switch) is offset/_fused's
 from ..offset._fused import numba
+
 # float64 vectorisable exp / log / log1p on [0, 1] (the full EM's pass)
 from ..zinb import _kernels_numba as _zinb
-from .._families import NegativeBinomial
 
 AVAILABLE = numba is not None
 
